@@ -1,0 +1,394 @@
+//! Host side: input checks, tile/launch planning, and the kernel launches.
+
+use burn::tensor::{DType, Shape};
+use burn_cubecl::{
+    CubeRuntime, kernel::into_contiguous, ops::numeric::empty_device_contiguous_dtype,
+    tensor::CubeTensor,
+};
+use cubecl::{calculate_cube_count_elemwise, prelude::*};
+
+use super::kernel::{AttentionConfig, attention_kernel, combine_kernel};
+use crate::FlashAttentionOptions;
+
+/// Shared memory a launch may use. 32 KiB is the portable floor (wgpu/Vulkan guarantee, Metal,
+/// lavapipe); 48 KiB is the most a CUDA block gets without opting in to dynamic shared memory.
+const MAX_SHARED_BYTES: usize = 48 * 1024;
+/// At most this many rows (`q_len * group`) take the decode configuration: one row block of
+/// `next_power_of_two(rows)` rows, key groups to keep every thread busy, and a KV split.
+pub const DECODE_MAX_ROWS: usize = 64;
+/// A KV split never gives a cube fewer keys than this: below it the combine costs more than the
+/// extra parallelism brings.
+const MIN_KEYS_PER_SPLIT: usize = 256;
+/// Upper bound on the number of KV splits (bounds the scratch buffer and the combine loop).
+const MAX_SPLITS: usize = 64;
+
+/// Knobs for tests and benchmarks; the defaults (all `None`) are what
+/// [`crate::FlashAttentionBackend::flash_attention`] uses.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LaunchTuning {
+    /// Force this many KV splits (clamped to `1..=kv_len / block_k`). `Some(1)` disables the
+    /// split-KV path.
+    pub splits: Option<usize>,
+    /// Pretend the device has at most this much shared memory per cube (bytes).
+    pub shared_memory: Option<usize>,
+    /// Force the decode (`Some(true)`) or the prefill (`Some(false)`) tile configuration.
+    pub decode: Option<bool>,
+}
+
+/// What a launch will do; returned by [`plan`] for inspection in tests and benchmarks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LaunchPlan {
+    /// The comptime configuration of the main kernel.
+    pub config: AttentionConfig,
+    /// Row blocks (grid x).
+    pub row_blocks: usize,
+    /// KV splits (grid z); 1 means no combine kernel.
+    pub splits: usize,
+    /// Keys per split (a multiple of `block_k`).
+    pub chunk_len: usize,
+    /// Shared memory of the main kernel, in bytes.
+    pub shared_bytes: usize,
+}
+
+/// Problem description needed for planning.
+#[derive(Debug, Clone, Copy)]
+pub struct Problem {
+    /// `batch * n_kv_heads`.
+    pub batch_kv_heads: usize,
+    /// Query heads per KV head.
+    pub group: usize,
+    /// New queries.
+    pub q_len: usize,
+    /// Valid keys.
+    pub kv_len: usize,
+    /// Head dimension.
+    pub head_dim: usize,
+    /// Bytes per element of q/k/v.
+    pub elem_size: usize,
+    /// Vector width used for loads (divides `head_dim`).
+    pub vector_size: usize,
+    /// Causal mask among new tokens.
+    pub causal: bool,
+    /// Explicit tree mask among new tokens.
+    pub tree: bool,
+}
+
+fn shared_bytes(p: &Problem, bq: usize, bk: usize, kg: usize, threads: usize, cpt: usize) -> usize {
+    let d = p.head_dim;
+    let staged = p.elem_size * (bq * d + bk * (d + p.vector_size) + bk * d);
+    let scores = 4 * bq * (bk + 1);
+    let reduce = if kg > 1 {
+        4 * (threads * cpt * p.vector_size + threads)
+    } else {
+        0
+    };
+    staged + scores + reduce
+}
+
+/// Threads layout for a tile: `(lanes, key_groups, threads)`.
+fn thread_layout(nv: usize, bq: usize, bk: usize) -> (usize, usize, usize) {
+    let target = if bq >= 16 { 256 } else { 128 };
+    let lanes = nv.next_power_of_two().min((target / bq).max(1));
+    let mut key_groups = (target / (bq * lanes)).clamp(1, bk);
+    // The score phase maps one key per thread: need at least `bk` threads.
+    while bq * key_groups * lanes < bk {
+        key_groups *= 2;
+    }
+    (lanes, key_groups, bq * key_groups * lanes)
+}
+
+/// Chooses tile sizes, thread layout and KV split for a problem on a device with
+/// `shared_limit` bytes of shared memory per cube and `multiprocessors` compute units.
+pub fn plan(
+    p: &Problem,
+    shared_limit: usize,
+    max_threads: usize,
+    multiprocessors: usize,
+    tuning: &LaunchTuning,
+) -> LaunchPlan {
+    let rows = p.group * p.q_len;
+    let nv = p.head_dim / p.vector_size;
+    let decode = tuning.decode.unwrap_or(rows <= DECODE_MAX_ROWS);
+    let budget = shared_limit.min(MAX_SHARED_BYTES);
+
+    // Preferred first. Prefill: big query blocks amortise each K/V tile over more rows; 32-key
+    // tiles keep the per-tile synchronisation cheap. Decode: one block holds every row.
+    let candidates: Vec<(usize, usize)> = if decode {
+        let bq = rows.next_power_of_two().min(DECODE_MAX_ROWS);
+        [32, 16, 8, 4].iter().map(|&bk| (bq, bk)).collect()
+    } else {
+        vec![
+            (64, 32),
+            (32, 32),
+            (64, 16),
+            (32, 16),
+            (16, 32),
+            (16, 16),
+            (8, 16),
+            (8, 8),
+            (4, 8),
+            (2, 8),
+            (1, 8),
+            (1, 4),
+        ]
+    };
+    let mut chosen = None;
+    for &(bq, bk) in &candidates {
+        let (lanes, kg, threads) = thread_layout(nv, bq, bk);
+        let cpt = nv.div_ceil(lanes);
+        let bytes = shared_bytes(p, bq, bk, kg, threads, cpt);
+        if bytes <= budget && threads <= max_threads {
+            chosen = Some((bq, bk, lanes, kg, threads, bytes));
+            break;
+        }
+    }
+    let (bq, bk, lanes, key_groups, threads, bytes) = chosen.unwrap_or_else(|| {
+        panic!(
+            "flash_attention: head_dim {} does not fit in {budget} bytes of shared memory",
+            p.head_dim
+        )
+    });
+
+    let row_blocks = rows.div_ceil(bq);
+    let base = row_blocks * p.batch_kv_heads;
+    let max_splits = p.kv_len.div_ceil(MIN_KEYS_PER_SPLIT.max(bk)).min(MAX_SPLITS);
+    let splits = match tuning.splits {
+        Some(s) => s.clamp(1, p.kv_len.div_ceil(bk).max(1)),
+        None => {
+            // Two cubes per multiprocessor fill the device; a long cache with a small grid
+            // (decode) is cut into that many chunks, each merged by the combine kernel.
+            let target = 2 * multiprocessors;
+            if base >= target {
+                1
+            } else {
+                target.div_ceil(base).min(max_splits).max(1)
+            }
+        }
+    };
+    let chunk_len = p.kv_len.div_ceil(splits).next_multiple_of(bk);
+    let splits = p.kv_len.div_ceil(chunk_len);
+
+    let config = AttentionConfig {
+        nv,
+        vector_size: p.vector_size,
+        block_q: bq,
+        block_k: bk,
+        key_groups,
+        lanes,
+        threads,
+        causal: p.causal,
+        tree: p.tree,
+        partial: splits > 1,
+    };
+    LaunchPlan {
+        config,
+        row_blocks,
+        splits,
+        chunk_len,
+        shared_bytes: bytes,
+    }
+}
+
+/// Largest vector width in {4, 2, 1} that divides `head_dim` and every stride of the tensors.
+fn vector_size_for<R: CubeRuntime>(tensors: &[&CubeTensor<R>], head_dim: usize) -> usize {
+    let max = tensors[0].client.properties().hardware.max_vector_size as usize;
+    [4usize, 2, 1]
+        .into_iter()
+        .find(|&n| {
+            n <= max.max(1)
+                && head_dim.is_multiple_of(n)
+                && tensors
+                    .iter()
+                    .all(|t| t.meta.strides()[..3].iter().all(|s| s.is_multiple_of(n)))
+        })
+        .unwrap_or(1)
+}
+
+/// Inner dimension must be unit-stride; anything else is copied once.
+fn unit_stride_last<R: CubeRuntime>(t: CubeTensor<R>) -> CubeTensor<R> {
+    if t.meta.strides()[3] == 1 {
+        t
+    } else {
+        into_contiguous(t)
+    }
+}
+
+fn check_float_dtype(dtype: DType) {
+    assert!(
+        matches!(dtype, DType::F32 | DType::F16 | DType::BF16),
+        "flash_attention: unsupported dtype {dtype:?} (the CubeCL kernel takes f32, f16 or bf16)"
+    );
+}
+
+/// Runs the attention kernels on CubeCL tensors. `tree_mask` is a `[q_len, q_len]` `u32` tensor
+/// (non-zero = visible); see [`crate::flash_attention`] for everything else.
+///
+/// q, k and v may be strided views (e.g. a `[.., 0..kv_len, ..]` slice of a preallocated cache)
+/// as long as `head_dim` is the innermost, unit-stride axis; otherwise they are copied first.
+pub fn attention<R: CubeRuntime>(
+    q: CubeTensor<R>,
+    k: CubeTensor<R>,
+    v: CubeTensor<R>,
+    tree_mask: Option<CubeTensor<R>>,
+    options: FlashAttentionOptions,
+    tuning: &LaunchTuning,
+) -> CubeTensor<R> {
+    let dtype = q.dtype;
+    check_float_dtype(dtype);
+    assert!(
+        k.dtype == dtype && v.dtype == dtype,
+        "flash_attention: q, k, v dtypes differ ({dtype:?}, {:?}, {:?})",
+        k.dtype,
+        v.dtype
+    );
+    q.assert_is_on_same_device(&k);
+    q.assert_is_on_same_device(&v);
+
+    let q = unit_stride_last(q);
+    let k = unit_stride_last(k);
+    let v = unit_stride_last(v);
+
+    let [batch, n_heads, q_len, head_dim] = q.meta.shape().dims::<4>();
+    let [_, n_kv_heads, kv_cap, _] = k.meta.shape().dims::<4>();
+    assert_eq!(v.meta.shape().dims::<4>(), k.meta.shape().dims::<4>());
+    assert!(n_kv_heads > 0 && n_heads % n_kv_heads == 0);
+    let kv_len = options.kv_len;
+    assert!(q_len <= kv_len && kv_len <= kv_cap, "flash_attention: bad kv_len");
+    assert!(
+        (kv_len as u64) * (head_dim as u64) < u32::MAX as u64,
+        "flash_attention: sequence too long for 32-bit indexing"
+    );
+
+    let client = q.client.clone();
+    let device = q.device.clone();
+    let out_shape = Shape::new([batch, n_heads, q_len, head_dim]);
+    let out = empty_device_contiguous_dtype::<R>(client.clone(), device.clone(), out_shape, dtype);
+    if batch == 0 || n_heads == 0 || q_len == 0 || head_dim == 0 {
+        return out;
+    }
+
+    let vector_size = vector_size_for(&[&q, &k, &v], head_dim);
+    let props = client.properties();
+    let problem = Problem {
+        batch_kv_heads: batch * n_kv_heads,
+        group: n_heads / n_kv_heads,
+        q_len,
+        kv_len,
+        head_dim,
+        elem_size: dtype.size(),
+        vector_size,
+        causal: options.causal && tree_mask.is_none(),
+        tree: tree_mask.is_some(),
+    };
+    let shared_limit = tuning
+        .shared_memory
+        .unwrap_or(usize::MAX)
+        .min(props.hardware.max_shared_memory_size);
+    let multiprocessors = props
+        .hardware
+        .num_streaming_multiprocessors
+        .or(props.hardware.num_cpu_cores)
+        .unwrap_or(16) as usize;
+    let max_threads = props.hardware.max_units_per_cube as usize;
+    let plan = plan(&problem, shared_limit, max_threads, multiprocessors, tuning);
+
+    let mask = match tree_mask {
+        Some(m) => into_contiguous(m),
+        None => empty_device_contiguous_dtype::<R>(
+            client.clone(),
+            device.clone(),
+            Shape::new([1]),
+            DType::U32,
+        ),
+    };
+    assert!(
+        matches!(mask.dtype, DType::U32 | DType::Bool(burn::tensor::BoolStore::U32)),
+        "flash_attention: the tree mask must be converted to u32 first (got {:?})",
+        mask.dtype
+    );
+
+    let rows = problem.group * q_len;
+    let (part_o, part_ml) = if plan.splits > 1 {
+        let n_rows = plan.splits * problem.batch_kv_heads * rows;
+        (
+            empty_device_contiguous_dtype::<R>(
+                client.clone(),
+                device.clone(),
+                Shape::new([n_rows * head_dim]),
+                DType::F32,
+            ),
+            empty_device_contiguous_dtype::<R>(
+                client.clone(),
+                device.clone(),
+                Shape::new([n_rows * 2]),
+                DType::F32,
+            ),
+        )
+    } else {
+        let dummy = |n| {
+            empty_device_contiguous_dtype::<R>(
+                client.clone(),
+                device.clone(),
+                Shape::new([n]),
+                DType::F32,
+            )
+        };
+        (dummy(vector_size), dummy(2))
+    };
+
+    let cube_count = CubeCount::Static(
+        plan.row_blocks as u32,
+        problem.batch_kv_heads as u32,
+        plan.splits as u32,
+    );
+    let cube_dim = CubeDim::new_1d(plan.config.threads as u32);
+    unsafe {
+        attention_kernel::launch_unchecked::<R>(
+            &client,
+            cube_count,
+            cube_dim,
+            vector_size,
+            q.into_tensor_arg(),
+            k.into_tensor_arg(),
+            v.into_tensor_arg(),
+            mask.into_tensor_arg(),
+            out.clone().into_tensor_arg(),
+            part_o.clone().into_tensor_arg(),
+            part_ml.clone().into_tensor_arg(),
+            options.scale,
+            kv_len as u32,
+            q_len as u32,
+            problem.group as u32,
+            n_kv_heads as u32,
+            plan.chunk_len as u32,
+            plan.config,
+            dtype.into(),
+        );
+    }
+
+    if plan.splits > 1 {
+        let nv = head_dim / vector_size;
+        let work = problem.batch_kv_heads * rows * nv;
+        let cube_dim = CubeDim::new(&client, work);
+        let cube_count = calculate_cube_count_elemwise(&client, work, cube_dim);
+        unsafe {
+            combine_kernel::launch_unchecked::<R>(
+                &client,
+                cube_count,
+                cube_dim,
+                vector_size,
+                part_o.into_tensor_arg(),
+                part_ml.into_tensor_arg(),
+                out.clone().into_tensor_arg(),
+                plan.splits as u32,
+                problem.batch_kv_heads as u32,
+                q_len as u32,
+                problem.group as u32,
+                n_kv_heads as u32,
+                nv,
+                dtype.into(),
+            );
+        }
+    }
+    out
+}

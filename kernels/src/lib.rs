@@ -1,0 +1,133 @@
+//! Attention for LLM decoding, written in CubeCL and exposed to Burn as a backend extension.
+//!
+//! The one entry point is [`flash_attention`]: `softmax(Q Kᵀ · scale + mask) V` for `q_len` new
+//! queries against a key/value buffer whose first `kv_len` rows are valid. The last `q_len` of
+//! those rows are the new tokens themselves; everything before them (the *prefix*, i.e. the KV
+//! cache) is always visible. How the new queries see the new keys is an [`AttentionMask`]:
+//! all of them, causally (prefill, chunked prefill, single-token decode) or through an explicit
+//! boolean matrix (Medusa's tree).
+//!
+//! Backends opt in through [`FlashAttentionBackend`]:
+//! - `CubeBackend<R, F, I, BT>` for any CubeCL runtime `R` (CUDA, wgpu, ...) runs the kernels in
+//!   [`cube`]: a tiled online-softmax kernel for prefill and a split-KV (flash-decoding) kernel for
+//!   decode and small trees;
+//! - `Fusion<B>` (what `burn::backend::Cuda` is with Burn's `fusion` feature) forwards to the
+//!   kernel of its inner backend as a custom fusion operation;
+//! - the CPU backends (`flex`, `ndarray`) and `Autodiff<B>` use [`attention_reference`], written
+//!   with Burn tensor ops. The kernels have no backward pass, so autodiff always takes the
+//!   reference path and gets exact gradients.
+//!
+//! The crate knows nothing about any model: shapes are `[batch, heads, seq, head_dim]`, with
+//! grouped-query attention expressed by `k`/`v` having fewer heads than `q`.
+
+mod backends;
+pub mod cube;
+mod options;
+mod reference;
+
+pub use options::{AttentionMask, FlashAttentionOptions};
+pub use reference::{attention_reference, visibility_mask};
+
+use burn::tensor::{
+    Bool, Tensor, TensorPrimitive,
+    backend::Backend,
+    ops::{BoolTensor, FloatTensor},
+};
+
+/// A Burn backend that can run [`flash_attention`].
+///
+/// Implemented for every CubeCL backend (kernel path), `Fusion` over those, the CPU backends
+/// enabled by this crate's features, and `Autodiff` over any of them (reference path).
+pub trait FlashAttentionBackend: Backend {
+    /// Backend-level attention; see [`flash_attention`] for the contract.
+    ///
+    /// `tree_mask`, when present, is a `[q_len, q_len]` boolean matrix where `true` means the new
+    /// query `i` may attend to the new key `j`; it overrides `options.causal`.
+    fn flash_attention(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        tree_mask: Option<BoolTensor<Self>>,
+        options: FlashAttentionOptions,
+    ) -> FloatTensor<Self>;
+}
+
+/// Attention of `q_len` new queries against the first `kv_len` rows of `k`/`v`.
+///
+/// # Shapes
+/// - `q`: `[batch, n_heads, q_len, head_dim]`
+/// - `k`, `v`: `[batch, n_kv_heads, kv_capacity, head_dim]`, with `n_heads % n_kv_heads == 0` and
+///   `q_len <= kv_len <= kv_capacity` (rows from `kv_len` on are ignored, so a preallocated cache
+///   can be passed as is).
+/// - output: `[batch, n_heads, q_len, head_dim]`, in the dtype of `q`.
+///
+/// Query head `h` reads key/value head `h / (n_heads / n_kv_heads)`, as in Hugging Face's
+/// `repeat_kv`. The new queries sit at absolute positions `kv_len - q_len .. kv_len`.
+///
+/// # Panics
+/// On inconsistent shapes (these are programming errors, not data errors).
+pub fn flash_attention<B: FlashAttentionBackend>(
+    q: Tensor<B, 4>,
+    k: Tensor<B, 4>,
+    v: Tensor<B, 4>,
+    mask: AttentionMask<B>,
+    options: FlashAttentionOptions,
+) -> Tensor<B, 4> {
+    check_shapes(&q.dims(), &k.dims(), &v.dims(), &mask, &options);
+    let (tree, options) = match mask {
+        AttentionMask::Tree(tree) => (Some(tree.into_primitive()), options.with_causal(false)),
+        AttentionMask::Causal => (None, options.with_causal(true)),
+        AttentionMask::None => (None, options.with_causal(false)),
+    };
+    let out = B::flash_attention(
+        q.into_primitive().tensor(),
+        k.into_primitive().tensor(),
+        v.into_primitive().tensor(),
+        tree,
+        options,
+    );
+    Tensor::from_primitive(TensorPrimitive::Float(out))
+}
+
+fn check_shapes<B: Backend>(
+    q: &[usize; 4],
+    k: &[usize; 4],
+    v: &[usize; 4],
+    mask: &AttentionMask<B>,
+    options: &FlashAttentionOptions,
+) {
+    let [b, h, q_len, d] = *q;
+    assert_eq!(k, v, "flash_attention: k and v shapes differ: {k:?} vs {v:?}");
+    let [kb, kh, cap, kd] = *k;
+    assert_eq!(b, kb, "flash_attention: batch of q ({b}) and k ({kb}) differ");
+    assert_eq!(d, kd, "flash_attention: head_dim of q ({d}) and k ({kd}) differ");
+    assert!(
+        kh > 0 && h % kh == 0,
+        "flash_attention: {h} query heads are not a multiple of {kh} key/value heads"
+    );
+    let kv_len = options.kv_len;
+    assert!(
+        q_len <= kv_len && kv_len <= cap,
+        "flash_attention: need q_len ({q_len}) <= kv_len ({kv_len}) <= kv capacity ({cap})"
+    );
+    if let AttentionMask::Tree(t) = mask {
+        assert_eq!(
+            t.dims(),
+            [q_len, q_len],
+            "flash_attention: tree mask must be [q_len, q_len]"
+        );
+    }
+}
+
+/// Convenience: the `[q_len, q_len]` tree mask as a tensor from row-major booleans.
+pub fn tree_mask_from_rows<B: Backend>(
+    rows: &[bool],
+    q_len: usize,
+    device: &B::Device,
+) -> Tensor<B, 2, Bool> {
+    assert_eq!(rows.len(), q_len * q_len, "tree mask must have q_len² entries");
+    Tensor::from_data(
+        burn::tensor::TensorData::new(rows.to_vec(), [q_len, q_len]),
+        device,
+    )
+}

@@ -1,0 +1,152 @@
+//! Preallocated key/value cache.
+//!
+//! Each layer owns two buffers `[batch, n_kv_heads, max_len, head_dim]` written at explicit
+//! positions, so a decode step never reallocates or concatenates, and attention receives the
+//! whole buffer plus the number of valid rows. Rolling back is just moving `len`; Medusa's
+//! "commit the accepted path" is a gather of a few rows into the end of the prefix.
+
+use burn::tensor::{DType, Int, Tensor, TensorData, backend::Backend};
+
+/// Keys and values of one layer.
+#[derive(Debug, Clone)]
+pub struct LayerCache<B: Backend> {
+    // `Option` so that writes can take the buffer by value: a uniquely owned tensor lets the
+    // backend update it in place instead of copying the whole cache on every step.
+    k: Option<Tensor<B, 4>>,
+    v: Option<Tensor<B, 4>>,
+}
+
+impl<B: Backend> LayerCache<B> {
+    /// Writes `k`/`v` (`[batch, n_kv, n, head_dim]`) at rows `start..start + n` and returns the
+    /// full buffers for attention.
+    pub fn write(
+        &mut self,
+        start: usize,
+        k: Tensor<B, 4>,
+        v: Tensor<B, 4>,
+    ) -> (Tensor<B, 4>, Tensor<B, 4>) {
+        let [b, h, n, d] = k.dims();
+        let range = [0..b, 0..h, start..start + n, 0..d];
+        let kc = self.k.take().expect("cache buffer present").slice_assign(range.clone(), k);
+        let vc = self.v.take().expect("cache buffer present").slice_assign(range, v);
+        self.k = Some(kc.clone());
+        self.v = Some(vc.clone());
+        (kc, vc)
+    }
+
+    /// The full key buffer.
+    pub fn keys(&self) -> Tensor<B, 4> {
+        self.k.clone().expect("cache buffer present")
+    }
+
+    /// The full value buffer.
+    pub fn values(&self) -> Tensor<B, 4> {
+        self.v.clone().expect("cache buffer present")
+    }
+
+    fn gather_into(&mut self, src: Tensor<B, 1, Int>, dst_start: usize) {
+        for buf in [&mut self.k, &mut self.v] {
+            let t = buf.take().expect("cache buffer present");
+            let [b, h, _, d] = t.dims();
+            let n = src.dims()[0];
+            let rows = t.clone().select(2, src.clone());
+            *buf = Some(t.slice_assign([0..b, 0..h, dst_start..dst_start + n, 0..d], rows));
+        }
+    }
+}
+
+/// The key/value cache of a whole model: one [`LayerCache`] per layer and a shared length.
+#[derive(Debug, Clone)]
+pub struct KvCache<B: Backend> {
+    layers: Vec<LayerCache<B>>,
+    len: usize,
+    max_len: usize,
+}
+
+impl<B: Backend> KvCache<B> {
+    /// Allocates `num_layers` buffers of `[batch, n_kv_heads, max_len, head_dim]` in `dtype`.
+    pub fn new(
+        num_layers: usize,
+        batch: usize,
+        n_kv_heads: usize,
+        max_len: usize,
+        head_dim: usize,
+        dtype: DType,
+        device: &B::Device,
+    ) -> Self {
+        let shape = [batch, n_kv_heads, max_len, head_dim];
+        let buffer = || Some(Tensor::<B, 4>::zeros(shape, (device, dtype)));
+        let layers = (0..num_layers)
+            .map(|_| LayerCache {
+                k: buffer(),
+                v: buffer(),
+            })
+            .collect();
+        Self {
+            layers,
+            len: 0,
+            max_len,
+        }
+    }
+
+    /// Number of valid positions.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Capacity in positions.
+    pub fn max_len(&self) -> usize {
+        self.max_len
+    }
+
+    pub fn num_layers(&self) -> usize {
+        self.layers.len()
+    }
+
+    pub fn layer_mut(&mut self, layer: usize) -> &mut LayerCache<B> {
+        &mut self.layers[layer]
+    }
+
+    pub fn layer(&self, layer: usize) -> &LayerCache<B> {
+        &self.layers[layer]
+    }
+
+    /// Marks `n` more positions as valid (called once per forward, after every layer wrote).
+    pub fn advance(&mut self, n: usize) {
+        assert!(self.len + n <= self.max_len, "KV cache overflow");
+        self.len += n;
+    }
+
+    /// Forgets everything from position `len` on (rollback after rejected speculation).
+    pub fn truncate(&mut self, len: usize) {
+        self.len = self.len.min(len);
+    }
+
+    /// Empties the cache for a new sequence (the buffers are kept).
+    pub fn reset(&mut self) {
+        self.len = 0;
+    }
+
+    /// Moves the rows at absolute positions `positions` (ascending or not) to
+    /// `dst_start..dst_start + positions.len()` in every layer, then sets the length to the end of
+    /// that range. Medusa calls this with the accepted tree nodes' positions and `dst_start` = the
+    /// prefix length, turning the accepted path into a contiguous continuation of the prefix.
+    pub fn compact(&mut self, positions: &[usize], dst_start: usize) {
+        let n = positions.len();
+        assert!(dst_start + n <= self.max_len, "KV cache overflow");
+        let identity = positions.iter().enumerate().all(|(i, &p)| p == dst_start + i);
+        if n > 0 && !identity {
+            let device = self.layers[0].keys().device();
+            let src: Vec<i64> = positions.iter().map(|&p| p as i64).collect();
+            let src = Tensor::<B, 1, Int>::from_data(TensorData::new(src, [n]), &device);
+            for layer in &mut self.layers {
+                layer.gather_into(src.clone(), dst_start);
+            }
+        }
+        self.len = dst_start + n;
+    }
+}

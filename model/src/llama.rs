@@ -1,0 +1,250 @@
+//! The Llama architecture as Burn modules, named after the Hugging Face checkpoint tensors
+//! (`model.layers.{i}.self_attn.q_proj.weight`, ...) so any weight can be checked by name.
+
+use burn::{
+    module::{Module, Param},
+    tensor::{DType, Tensor, activation::silu, backend::Backend, module::embedding, Int},
+};
+use kernels::{AttentionMask, FlashAttentionBackend, FlashAttentionOptions, flash_attention};
+
+use crate::{
+    cache::LayerCache,
+    config::LlamaConfig,
+    error::Result,
+    rope::{RopeRows, apply_rope},
+    weights::{ParamKind, WeightSource},
+};
+
+/// A projection `y = x Wᵀ (+ b)` with `W` stored as `[out, in]`, the PyTorch/Hugging Face layout.
+///
+/// Keeping the checkpoint's layout avoids a transpose at load time, and `[out, in]` rows are
+/// exactly what a decode-time matrix-vector product wants to stream.
+#[derive(Module, Debug)]
+pub struct Proj<B: Backend> {
+    pub weight: Param<Tensor<B, 2>>,
+    pub bias: Option<Param<Tensor<B, 1>>>,
+}
+
+impl<B: Backend> Proj<B> {
+    pub fn load<W: WeightSource<B>>(
+        src: &mut W,
+        prefix: &str,
+        d_in: usize,
+        d_out: usize,
+        bias: bool,
+    ) -> Result<Self> {
+        let weight = src.load(&format!("{prefix}.weight"), [d_out, d_in], ParamKind::Matrix)?;
+        let bias = if bias {
+            Some(Param::from_tensor(src.load(
+                &format!("{prefix}.bias"),
+                [d_out],
+                ParamKind::Bias,
+            )?))
+        } else {
+            None
+        };
+        Ok(Self {
+            weight: Param::from_tensor(weight),
+            bias,
+        })
+    }
+
+    pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        burn::tensor::module::linear(
+            x,
+            self.weight.val().transpose(),
+            self.bias.as_ref().map(|b| b.val()),
+        )
+    }
+}
+
+/// RMSNorm as in `LlamaRMSNorm`: statistics in f32 whatever the activation dtype, then the gain.
+#[derive(Module, Debug)]
+pub struct RmsNorm<B: Backend> {
+    pub weight: Param<Tensor<B, 1>>,
+    pub eps: f64,
+}
+
+impl<B: Backend> RmsNorm<B> {
+    pub fn load<W: WeightSource<B>>(src: &mut W, prefix: &str, dim: usize, eps: f64) -> Result<Self> {
+        let weight = src.load(&format!("{prefix}.weight"), [dim], ParamKind::NormWeight)?;
+        Ok(Self {
+            weight: Param::from_tensor(weight),
+            eps,
+        })
+    }
+
+    pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        let dtype = x.dtype();
+        let x = x.cast(DType::F32);
+        let variance = x.clone().square().mean_dim(D - 1);
+        let normed = (x * (variance + self.eps).sqrt().recip()).cast(dtype);
+        normed * self.weight.val().unsqueeze()
+    }
+}
+
+/// Grouped-query self-attention with RoPE, reading and writing the layer's KV cache.
+#[derive(Module, Debug)]
+pub struct Attention<B: Backend> {
+    pub q_proj: Proj<B>,
+    pub k_proj: Proj<B>,
+    pub v_proj: Proj<B>,
+    pub o_proj: Proj<B>,
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+}
+
+impl<B: FlashAttentionBackend> Attention<B> {
+    /// `x`: `[batch, q_len, hidden]`, the new tokens, whose keys/values are written to the cache
+    /// at rows `start..start + q_len`.
+    pub fn forward(
+        &self,
+        x: Tensor<B, 3>,
+        rope: &RopeRows<B>,
+        cache: &mut LayerCache<B>,
+        start: usize,
+        mask: AttentionMask<B>,
+    ) -> Tensor<B, 3> {
+        let [b, s, _] = x.dims();
+        let heads = |t: Tensor<B, 3>, n: usize| t.reshape([b, s, n, self.head_dim]).swap_dims(1, 2);
+        let q = heads(self.q_proj.forward(x.clone()), self.n_heads);
+        let k = heads(self.k_proj.forward(x.clone()), self.n_kv_heads);
+        let v = heads(self.v_proj.forward(x), self.n_kv_heads);
+        let q = apply_rope(q, rope);
+        let k = apply_rope(k, rope);
+        let (k_all, v_all) = cache.write(start, k, v);
+        let options = FlashAttentionOptions::new(self.head_dim, start + s);
+        let out = flash_attention(q, k_all, v_all, mask, options);
+        let out = out.swap_dims(1, 2).reshape([b, s, self.n_heads * self.head_dim]);
+        self.o_proj.forward(out)
+    }
+}
+
+/// SwiGLU feed-forward: `down(silu(gate(x)) * up(x))`.
+#[derive(Module, Debug)]
+pub struct Mlp<B: Backend> {
+    pub gate_proj: Proj<B>,
+    pub up_proj: Proj<B>,
+    pub down_proj: Proj<B>,
+}
+
+impl<B: Backend> Mlp<B> {
+    pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        let gate = silu(self.gate_proj.forward(x.clone()));
+        self.down_proj.forward(gate * self.up_proj.forward(x))
+    }
+}
+
+/// One transformer block (pre-norm attention and MLP with residuals).
+#[derive(Module, Debug)]
+pub struct DecoderLayer<B: Backend> {
+    pub input_layernorm: RmsNorm<B>,
+    pub self_attn: Attention<B>,
+    pub post_attention_layernorm: RmsNorm<B>,
+    pub mlp: Mlp<B>,
+}
+
+impl<B: FlashAttentionBackend> DecoderLayer<B> {
+    pub fn forward(
+        &self,
+        x: Tensor<B, 3>,
+        rope: &RopeRows<B>,
+        cache: &mut LayerCache<B>,
+        start: usize,
+        mask: AttentionMask<B>,
+    ) -> Tensor<B, 3> {
+        let h = x.clone()
+            + self
+                .self_attn
+                .forward(self.input_layernorm.forward(x), rope, cache, start, mask);
+        h.clone() + self.mlp.forward(self.post_attention_layernorm.forward(h))
+    }
+}
+
+/// The decoder stack (`model.*` in Hugging Face checkpoints).
+#[derive(Module, Debug)]
+pub struct LlamaModel<B: Backend> {
+    pub embed_tokens: Param<Tensor<B, 2>>,
+    pub layers: Vec<DecoderLayer<B>>,
+    pub norm: RmsNorm<B>,
+}
+
+/// Decoder stack plus LM head (`LlamaForCausalLM`). `lm_head` is `None` when the embeddings are
+/// tied, in which case the embedding matrix doubles as the output projection.
+#[derive(Module, Debug)]
+pub struct LlamaForCausalLm<B: Backend> {
+    pub model: LlamaModel<B>,
+    pub lm_head: Option<Proj<B>>,
+}
+
+impl<B: Backend> LlamaForCausalLm<B> {
+    /// Builds the module from a weight source, checking every tensor's shape against `config`.
+    pub fn load<W: WeightSource<B>>(config: &LlamaConfig, src: &mut W) -> Result<Self> {
+        let (h, d) = (config.hidden_size, config.head_dim());
+        let (nh, nkv) = (config.num_attention_heads, config.num_kv_heads());
+        let eps = config.rms_norm_eps;
+        let embed_tokens = src.load(
+            "model.embed_tokens.weight",
+            [config.vocab_size, h],
+            ParamKind::Matrix,
+        )?;
+        let mut layers = Vec::with_capacity(config.num_hidden_layers);
+        for i in 0..config.num_hidden_layers {
+            let p = format!("model.layers.{i}");
+            let ab = config.attention_bias;
+            let mb = config.mlp_bias;
+            let ffn = config.intermediate_size;
+            layers.push(DecoderLayer {
+                input_layernorm: RmsNorm::load(src, &format!("{p}.input_layernorm"), h, eps)?,
+                self_attn: Attention {
+                    q_proj: Proj::load(src, &format!("{p}.self_attn.q_proj"), h, nh * d, ab)?,
+                    k_proj: Proj::load(src, &format!("{p}.self_attn.k_proj"), h, nkv * d, ab)?,
+                    v_proj: Proj::load(src, &format!("{p}.self_attn.v_proj"), h, nkv * d, ab)?,
+                    o_proj: Proj::load(src, &format!("{p}.self_attn.o_proj"), nh * d, h, ab)?,
+                    n_heads: nh,
+                    n_kv_heads: nkv,
+                    head_dim: d,
+                },
+                post_attention_layernorm: RmsNorm::load(
+                    src,
+                    &format!("{p}.post_attention_layernorm"),
+                    h,
+                    eps,
+                )?,
+                mlp: Mlp {
+                    gate_proj: Proj::load(src, &format!("{p}.mlp.gate_proj"), h, ffn, mb)?,
+                    up_proj: Proj::load(src, &format!("{p}.mlp.up_proj"), h, ffn, mb)?,
+                    down_proj: Proj::load(src, &format!("{p}.mlp.down_proj"), ffn, h, mb)?,
+                },
+            });
+        }
+        let norm = RmsNorm::load(src, "model.norm", h, eps)?;
+        let lm_head = if config.tie_word_embeddings {
+            None
+        } else {
+            Some(Proj::load(src, "lm_head", h, config.vocab_size, false)?)
+        };
+        Ok(Self {
+            model: LlamaModel {
+                embed_tokens: Param::from_tensor(embed_tokens),
+                layers,
+                norm,
+            },
+            lm_head,
+        })
+    }
+
+    /// Token embeddings, `[batch, seq, hidden]`.
+    pub fn embed(&self, tokens: Tensor<B, 2, Int>) -> Tensor<B, 3> {
+        embedding(self.model.embed_tokens.val(), tokens)
+    }
+
+    /// Logits from final (normed) hidden states: `[batch, seq, hidden]` -> `[batch, seq, vocab]`.
+    pub fn lm_head(&self, hidden: Tensor<B, 3>) -> Tensor<B, 3> {
+        match &self.lm_head {
+            Some(head) => head.forward(hidden),
+            None => hidden.matmul(self.model.embed_tokens.val().transpose().unsqueeze()),
+        }
+    }
+}
