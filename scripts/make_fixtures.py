@@ -56,8 +56,11 @@ def main(gguf_path):
         x = torch.tensor([ids])
         with torch.no_grad():
             logits = model(x).logits[0, -1].double()
+            # An explicit attention mask: without it generate() treats every pad-id token
+            # (<|im_end|> = 2, inside the chat prompt) as padding and masks it out.
             out = model.generate(
-                x, max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=None, pad_token_id=2
+                x, attention_mask=torch.ones_like(x), max_new_tokens=NEW_TOKENS,
+                do_sample=False, eos_token_id=None, pad_token_id=2,
             )
         top = torch.topk(logits, 5)
         cases.append(

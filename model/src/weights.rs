@@ -23,6 +23,10 @@ pub trait WeightSource<B: Backend> {
         kind: ParamKind,
     ) -> Result<Tensor<B, D>>;
 
+    /// A linear layer's weight, stored `[d_out, d_in]` in checkpoints, returned transposed and
+    /// contiguous as `[d_in, d_out]`.
+    fn load_linear(&mut self, name: &str, d_out: usize, d_in: usize) -> Result<Tensor<B, 2>>;
+
     /// Whether the source holds `name` (used for optional tensors such as an untied `lm_head`).
     fn contains(&self, name: &str) -> bool;
 
@@ -226,6 +230,14 @@ impl<B: Backend> WeightSource<B> for SafetensorsWeights<B> {
         Ok(Tensor::from_data(data, (&self.device, self.dtype)))
     }
 
+    fn load_linear(&mut self, name: &str, d_out: usize, d_in: usize) -> Result<Tensor<B, 2>> {
+        let data = self.read(name, &[d_out, d_in])?.convert_dtype(self.dtype);
+        self.used.insert(name.to_string());
+        let bytes = transpose_bytes(data.as_bytes(), d_out, d_in, self.dtype.size());
+        let data = TensorData::from_bytes_vec(bytes, [d_in, d_out], self.dtype);
+        Ok(Tensor::from_data(data, (&self.device, self.dtype)))
+    }
+
     fn contains(&self, name: &str) -> bool {
         self.index.contains_key(name)
     }
@@ -283,11 +295,50 @@ impl<B: Backend> WeightSource<B> for RandomWeights<B> {
         })
     }
 
+    fn load_linear(&mut self, name: &str, d_out: usize, d_in: usize) -> Result<Tensor<B, 2>> {
+        self.load(name, [d_in, d_out], ParamKind::Matrix)
+    }
+
     fn contains(&self, _name: &str) -> bool {
         false
     }
 
     fn finish(self) -> Result<()> {
         Ok(())
+    }
+}
+
+/// Transposes a row-major `[rows, cols]` matrix of `elem`-byte elements.
+fn transpose_bytes(src: &[u8], rows: usize, cols: usize, elem: usize) -> Vec<u8> {
+    let mut out = vec![0u8; src.len()];
+    // Blocked so that both the reads and the writes stay within a few cache lines.
+    const BLOCK: usize = 32;
+    for r0 in (0..rows).step_by(BLOCK) {
+        for c0 in (0..cols).step_by(BLOCK) {
+            for r in r0..(r0 + BLOCK).min(rows) {
+                for c in c0..(c0 + BLOCK).min(cols) {
+                    let s = (r * cols + c) * elem;
+                    let d = (c * rows + r) * elem;
+                    out[d..d + elem].copy_from_slice(&src[s..s + elem]);
+                }
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn transposes_matrices() {
+        let m: Vec<u8> = (0..6u8).collect(); // [[0,1,2],[3,4,5]] with 1-byte elements
+        assert_eq!(transpose_bytes(&m, 2, 3, 1), vec![0, 3, 1, 4, 2, 5]);
+        let m: Vec<u8> = (0..12u8).collect(); // 2x3 with 2-byte elements
+        assert_eq!(
+            transpose_bytes(&m, 2, 3, 2),
+            vec![0, 1, 6, 7, 2, 3, 8, 9, 4, 5, 10, 11]
+        );
     }
 }
