@@ -12,7 +12,11 @@ fn tokenization_matches_transformers() {
     for case in reference["texts"].as_array().unwrap() {
         let text = case["text"].as_str().unwrap();
         let expected: Vec<u32> = serde_json::from_value(case["ids"].clone()).unwrap();
-        assert_eq!(tokenizer.encode(text, false).unwrap(), expected, "text {text:?}");
+        assert_eq!(
+            tokenizer.encode(text, false).unwrap(),
+            expected,
+            "text {text:?}"
+        );
     }
     for case in reference["chat"].as_array().unwrap() {
         let prompt = case["prompt"].as_str().unwrap();
@@ -40,7 +44,12 @@ fn logits_and_greedy_continuation_match_transformers() {
         let ours: Vec<u32> = order[..5].iter().map(|&i| i as u32).collect();
         assert_eq!(ours, top5, "top-5 ids for {prompt:?}");
         let rel = (values[order[0]] as f64 - top5_logits[0]).abs() / top5_logits[0].abs();
-        assert!(rel <= 1e-3, "top-1 logit {} vs {} (rel {rel:e}) for {prompt:?}", values[order[0]], top5_logits[0]);
+        assert!(
+            rel <= 1e-3,
+            "top-1 logit {} vs {} (rel {rel:e}) for {prompt:?}",
+            values[order[0]],
+            top5_logits[0]
+        );
 
         let config = GenerationConfig {
             max_new_tokens: greedy.len(),
@@ -73,11 +82,20 @@ fn kv_cached_generation_equals_full_recomputation() {
     // And the cached logits themselves agree with the full pass at the last position.
     let full = last_logits(model.forward_full(&seq).unwrap());
     let mut cache = model.new_cache(1, seq.len());
-    let _ = model.forward(model.tokens(&seq[..seq.len() - 1], 1), &mut cache).unwrap();
-    let step = last_logits(model.forward(model.tokens(&seq[seq.len() - 1..], 1), &mut cache).unwrap());
+    let _ = model
+        .forward(model.tokens(&seq[..seq.len() - 1], 1), &mut cache)
+        .unwrap();
+    let step = last_logits(
+        model
+            .forward(model.tokens(&seq[seq.len() - 1..], 1), &mut cache)
+            .unwrap(),
+    );
     let diff: f32 = (full.clone() - step).abs().max().into_scalar();
     let scale: f32 = full.abs().max().into_scalar();
-    assert!(diff <= 1e-4 * scale, "cached vs full logits differ by {diff} (scale {scale})");
+    assert!(
+        diff <= 1e-4 * scale,
+        "cached vs full logits differ by {diff} (scale {scale})"
+    );
     let _ = Tensor::<tests::Cpu, 1>::empty([1], &Default::default());
 }
 
@@ -96,6 +114,9 @@ fn llama31_rope_frequencies_match_transformers() {
     let ours = model::rope::inv_freq(&config);
     assert_eq!(ours.len(), expected.len());
     for (i, (a, b)) in ours.iter().zip(&expected).enumerate() {
-        assert!(((*a as f64) - b).abs() <= 1e-6 * b.abs(), "inv_freq[{i}]: {a} vs {b}");
+        assert!(
+            ((*a as f64) - b).abs() <= 1e-6 * b.abs(),
+            "inv_freq[{i}]: {a} vs {b}"
+        );
     }
 }
