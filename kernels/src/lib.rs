@@ -97,10 +97,19 @@ fn check_shapes<B: Backend>(
     options: &FlashAttentionOptions,
 ) {
     let [b, h, q_len, d] = *q;
-    assert_eq!(k, v, "flash_attention: k and v shapes differ: {k:?} vs {v:?}");
+    assert_eq!(
+        k, v,
+        "flash_attention: k and v shapes differ: {k:?} vs {v:?}"
+    );
     let [kb, kh, cap, kd] = *k;
-    assert_eq!(b, kb, "flash_attention: batch of q ({b}) and k ({kb}) differ");
-    assert_eq!(d, kd, "flash_attention: head_dim of q ({d}) and k ({kd}) differ");
+    assert_eq!(
+        b, kb,
+        "flash_attention: batch of q ({b}) and k ({kb}) differ"
+    );
+    assert_eq!(
+        d, kd,
+        "flash_attention: head_dim of q ({d}) and k ({kd}) differ"
+    );
     assert!(
         kh > 0 && h % kh == 0,
         "flash_attention: {h} query heads are not a multiple of {kh} key/value heads"
@@ -125,7 +134,11 @@ pub fn tree_mask_from_rows<B: Backend>(
     q_len: usize,
     device: &B::Device,
 ) -> Tensor<B, 2, Bool> {
-    assert_eq!(rows.len(), q_len * q_len, "tree mask must have q_len² entries");
+    assert_eq!(
+        rows.len(),
+        q_len * q_len,
+        "tree mask must have q_len² entries"
+    );
     Tensor::from_data(
         burn::tensor::TensorData::new(rows.to_vec(), [q_len, q_len]),
         device,

@@ -41,7 +41,11 @@ fn main() -> Result<()> {
     let source = ModelSource::parse(&args.model);
     let dir = source.resolve()?;
     let device = Default::default();
-    let model = Llama::<Flex>::load(&dir, &LoadOptions::default().with_dtype(DType::F32), &device)?;
+    let model = Llama::<Flex>::load(
+        &dir,
+        &LoadOptions::default().with_dtype(DType::F32),
+        &device,
+    )?;
     let tokenizer = Tokenizer::from_dir(&dir)?;
     let prompt = if args.raw {
         tokenizer.encode(&args.prompt, true)?

@@ -27,8 +27,16 @@ impl<B: Backend> LayerCache<B> {
     ) -> (Tensor<B, 4>, Tensor<B, 4>) {
         let [b, h, n, d] = k.dims();
         let range = [0..b, 0..h, start..start + n, 0..d];
-        let kc = self.k.take().expect("cache buffer present").slice_assign(range.clone(), k);
-        let vc = self.v.take().expect("cache buffer present").slice_assign(range, v);
+        let kc = self
+            .k
+            .take()
+            .expect("cache buffer present")
+            .slice_assign(range.clone(), k);
+        let vc = self
+            .v
+            .take()
+            .expect("cache buffer present")
+            .slice_assign(range, v);
         self.k = Some(kc.clone());
         self.v = Some(vc.clone());
         (kc, vc)
@@ -138,7 +146,10 @@ impl<B: Backend> KvCache<B> {
     pub fn compact(&mut self, positions: &[usize], dst_start: usize) {
         let n = positions.len();
         assert!(dst_start + n <= self.max_len, "KV cache overflow");
-        let identity = positions.iter().enumerate().all(|(i, &p)| p == dst_start + i);
+        let identity = positions
+            .iter()
+            .enumerate()
+            .all(|(i, &p)| p == dst_start + i);
         if n > 0 && !identity {
             let device = self.layers[0].keys().device();
             let src: Vec<i64> = positions.iter().map(|&p| p as i64).collect();

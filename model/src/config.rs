@@ -127,7 +127,9 @@ impl LlamaConfig {
             })
         };
         if self.num_attention_heads == 0 || self.num_hidden_layers == 0 || self.hidden_size == 0 {
-            return fail("hidden_size, num_hidden_layers and num_attention_heads must be > 0".into());
+            return fail(
+                "hidden_size, num_hidden_layers and num_attention_heads must be > 0".into(),
+            );
         }
         if self.num_attention_heads % self.num_kv_heads() != 0 {
             return fail(format!(
@@ -137,7 +139,10 @@ impl LlamaConfig {
             ));
         }
         if self.head_dim() % 2 != 0 {
-            return fail(format!("head_dim ({}) must be even for RoPE", self.head_dim()));
+            return fail(format!(
+                "head_dim ({}) must be even for RoPE",
+                self.head_dim()
+            ));
         }
         if self.hidden_act != "silu" {
             return fail(format!(
@@ -299,9 +304,11 @@ impl RopeScaling {
                     && self.high_freq_factor.is_some()
                     && self.original_max_position_embeddings.is_some();
                 if !complete {
-                    return fail("rope_scaling of type \"llama3\" needs factor, low_freq_factor, \
+                    return fail(
+                        "rope_scaling of type \"llama3\" needs factor, low_freq_factor, \
                          high_freq_factor and original_max_position_embeddings"
-                        .into());
+                            .into(),
+                    );
                 }
                 if self.low_freq_factor >= self.high_freq_factor {
                     return fail("rope_scaling: low_freq_factor must be < high_freq_factor".into());

@@ -84,9 +84,7 @@ impl Sampler {
         match self.sampling {
             Sampling::Greedy => argmax(logits),
             Sampling::TopP {
-                temperature,
-                top_p,
-                ..
+                temperature, top_p, ..
             } => {
                 let probs = burn::tensor::activation::softmax(
                     logits.cast(DType::F32) / temperature.max(1e-6),

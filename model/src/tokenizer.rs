@@ -201,10 +201,16 @@ impl Tokenizer {
 
     /// End-of-turn tokens of the chat format, to stop generation on.
     pub fn stop_tokens(&self) -> Vec<u32> {
-        ["<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "<|endoftext|>", "</s>"]
-            .iter()
-            .filter_map(|t| self.token_to_id(t))
-            .collect()
+        [
+            "<|im_end|>",
+            "<|eot_id|>",
+            "<|end_of_text|>",
+            "<|endoftext|>",
+            "</s>",
+        ]
+        .iter()
+        .filter_map(|t| self.token_to_id(t))
+        .collect()
     }
 
     /// The underlying `tokenizers` object.
@@ -257,7 +263,10 @@ mod tests {
             "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
         );
         let s = t.render(&[Message::system("S"), Message::user("Hi")], false);
-        assert_eq!(s, "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n");
+        assert_eq!(
+            s,
+            "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"
+        );
     }
 
     #[test]

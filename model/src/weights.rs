@@ -71,7 +71,8 @@ impl<B: Backend> SafetensorsWeights<B> {
     pub fn open_dir(dir: &Path, dtype: DType, device: &B::Device) -> Result<Self> {
         let index_path = dir.join("model.safetensors.index.json");
         let files = if index_path.exists() {
-            let text = std::fs::read_to_string(&index_path).map_err(|e| Error::io(&index_path, e))?;
+            let text =
+                std::fs::read_to_string(&index_path).map_err(|e| Error::io(&index_path, e))?;
             let index: serde_json::Value =
                 serde_json::from_str(&text).map_err(|e| Error::Safetensors {
                     path: index_path.clone(),

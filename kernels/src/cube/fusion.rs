@@ -24,7 +24,10 @@ struct FlashAttentionOp<B> {
 }
 
 impl<B: FusionBackend + FlashAttentionBackend> Operation<B::FusionRuntime> for FlashAttentionOp<B> {
-    fn execute(&self, handles: &mut HandleContainer<<B::FusionRuntime as FusionRuntime>::FusionHandle>) {
+    fn execute(
+        &self,
+        handles: &mut HandleContainer<<B::FusionRuntime as FusionRuntime>::FusionHandle>,
+    ) {
         let inputs = &self.desc.inputs;
         let q = handles.get_float_tensor::<B>(&inputs[0]);
         let k = handles.get_float_tensor::<B>(&inputs[1]);

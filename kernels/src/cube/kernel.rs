@@ -154,7 +154,8 @@ pub fn attention_kernel<F: Float, N: Size>(
     }
 
     // Keys this row block may see: causal blocks stop after their last query's position.
-    let last_row = if row0 + bq < rows { row0 + bq } else { rows } - 1;
+    let block_end = if row0 + bq < rows { row0 + bq } else { rows };
+    let last_row = block_end - 1;
     let mut kv_end = kv_len;
     if comptime!(cfg.causal && !cfg.tree) {
         let causal_end = prefix + last_row / group + 1;

@@ -114,8 +114,16 @@ pub fn plan(
     // Preferred first. Prefill: big query blocks amortise each K/V tile over more rows; 32-key
     // tiles keep the per-tile synchronisation cheap. Decode: one block holds every row.
     let candidates: Vec<(usize, usize)> = if decode {
-        let bq = rows.next_power_of_two().min(DECODE_MAX_ROWS);
-        [32, 16, 8, 4].iter().map(|&bk| (bq, bk)).collect()
+        // All rows in one block if it fits, else the biggest block that does.
+        let full = rows.next_power_of_two().min(DECODE_MAX_ROWS);
+        let mut c = Vec::new();
+        let mut bq = full;
+        while bq >= 1 {
+            c.extend([(bq, 32), (bq, 16)]);
+            bq /= 2;
+        }
+        c.extend([(1, 8), (1, 4)]);
+        c
     } else {
         vec![
             (64, 32),
@@ -151,13 +159,18 @@ pub fn plan(
 
     let row_blocks = rows.div_ceil(bq);
     let base = row_blocks * p.batch_kv_heads;
-    let max_splits = p.kv_len.div_ceil(MIN_KEYS_PER_SPLIT.max(bk)).min(MAX_SPLITS);
+    let max_splits = p
+        .kv_len
+        .div_ceil(MIN_KEYS_PER_SPLIT.max(bk))
+        .min(MAX_SPLITS);
     let splits = match tuning.splits {
         Some(s) => s.clamp(1, p.kv_len.div_ceil(bk).max(1)),
         None => {
-            // Two cubes per multiprocessor fill the device; a long cache with a small grid
-            // (decode) is cut into that many chunks, each merged by the combine kernel.
-            let target = 2 * multiprocessors;
+            // About four cubes per multiprocessor: decode cubes are small (128 threads, ~18 KiB
+            // of shared memory) and memory-bound, so several per SM are needed to keep enough
+            // loads in flight. A long cache with a small grid (decode) is cut into that many
+            // chunks, each merged by the combine kernel.
+            let target = 4 * multiprocessors;
             if base >= target {
                 1
             } else {
@@ -189,17 +202,20 @@ pub fn plan(
     }
 }
 
-/// Largest vector width in {4, 2, 1} that divides `head_dim` and every stride of the tensors.
+/// Largest vector width in {4, 2, 1} that divides `head_dim`, every stride of the tensors and
+/// the element offset of their buffers (slices of a bigger buffer).
 fn vector_size_for<R: CubeRuntime>(tensors: &[&CubeTensor<R>], head_dim: usize) -> usize {
-    let max = tensors[0].client.properties().hardware.max_vector_size as usize;
+    let max = tensors[0].client.properties().hardware.max_vector_size;
     [4usize, 2, 1]
         .into_iter()
         .find(|&n| {
             n <= max.max(1)
                 && head_dim.is_multiple_of(n)
-                && tensors
-                    .iter()
-                    .all(|t| t.meta.strides()[..3].iter().all(|s| s.is_multiple_of(n)))
+                && tensors.iter().all(|t| {
+                    let offset = t.handle.offset_start.unwrap_or(0) as usize / t.dtype.size();
+                    offset.is_multiple_of(n)
+                        && t.meta.strides()[..3].iter().all(|s| s.is_multiple_of(n))
+                })
         })
         .unwrap_or(1)
 }
@@ -253,7 +269,10 @@ pub fn attention<R: CubeRuntime>(
     assert_eq!(v.meta.shape().dims::<4>(), k.meta.shape().dims::<4>());
     assert!(n_kv_heads > 0 && n_heads % n_kv_heads == 0);
     let kv_len = options.kv_len;
-    assert!(q_len <= kv_len && kv_len <= kv_cap, "flash_attention: bad kv_len");
+    assert!(
+        q_len <= kv_len && kv_len <= kv_cap,
+        "flash_attention: bad kv_len"
+    );
     assert!(
         (kv_len as u64) * (head_dim as u64) < u32::MAX as u64,
         "flash_attention: sequence too long for 32-bit indexing"
@@ -302,7 +321,10 @@ pub fn attention<R: CubeRuntime>(
         ),
     };
     assert!(
-        matches!(mask.dtype, DType::U32 | DType::Bool(burn::tensor::BoolStore::U32)),
+        matches!(
+            mask.dtype,
+            DType::U32 | DType::Bool(burn::tensor::BoolStore::U32)
+        ),
         "flash_attention: the tree mask must be converted to u32 first (got {:?})",
         mask.dtype
     );
@@ -391,4 +413,111 @@ pub fn attention<R: CubeRuntime>(
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn problem(rows: usize, group: usize, kv_len: usize, d: usize, elem: usize) -> Problem {
+        let vector_size = [4, 2, 1]
+            .into_iter()
+            .find(|&n| d.is_multiple_of(n))
+            .unwrap();
+        Problem {
+            batch_kv_heads: 8,
+            group,
+            q_len: rows / group,
+            kv_len,
+            head_dim: d,
+            elem_size: elem,
+            vector_size,
+            causal: true,
+            tree: false,
+        }
+    }
+
+    /// Every plan the planner can produce respects the kernel's layout invariants.
+    #[test]
+    fn plans_are_consistent() {
+        for budget in [8 * 1024, 16 * 1024, 32 * 1024, 48 * 1024, 228 * 1024] {
+            for d in [6, 32, 33, 40, 64, 80, 96, 128, 256] {
+                for elem in [2, 4] {
+                    for (rows, group) in [
+                        (1, 1),
+                        (4, 4),
+                        (17, 1),
+                        (64, 4),
+                        (68, 4),
+                        (256, 8),
+                        (1000, 1),
+                    ] {
+                        for decode in [None, Some(true), Some(false)] {
+                            let p = problem(rows, group, 5000, d, elem);
+                            let tuning = LaunchTuning {
+                                decode,
+                                ..Default::default()
+                            };
+                            if budget < 16 * 1024 && d >= 256 {
+                                continue;
+                            }
+                            let plan = plan(&p, budget, 1024, 132, &tuning);
+                            let c = plan.config;
+                            assert!(
+                                plan.shared_bytes <= budget.min(MAX_SHARED_BYTES),
+                                "{plan:?}"
+                            );
+                            assert_eq!(c.threads, c.block_q * c.key_groups * c.lanes);
+                            assert!(c.threads <= 256 && c.threads >= c.block_k, "{plan:?}");
+                            assert_eq!(c.threads % c.block_k, 0);
+                            assert_eq!(c.block_k % c.key_groups, 0);
+                            assert_eq!(c.nv * c.vector_size, d);
+                            assert!(plan.chunk_len.is_multiple_of(c.block_k));
+                            assert!(plan.splits * plan.chunk_len >= p.kv_len);
+                            assert!((plan.splits - 1) * plan.chunk_len < p.kv_len);
+                            assert_eq!(c.partial, plan.splits > 1);
+                            assert_eq!(plan.row_blocks, rows.div_ceil(c.block_q));
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Decode against a long cache on a 132-SM GPU is split to fill it; prefill is not.
+    #[test]
+    fn split_heuristic() {
+        // Llama-style GQA decode: 32 query heads on 8 KV heads, 32k cache, bf16, d = 128.
+        let decode = Problem {
+            batch_kv_heads: 8,
+            group: 4,
+            q_len: 1,
+            kv_len: 32768,
+            head_dim: 128,
+            elem_size: 2,
+            vector_size: 4,
+            causal: true,
+            tree: false,
+        };
+        let plan_d = plan(&decode, 228 * 1024, 1024, 132, &LaunchTuning::default());
+        assert_eq!(plan_d.config.block_q, 4);
+        assert!(plan_d.splits >= 16, "{plan_d:?}");
+        // Short caches are not split below MIN_KEYS_PER_SPLIT keys per chunk.
+        let short = Problem {
+            kv_len: 300,
+            ..decode
+        };
+        assert!(plan(&short, 228 * 1024, 1024, 132, &LaunchTuning::default()).splits <= 2);
+        // Prefill of 8k tokens: 32 heads * 128 row blocks already fill the device.
+        let prefill = Problem {
+            group: 1,
+            q_len: 8192,
+            kv_len: 8192,
+            batch_kv_heads: 32,
+            ..decode
+        };
+        let plan_p = plan(&prefill, 228 * 1024, 1024, 132, &LaunchTuning::default());
+        assert_eq!(plan_p.splits, 1);
+        assert_eq!(plan_p.config.block_q, 64);
+    }
 }

@@ -26,7 +26,7 @@
 //! [`launch::DECODE_MAX_ROWS`], e.g. 1 token × 4 heads, or a 16-node Medusa tree × 4 heads) one
 //! row block covers every row of a KV head, so the grid would be only `batch * n_kv_heads` cubes,
 //! far too few for a GPU with 100+ multiprocessors when the cache is 8k–32k long. The KV axis is
-//! then cut into `splits` chunks (grid z), chosen so that about two cubes run per multiprocessor
+//! then cut into `splits` chunks (grid z), chosen so that about four cubes run per multiprocessor
 //! but no chunk is shorter than 256 keys; each cube writes its unnormalised accumulator and
 //! `(m, l)` in f32, and [`kernel::combine_kernel`] merges them with the usual log-sum-exp
 //! rescaling. The same split is used by the prefill configuration when its grid is too small.

@@ -1,0 +1,676 @@
+//! Attention kernels against an independent f64 reference on the host.
+//!
+//! # Running
+//! `cargo test --release -p kernels --test attention`
+//!
+//! The CubeCL tests run on `burn::backend::wgpu` with `WgpuDevice::DefaultDevice`, which wgpu
+//! resolves to the best adapter of the platform's default graphics API (Vulkan on Linux). On a
+//! machine without a GPU that is Mesa's lavapipe (`apt-get install -y mesa-vulkan-drivers`):
+//! a software Vulkan driver on the CPU with 8-wide subgroups, 32 KiB of shared memory, f32 and
+//! f16 but no bf16. Nothing needs to be set; to pin a device anyway use cubecl's
+//! `CUBECL_WGPU_DEFAULT_DEVICE=Cpu` (or `DiscreteGpu(0)`, ...), and `WGPU_BACKEND=vulkan` is
+//! not needed. Tests for a dtype the device lacks (bf16 on lavapipe) print a note and return.
+//!
+//! Inputs are seeded random draws in [-2, 2); the unused capacity of the KV cache (rows
+//! `kv_len..kv_cap`) is poisoned with NaN and ±1e30 so any read of it shows up in the output.
+//! Tolerances: relative L2 error ‖out − ref‖ / ‖ref‖ ≤ 1e-4 for f32, ≤ 1e-2 for f16/bf16 (the
+//! reference is computed from the inputs rounded to that dtype).
+
+use std::time::Instant;
+
+use burn::{
+    backend::wgpu::{CubeBackend, WgpuDevice, WgpuRuntime},
+    tensor::{DType, Tensor, TensorData, TensorPrimitive, backend::Backend},
+};
+use cubecl::Runtime;
+use kernels::{
+    AttentionMask, FlashAttentionBackend, FlashAttentionOptions, cube::LaunchTuning,
+    flash_attention, tree_mask_from_rows,
+};
+use rand::{Rng, SeedableRng, rngs::StdRng};
+
+/// The unfused CubeCL backend on wgpu.
+type Cube = CubeBackend<WgpuRuntime, f32, i32, u32>;
+
+// ---------------------------------------------------------------------------------------------
+// Problem description, inputs and the f64 reference.
+
+#[derive(Clone)]
+enum Mask {
+    None,
+    Causal,
+    /// Row-major `[q_len, q_len]`, `true` = visible.
+    Tree(Vec<bool>),
+}
+
+impl std::fmt::Debug for Mask {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Mask::None => write!(f, "None"),
+            Mask::Causal => write!(f, "Causal"),
+            Mask::Tree(rows) => {
+                let visible = rows.iter().filter(|&&b| b).count();
+                write!(f, "Tree({visible}/{} visible)", rows.len())
+            }
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+struct Case {
+    batch: usize,
+    heads: usize,
+    kv_heads: usize,
+    q_len: usize,
+    kv_len: usize,
+    kv_cap: usize,
+    head_dim: usize,
+    mask: Mask,
+    seed: u64,
+}
+
+impl Case {
+    fn new(heads: usize, kv_heads: usize, q_len: usize, kv_len: usize, head_dim: usize) -> Self {
+        Self {
+            batch: 1,
+            heads,
+            kv_heads,
+            q_len,
+            kv_len,
+            kv_cap: kv_len,
+            head_dim,
+            mask: Mask::None,
+            seed: (heads * 31 + kv_heads * 7 + q_len * 1_000 + kv_len * 13 + head_dim) as u64,
+        }
+    }
+    fn batch(mut self, batch: usize) -> Self {
+        self.batch = batch;
+        self
+    }
+    fn cap(mut self, kv_cap: usize) -> Self {
+        self.kv_cap = kv_cap;
+        self
+    }
+    fn causal(mut self) -> Self {
+        self.mask = Mask::Causal;
+        self
+    }
+    fn tree(mut self, rows: Vec<bool>) -> Self {
+        self.mask = Mask::Tree(rows);
+        self
+    }
+    fn q_shape(&self) -> [usize; 4] {
+        [self.batch, self.heads, self.q_len, self.head_dim]
+    }
+    fn kv_shape(&self) -> [usize; 4] {
+        [self.batch, self.kv_heads, self.kv_cap, self.head_dim]
+    }
+    fn options(&self) -> FlashAttentionOptions {
+        FlashAttentionOptions::new(self.head_dim, self.kv_len)
+            .with_causal(matches!(self.mask, Mask::Causal))
+    }
+}
+
+struct Inputs {
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+}
+
+/// Fresh seeded draws; rows `kv_len..kv_cap` of k/v poisoned. `round` maps each valid value to
+/// what the device will see (identity for f32, round-trip through f16/bf16 otherwise).
+fn make_inputs(case: &Case, round: fn(f32) -> f32) -> Inputs {
+    let mut rng = StdRng::seed_from_u64(case.seed);
+    let mut draw = |n: usize| -> Vec<f32> {
+        (0..n)
+            .map(|_| round(rng.random_range(-2.0f32..2.0)))
+            .collect()
+    };
+    let q = draw(case.q_shape().iter().product());
+    let mut k = draw(case.kv_shape().iter().product());
+    let mut v = draw(case.kv_shape().iter().product());
+    let d = case.head_dim;
+    for bh in 0..case.batch * case.kv_heads {
+        for j in case.kv_len..case.kv_cap {
+            for c in 0..d {
+                let idx = (bh * case.kv_cap + j) * d + c;
+                k[idx] = if (j + c) % 2 == 0 { f32::NAN } else { 1.0e30 };
+                v[idx] = if (j + c) % 3 == 0 { -1.0e30 } else { f32::NAN };
+            }
+        }
+    }
+    Inputs { q, k, v }
+}
+
+fn visible(case: &Case, i: usize, j: usize) -> bool {
+    let prefix = case.kv_len - case.q_len;
+    if j >= case.kv_len {
+        return false;
+    }
+    if j < prefix {
+        return true;
+    }
+    let t = j - prefix;
+    match &case.mask {
+        Mask::None => true,
+        Mask::Causal => t <= i,
+        Mask::Tree(rows) => rows[i * case.q_len + t],
+    }
+}
+
+/// Plain softmax attention in f64, straight from the definition.
+fn reference(case: &Case, x: &Inputs) -> Vec<f64> {
+    let (d, ql, cap) = (case.head_dim, case.q_len, case.kv_cap);
+    let group = case.heads / case.kv_heads;
+    let scale = 1.0 / (d as f64).sqrt();
+    let mut out = vec![0.0f64; case.q_shape().iter().product()];
+    let mut scores = vec![0.0f64; case.kv_len];
+    for b in 0..case.batch {
+        for h in 0..case.heads {
+            let hk = h / group;
+            let kv_base = (b * case.kv_heads + hk) * cap * d;
+            for i in 0..ql {
+                let q_base = ((b * case.heads + h) * ql + i) * d;
+                let q = &x.q[q_base..q_base + d];
+                let mut max = f64::NEG_INFINITY;
+                for (j, s) in scores.iter_mut().enumerate() {
+                    *s = if visible(case, i, j) {
+                        let k = &x.k[kv_base + j * d..kv_base + (j + 1) * d];
+                        let dot: f64 = q.iter().zip(k).map(|(&a, &b)| a as f64 * b as f64).sum();
+                        dot * scale
+                    } else {
+                        f64::NEG_INFINITY
+                    };
+                    max = max.max(*s);
+                }
+                let mut sum = 0.0;
+                for s in scores.iter_mut() {
+                    *s = (*s - max).exp();
+                    sum += *s;
+                }
+                let o = &mut out[q_base..q_base + d];
+                for (j, &p) in scores.iter().enumerate() {
+                    if p == 0.0 {
+                        continue;
+                    }
+                    let vrow = &x.v[kv_base + j * d..kv_base + (j + 1) * d];
+                    for (oc, &vc) in o.iter_mut().zip(vrow) {
+                        *oc += p / sum * vc as f64;
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+fn rel_l2(out: &[f32], reference: &[f64]) -> f64 {
+    assert_eq!(out.len(), reference.len());
+    let mut num = 0.0;
+    let mut den = 0.0;
+    for (&o, &r) in out.iter().zip(reference) {
+        num += (o as f64 - r).powi(2);
+        den += r * r;
+    }
+    if num.is_nan() {
+        return f64::INFINITY;
+    }
+    (num / den).sqrt()
+}
+
+fn round_f32(x: f32) -> f32 {
+    x
+}
+fn round_f16(x: f32) -> f32 {
+    burn::tensor::f16::from_f32(x).to_f32()
+}
+fn round_bf16(x: f32) -> f32 {
+    burn::tensor::bf16::from_f32(x).to_f32()
+}
+
+fn rounding(dtype: DType) -> (fn(f32) -> f32, f64) {
+    match dtype {
+        DType::F32 => (round_f32, 1e-4),
+        DType::F16 => (round_f16, 1e-2),
+        DType::BF16 => (round_bf16, 1e-2),
+        other => panic!("no test tolerance for {other:?}"),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Running on a backend.
+
+/// How a case is laid out on the device.
+#[derive(Clone, Copy, Debug, Default)]
+struct Layout {
+    /// Pass K/V as a `[.., 0..kv_len, ..]` slice view of the cache (non-contiguous).
+    kv_slice_view: bool,
+    /// Build Q as `[b, q_len, h, d]` and swap to `[b, h, q_len, d]` (non-contiguous).
+    q_transposed: bool,
+}
+
+struct DeviceInputs<B: Backend> {
+    q: Tensor<B, 4>,
+    k: Tensor<B, 4>,
+    v: Tensor<B, 4>,
+    mask: AttentionMask<B>,
+}
+
+fn upload<B: Backend>(
+    case: &Case,
+    x: &Inputs,
+    dtype: DType,
+    layout: Layout,
+    device: &B::Device,
+) -> DeviceInputs<B> {
+    let q = if layout.q_transposed {
+        let [b, h, s, d] = case.q_shape();
+        let mut t = vec![0.0f32; x.q.len()];
+        for bi in 0..b {
+            for hi in 0..h {
+                for si in 0..s {
+                    for di in 0..d {
+                        t[((bi * s + si) * h + hi) * d + di] =
+                            x.q[((bi * h + hi) * s + si) * d + di];
+                    }
+                }
+            }
+        }
+        Tensor::<B, 4>::from_data(TensorData::new(t, [b, s, h, d]), device).swap_dims(1, 2)
+    } else {
+        Tensor::<B, 4>::from_data(TensorData::new(x.q.clone(), case.q_shape()), device)
+    };
+    let kv = |data: &Vec<f32>| {
+        let t = Tensor::<B, 4>::from_data(TensorData::new(data.clone(), case.kv_shape()), device)
+            .cast(dtype);
+        if layout.kv_slice_view {
+            let [b, h, _, d] = case.kv_shape();
+            t.slice([0..b, 0..h, 0..case.kv_len, 0..d])
+        } else {
+            t
+        }
+    };
+    let mask = match &case.mask {
+        Mask::None => AttentionMask::None,
+        Mask::Causal => AttentionMask::Causal,
+        Mask::Tree(rows) => AttentionMask::Tree(tree_mask_from_rows(rows, case.q_len, device)),
+    };
+    DeviceInputs {
+        q: q.cast(dtype),
+        k: kv(&x.k),
+        v: kv(&x.v),
+        mask,
+    }
+}
+
+fn read<B: Backend>(t: Tensor<B, 4>) -> Vec<f32> {
+    t.cast(DType::F32).into_data().to_vec::<f32>().unwrap()
+}
+
+/// Runs `flash_attention` on backend `B` and checks it against the f64 reference.
+fn check_backend<B: FlashAttentionBackend>(
+    device: &B::Device,
+    case: &Case,
+    dtype: DType,
+    layout: Layout,
+) {
+    let (round, tol) = rounding(dtype);
+    let x = make_inputs(case, round);
+    let expected = reference(case, &x);
+    let inp = upload::<B>(case, &x, dtype, layout, device);
+    let start = Instant::now();
+    let out = flash_attention(inp.q, inp.k, inp.v, inp.mask, case.options());
+    assert_eq!(out.dims(), case.q_shape());
+    assert_eq!(out.dtype(), dtype, "output dtype must follow q");
+    let got = read(out);
+    let err = rel_l2(&got, &expected);
+    println!(
+        "{case:?} {dtype:?} {layout:?}: rel_l2 = {err:.2e} ({:.0?})",
+        start.elapsed()
+    );
+    assert!(
+        err <= tol,
+        "rel L2 error {err:e} > {tol:e} for {case:?} {dtype:?}"
+    );
+}
+
+/// Runs the CubeCL launcher directly with explicit tuning (forced splits, tiny shared memory).
+fn check_tuned(case: &Case, dtype: DType, tuning: LaunchTuning) {
+    let device = WgpuDevice::default();
+    let (round, tol) = rounding(dtype);
+    let x = make_inputs(case, round);
+    let expected = reference(case, &x);
+    let inp = upload::<Cube>(case, &x, dtype, Layout::default(), &device);
+    let mask = match inp.mask {
+        AttentionMask::Tree(t) => {
+            Some(kernels::cube::tree_mask_to_u32::<WgpuRuntime, f32, i32, u32>(t.into_primitive()))
+        }
+        _ => None,
+    };
+    let out = kernels::cube::attention::<WgpuRuntime>(
+        inp.q.into_primitive().tensor(),
+        inp.k.into_primitive().tensor(),
+        inp.v.into_primitive().tensor(),
+        mask,
+        case.options(),
+        &tuning,
+    );
+    let got = read(Tensor::<Cube, 4>::from_primitive(TensorPrimitive::Float(
+        out,
+    )));
+    let err = rel_l2(&got, &expected);
+    println!("{case:?} {dtype:?} {tuning:?}: rel_l2 = {err:.2e}");
+    assert!(
+        err <= tol,
+        "rel L2 error {err:e} > {tol:e} for {case:?} {tuning:?}"
+    );
+}
+
+fn check(case: &Case, dtype: DType) {
+    check_backend::<Cube>(&WgpuDevice::default(), case, dtype, Layout::default());
+}
+
+fn supports(dtype: DType) -> bool {
+    let client = WgpuRuntime::client(&WgpuDevice::default());
+    let ty: cubecl::ir::StorageType = dtype.into();
+    let ok = client.properties().supports_type(ty);
+    if !ok {
+        println!("skipping: the wgpu device does not support {dtype:?}");
+    }
+    ok
+}
+
+// ---------------------------------------------------------------------------------------------
+// Masks.
+
+/// Medusa-style tree: node `i > 0` has a random parent `< i`; a node sees its ancestors and
+/// itself.
+fn ancestor_tree(n: usize, seed: u64) -> Vec<bool> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let parent: Vec<usize> = (0..n)
+        .map(|i| if i == 0 { 0 } else { rng.random_range(0..i) })
+        .collect();
+    let mut rows = vec![false; n * n];
+    for i in 0..n {
+        let mut a = i;
+        loop {
+            rows[i * n + a] = true;
+            if a == 0 {
+                break;
+            }
+            a = parent[a];
+        }
+    }
+    rows
+}
+
+/// Independent coin flips, with the diagonal visible so no row is fully masked.
+fn random_mask(n: usize, seed: u64) -> Vec<bool> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    (0..n * n)
+        .map(|e| e / n == e % n || rng.random_bool(0.5))
+        .collect()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tests: CubeCL kernel on wgpu, f32.
+
+#[test]
+fn prefill_no_mask_short() {
+    // q_len == kv_len == 1 and a ragged 17, through both GQA and MHA.
+    check(&Case::new(2, 2, 1, 1, 64), DType::F32);
+    check(&Case::new(3, 1, 17, 17, 64), DType::F32);
+    check(&Case::new(4, 1, 17, 17, 128).batch(2), DType::F32);
+}
+
+#[test]
+fn prefill_causal_seq_grid() {
+    for (q, d, h, hk) in [
+        (17, 64, 2, 2),
+        (64, 128, 3, 1),
+        (255, 64, 4, 1),
+        (256, 128, 2, 2),
+        (1000, 64, 1, 1),
+    ] {
+        check(&Case::new(h, hk, q, q, d).causal(), DType::F32);
+    }
+}
+
+#[test]
+fn prefill_causal_long_head_dim_128() {
+    check(&Case::new(4, 1, 1000, 1000, 128).causal(), DType::F32);
+}
+
+#[test]
+fn chunked_prefill_with_cache_offset_and_poisoned_capacity() {
+    // 17 new tokens after a 283-token prefix, in a 512-row cache whose tail is NaN/1e30.
+    check(&Case::new(4, 4, 17, 300, 64).cap(512).causal(), DType::F32);
+    check(&Case::new(6, 2, 64, 200, 128).cap(256).causal(), DType::F32);
+    check(&Case::new(3, 1, 255, 700, 64).cap(701).causal(), DType::F32);
+}
+
+#[test]
+fn decode_single_token_long_cache() {
+    // One query against 4096 keys, GQA 4, cache capacity poisoned past kv_len.
+    check(&Case::new(8, 2, 1, 4096, 128).cap(4100), DType::F32);
+    check(&Case::new(3, 1, 1, 4096, 64).cap(4096).batch(2), DType::F32);
+    check(&Case::new(1, 1, 1, 1, 64), DType::F32);
+}
+
+#[test]
+fn tree_masks() {
+    // Medusa tree of 64 nodes after a prefix: 64 rows (decode config) and, with GQA 4, 256 rows
+    // (prefill config, KV split when the grid is small).
+    let tree = ancestor_tree(64, 7);
+    check(
+        &Case::new(2, 2, 64, 64 + 500, 64)
+            .cap(600)
+            .tree(tree.clone()),
+        DType::F32,
+    );
+    check(&Case::new(4, 1, 64, 64 + 300, 128).tree(tree), DType::F32);
+    // Ragged tree and random boolean masks, with and without prefix.
+    check(
+        &Case::new(3, 1, 17, 17 + 40, 64).tree(random_mask(17, 3)),
+        DType::F32,
+    );
+    check(
+        &Case::new(2, 2, 17, 17, 128).tree(ancestor_tree(17, 5)),
+        DType::F32,
+    );
+    check(
+        &Case::new(1, 1, 255, 255 + 1, 64).tree(random_mask(255, 11)),
+        DType::F32,
+    );
+}
+
+#[test]
+fn odd_head_dims() {
+    // Vector widths 4 (d = 80, 40 with a partial lane), 2 (d = 6) and 1 (d = 33).
+    check(&Case::new(2, 1, 17, 40, 80).causal(), DType::F32);
+    check(&Case::new(2, 2, 33, 33, 40).causal(), DType::F32);
+    check(&Case::new(3, 3, 5, 70, 6).cap(80), DType::F32);
+    check(&Case::new(2, 1, 70, 70, 33).causal(), DType::F32);
+    check(&Case::new(2, 2, 1, 300, 33).cap(310), DType::F32);
+}
+
+#[test]
+fn strided_views_are_honoured() {
+    let device = WgpuDevice::default();
+    let layout = Layout {
+        kv_slice_view: true,
+        q_transposed: true,
+    };
+    let case = Case::new(4, 2, 17, 100, 64).cap(128).causal();
+    check_backend::<Cube>(&device, &case, DType::F32, layout);
+    let case = Case::new(4, 4, 1, 333, 128).cap(400);
+    check_backend::<Cube>(&device, &case, DType::F32, layout);
+}
+
+#[test]
+fn forced_kv_splits() {
+    // Split-KV with chunk boundaries inside the prefix, inside the new tokens and past the
+    // causal end of some row blocks.
+    let splits = |n| LaunchTuning {
+        splits: Some(n),
+        ..Default::default()
+    };
+    check_tuned(
+        &Case::new(4, 1, 1, 1000, 64).cap(1024),
+        DType::F32,
+        splits(7),
+    );
+    check_tuned(
+        &Case::new(2, 2, 256, 256, 64).causal(),
+        DType::F32,
+        splits(3),
+    );
+    check_tuned(
+        &Case::new(4, 2, 17, 500, 128).causal(),
+        DType::F32,
+        splits(5),
+    );
+    check_tuned(
+        &Case::new(2, 1, 33, 333, 64).tree(ancestor_tree(33, 1)),
+        DType::F32,
+        splits(4),
+    );
+    // No split at all for a decode shape.
+    check_tuned(&Case::new(4, 1, 1, 2000, 128), DType::F32, splits(1));
+}
+
+#[test]
+fn small_shared_memory_configs() {
+    // Force the planner down its list of tile sizes.
+    for bytes in [16 * 1024, 8 * 1024] {
+        let tuning = LaunchTuning {
+            shared_memory: Some(bytes),
+            ..Default::default()
+        };
+        check_tuned(&Case::new(2, 1, 100, 130, 128).causal(), DType::F32, tuning);
+        check_tuned(&Case::new(2, 2, 3, 300, 64), DType::F32, tuning);
+    }
+    // Decode configuration for many rows and prefill configuration for a single row.
+    let tuning = LaunchTuning {
+        decode: Some(false),
+        ..Default::default()
+    };
+    check_tuned(&Case::new(4, 4, 1, 700, 64), DType::F32, tuning);
+    let tuning = LaunchTuning {
+        decode: Some(true),
+        ..Default::default()
+    };
+    check_tuned(&Case::new(4, 1, 40, 300, 64).causal(), DType::F32, tuning);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Half precision.
+
+#[test]
+fn f16_inputs() {
+    if !supports(DType::F16) {
+        return;
+    }
+    check(&Case::new(4, 1, 255, 255, 128).causal(), DType::F16);
+    check(&Case::new(8, 2, 1, 4096, 128).cap(4100), DType::F16);
+    check(
+        &Case::new(2, 2, 64, 64 + 200, 64).tree(ancestor_tree(64, 2)),
+        DType::F16,
+    );
+    check(&Case::new(3, 3, 17, 300, 64).cap(320).causal(), DType::F16);
+}
+
+#[test]
+fn bf16_inputs() {
+    if !supports(DType::BF16) {
+        return;
+    }
+    check(&Case::new(4, 1, 255, 255, 128).causal(), DType::BF16);
+    check(&Case::new(8, 2, 1, 4096, 128).cap(4100), DType::BF16);
+    check(
+        &Case::new(2, 2, 64, 64 + 200, 64).tree(ancestor_tree(64, 2)),
+        DType::BF16,
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Fusion and the reference path.
+
+#[cfg(feature = "fusion")]
+#[test]
+fn fused_wgpu_backend() {
+    type Fused = burn_fusion::Fusion<Cube>;
+    let device = WgpuDevice::default();
+    let cases = [
+        Case::new(4, 1, 64, 64, 64).causal(),
+        Case::new(2, 2, 17, 17 + 30, 128).tree(ancestor_tree(17, 9)),
+        Case::new(8, 2, 1, 2048, 128).cap(2050),
+    ];
+    for case in &cases {
+        check_backend::<Fused>(&device, case, DType::F32, Layout::default());
+    }
+    check_backend::<Fused>(
+        &device,
+        &Case::new(4, 2, 17, 100, 64).cap(128).causal(),
+        DType::F32,
+        Layout {
+            kv_slice_view: true,
+            q_transposed: true,
+        },
+    );
+    // Fused element-wise ops around the custom op.
+    let case = Case::new(2, 2, 17, 17, 64).causal();
+    let x = make_inputs(&case, round_f32);
+    let expected = reference(&case, &x);
+    let inp = upload::<Fused>(&case, &x, DType::F32, Layout::default(), &device);
+    let q = (inp.q * 2.0) * 0.5;
+    let out = flash_attention(q, inp.k, inp.v, inp.mask, case.options()) * 3.0 - 1.0;
+    let got: Vec<f32> = read(out).iter().map(|&o| (o + 1.0) / 3.0).collect();
+    let err = rel_l2(&got, &expected);
+    assert!(err <= 1e-4, "fused chain: {err:e}");
+}
+
+/// `burn::backend::Wgpu` is `Fusion<CubeBackend<..>>` when Burn's `fusion` feature is on and
+/// the plain `CubeBackend` otherwise; either way it must work.
+#[test]
+fn wgpu_alias_backend() {
+    let device = WgpuDevice::default();
+    let case = Case::new(4, 2, 33, 90, 64).cap(100).causal();
+    check_backend::<burn::backend::Wgpu>(&device, &case, DType::F32, Layout::default());
+}
+
+#[cfg(feature = "flex")]
+#[test]
+fn flex_reference_path() {
+    let device = Default::default();
+    let tree = ancestor_tree(17, 4);
+    for case in [
+        Case::new(4, 2, 17, 60, 64).cap(64).causal(),
+        Case::new(2, 1, 17, 17 + 20, 32).tree(tree),
+        Case::new(3, 3, 1, 200, 64),
+    ] {
+        // The reference slices k/v to kv_len, so the poisoned tail is never touched.
+        check_backend::<burn::backend::Flex>(&device, &case, DType::F32, Layout::default());
+    }
+}
+
+/// Prints what the wgpu device reports (run with `--nocapture`); the planner reads the same.
+#[test]
+fn device_properties() {
+    let client = WgpuRuntime::client(&WgpuDevice::default());
+    let props = client.properties();
+    let hw = &props.hardware;
+    println!(
+        "wgpu device: shared {} B, plane {}..{}, max units/cube {}, SMs {:?}, cpu cores {:?}, \
+         max vector {}, f16 {}, bf16 {}",
+        hw.max_shared_memory_size,
+        hw.plane_size_min,
+        hw.plane_size_max,
+        hw.max_units_per_cube,
+        hw.num_streaming_multiprocessors,
+        hw.num_cpu_cores,
+        hw.max_vector_size,
+        props.supports_type(cubecl::ir::StorageType::from(DType::F16)),
+        props.supports_type(cubecl::ir::StorageType::from(DType::BF16)),
+    );
+}

@@ -1,0 +1,115 @@
+//! Medusa heads (Cai et al. 2024, §2.1.1): `K` small heads on the base model's last hidden
+//! state; head `k` (1-based) predicts the token at `t + 1 + k` while the base LM head predicts
+//! `t + 1`.
+
+use burn::{
+    module::{Module, Param},
+    tensor::{Tensor, activation::silu, backend::Backend},
+};
+use model::llama::Proj;
+
+/// `x + SiLU(W x + b)`. `W` starts at zero, so an untrained block is `x + SiLU(b)`, and with the
+/// zero bias used here exactly the identity.
+#[derive(Module, Debug)]
+pub struct ResBlock<B: Backend> {
+    pub linear: Proj<B>,
+}
+
+impl<B: Backend> ResBlock<B> {
+    pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        x.clone() + silu(self.linear.forward(x))
+    }
+}
+
+/// One head: `L` residual blocks, then its own vocabulary projection (Medusa v1) or none, in
+/// which case the base model's LM head is applied (the "shared LM head" format).
+#[derive(Module, Debug)]
+pub struct MedusaHead<B: Backend> {
+    pub blocks: Vec<ResBlock<B>>,
+    pub lm_head: Option<Proj<B>>,
+}
+
+/// Shape of a set of Medusa heads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct MedusaConfig {
+    /// `K`, the number of heads (Medusa-1 default 4 here; the paper uses 5 for Vicuna).
+    pub num_heads: usize,
+    /// `L`, residual blocks per head (default 1).
+    pub num_layers: usize,
+    pub hidden_size: usize,
+    pub vocab_size: usize,
+    /// Heads output hidden states and share the base model's LM head.
+    pub share_lm_head: bool,
+}
+
+/// The `K` Medusa heads.
+#[derive(Module, Debug)]
+pub struct MedusaHeads<B: Backend> {
+    pub heads: Vec<MedusaHead<B>>,
+}
+
+impl<B: Backend> MedusaHeads<B> {
+    /// Fresh heads as in the Medusa recipe: residual blocks at zero (identity), each vocabulary
+    /// projection a copy of the base LM head (`base_lm_head`: `[hidden, vocab]`). Untrained,
+    /// every head therefore predicts what the base model predicts for `t + 1`.
+    pub fn init(config: &MedusaConfig, base_lm_head: &Proj<B>) -> Self {
+        let device = base_lm_head.weight.val().device();
+        let dtype = base_lm_head.weight.val().dtype();
+        let h = config.hidden_size;
+        let heads = (0..config.num_heads)
+            .map(|_| MedusaHead {
+                blocks: (0..config.num_layers)
+                    .map(|_| ResBlock {
+                        linear: Proj {
+                            weight: Param::from_tensor(Tensor::zeros([h, h], (&device, dtype))),
+                            bias: Some(Param::from_tensor(Tensor::zeros([h], (&device, dtype)))),
+                        },
+                    })
+                    .collect(),
+                lm_head: (!config.share_lm_head).then(|| Proj {
+                    // A copy, not a shared handle: training must not move the base head.
+                    weight: Param::from_tensor(base_lm_head.weight.val().clone() * 1.0),
+                    bias: None,
+                }),
+            })
+            .collect();
+        Self { heads }
+    }
+
+    pub fn config(&self) -> MedusaConfig {
+        let first = &self.heads[0];
+        let [h, _] = first
+            .blocks
+            .first()
+            .map_or([0, 0], |b| b.linear.weight.dims());
+        let vocab = first.lm_head.as_ref().map_or(0, |p| p.weight.dims()[1]);
+        MedusaConfig {
+            num_heads: self.heads.len(),
+            num_layers: first.blocks.len(),
+            hidden_size: h,
+            vocab_size: vocab,
+            share_lm_head: first.lm_head.is_none(),
+        }
+    }
+
+    pub fn num_heads(&self) -> usize {
+        self.heads.len()
+    }
+
+    /// Logits of every head: `hidden` `[batch, seq, hidden]` → `[K, batch, seq, vocab]`.
+    /// `base_lm_head` is used by heads without their own projection.
+    pub fn forward(&self, hidden: Tensor<B, 3>, base_lm_head: &Proj<B>) -> Tensor<B, 4> {
+        let logits: Vec<Tensor<B, 3>> = self
+            .heads
+            .iter()
+            .map(|head| {
+                let x = head
+                    .blocks
+                    .iter()
+                    .fold(hidden.clone(), |x, block| block.forward(x));
+                head.lm_head.as_ref().unwrap_or(base_lm_head).forward(x)
+            })
+            .collect();
+        Tensor::stack(logits, 0)
+    }
+}

@@ -1,0 +1,254 @@
+//! Candidate trees (the paper's "tree attention", §2.1.2) and the buffers that drive them.
+//!
+//! A tree is a list of paths ("`medusa_choices`"): `[1, 0]` means "the 2nd candidate of head 1,
+//! then the 1st candidate of head 2 after it". The root (node 0) is the base model's own next
+//! token. Buffers follow `generate_medusa_buffers` of the reference implementation.
+
+use crate::error::{MedusaError, Result};
+
+/// Top-k candidates taken from each head (the reference implementation's `TOPK`): every index
+/// in a path must be below it.
+pub const TOPK: usize = 10;
+
+/// A candidate tree with its precomputed buffers.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MedusaTree {
+    /// The paths, sorted by (length, lexicographic) — the node order of every buffer below
+    /// (node `i + 1` is `choices[i]`, node 0 the root).
+    pub choices: Vec<Vec<usize>>,
+    /// `[n, n]` row-major, `true` where node `i` may attend to node `j` (its ancestors and itself;
+    /// every node sees the root).
+    pub attn_mask: Vec<bool>,
+    /// For each node, its index into the flattened candidate vector
+    /// `[root, head₁ top-k…, head₂ top-k…, …]`.
+    pub tree_indices: Vec<usize>,
+    /// Depth of each node (root 0); positions are `prefix_len + depth`.
+    pub position_ids: Vec<usize>,
+    /// Parent node of each node (the root is its own parent).
+    pub parents: Vec<usize>,
+    /// One row per leaf path: the node indices from the root down to the leaf.
+    pub retrieve_indices: Vec<Vec<usize>>,
+}
+
+impl MedusaTree {
+    /// Builds the tree from paths; duplicates are rejected, missing prefixes are an error (a
+    /// node's parent must be in the tree), and no path may be longer than `num_heads`.
+    pub fn new(choices: &[Vec<usize>], num_heads: usize) -> Result<Self> {
+        let mut sorted: Vec<Vec<usize>> = choices.to_vec();
+        sorted.sort_by(|a, b| a.len().cmp(&b.len()).then_with(|| a.cmp(b)));
+        for (i, path) in sorted.iter().enumerate() {
+            if path.is_empty() {
+                return Err(MedusaError::Tree("empty path".into()));
+            }
+            if path.len() > num_heads {
+                return Err(MedusaError::Tree(format!(
+                    "path {path:?} has depth {} but there are only {num_heads} Medusa heads",
+                    path.len()
+                )));
+            }
+            if let Some(&k) = path.iter().find(|&&k| k >= TOPK) {
+                return Err(MedusaError::Tree(format!(
+                    "path {path:?} uses candidate {k}; at most the top {TOPK} of a head are kept"
+                )));
+            }
+            if i > 0 && sorted[i - 1] == *path {
+                return Err(MedusaError::Tree(format!("path {path:?} appears twice")));
+            }
+        }
+        let index_of = |p: &[usize]| sorted.iter().position(|q| q == p).map(|i| i + 1);
+        let n = sorted.len() + 1;
+        let mut attn_mask = vec![false; n * n];
+        let mut parents = vec![0; n];
+        let mut tree_indices = vec![0; n];
+        let mut position_ids = vec![0; n];
+        attn_mask[0] = true;
+        for (i, path) in sorted.iter().enumerate() {
+            let node = i + 1;
+            attn_mask[node * n + node] = true;
+            attn_mask[node * n] = true;
+            for d in 1..path.len() {
+                let anc = index_of(&path[..d]).ok_or_else(|| {
+                    MedusaError::Tree(format!(
+                        "path {path:?} needs its prefix {:?} in the tree",
+                        &path[..d]
+                    ))
+                })?;
+                attn_mask[node * n + anc] = true;
+            }
+            parents[node] = if path.len() == 1 {
+                0
+            } else {
+                index_of(&path[..path.len() - 1]).expect("checked above")
+            };
+            let depth = path.len();
+            tree_indices[node] = path[depth - 1] + TOPK * (depth - 1) + 1;
+            position_ids[node] = depth;
+        }
+        // Leaves: nodes that are nobody's parent, listed from the deepest/last path backwards
+        // like the reference implementation.
+        let mut is_parent = vec![false; n];
+        for &p in &parents[1..] {
+            is_parent[p] = true;
+        }
+        let mut retrieve_indices = Vec::new();
+        for node in (1..n).rev() {
+            if is_parent[node] {
+                continue;
+            }
+            let mut row = vec![node];
+            let mut cur = node;
+            while cur != 0 {
+                cur = parents[cur];
+                row.push(cur);
+            }
+            row.reverse();
+            retrieve_indices.push(row);
+        }
+        if n == 1 {
+            retrieve_indices.push(vec![0]);
+        }
+        Ok(Self {
+            choices: sorted,
+            attn_mask,
+            tree_indices,
+            position_ids,
+            parents,
+            retrieve_indices,
+        })
+    }
+
+    /// A published tree by name (`mc_sim_7b_63`, `vicuna_7b_stage2`, `chain4`), or paths as
+    /// JSON (`[[0], [0, 0], [1]]`).
+    pub fn named_or_json(spec: &str, num_heads: usize) -> Result<Self> {
+        let choices = match spec {
+            "mc_sim_7b_63" => parse_choices(MC_SIM_7B_63)?,
+            "vicuna_7b_stage2" => parse_choices(VICUNA_7B_STAGE2)?,
+            "chain4" => vec![vec![0], vec![0, 0], vec![0, 0, 0], vec![0, 0, 0, 0]],
+            json => parse_choices(json)?,
+        };
+        Self::new(&choices, num_heads)
+    }
+
+    /// Number of nodes, root included.
+    pub fn len(&self) -> usize {
+        self.choices.len() + 1
+    }
+
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+
+    /// Deepest path length (number of heads the tree uses).
+    pub fn depth(&self) -> usize {
+        self.choices.iter().map(Vec::len).max().unwrap_or(0)
+    }
+
+    /// The largest top-k index any head needs, plus one.
+    pub fn max_topk(&self) -> usize {
+        self.choices
+            .iter()
+            .flat_map(|p| p.iter())
+            .max()
+            .map_or(1, |k| k + 1)
+    }
+}
+
+/// Parses `[[0], [0, 0], ...]` (JSON, or Python tuples `[(0,), (0, 0)]`).
+pub fn parse_choices(text: &str) -> Result<Vec<Vec<usize>>> {
+    let json = text.replace('(', "[").replace(')', "]").replace(",]", "]");
+    serde_json::from_str(&json).map_err(|e| MedusaError::Tree(format!("bad tree {text:?}: {e}")))
+}
+
+/// `mc_sim_7b_63` from the reference implementation's `medusa_choices.py` (63 paths, depth 4).
+pub const MC_SIM_7B_63: &str = "[[0], [0, 0], [1], [0, 1], [2], [0, 0, 0], [1, 0], [0, 2], [3], [0, 3], [4], [0, 4], [2, 0], [0, 5], [0, 0, 1], [5], [0, 6], [6], [0, 7], [0, 1, 0], [1, 1], [7], [0, 8], [0, 0, 2], [3, 0], [0, 9], [8], [9], [1, 0, 0], [0, 2, 0], [1, 2], [0, 0, 3], [4, 0], [2, 1], [0, 0, 4], [0, 0, 5], [0, 0, 0, 0], [0, 1, 1], [0, 0, 6], [0, 3, 0], [5, 0], [1, 3], [0, 0, 7], [0, 0, 8], [0, 0, 9], [6, 0], [0, 4, 0], [1, 4], [7, 0], [0, 1, 2], [2, 0, 0], [3, 1], [2, 2], [8, 0], [0, 5, 0], [1, 5], [1, 0, 1], [0, 2, 1], [9, 0], [0, 6, 0], [0, 0, 0, 1], [1, 6], [0, 7, 0]]";
+
+/// `vicuna_7b_stage2` from the reference implementation (63 paths, depth 4).
+pub const VICUNA_7B_STAGE2: &str = "[(0,), (0, 0), (1,), (0, 1), (0, 0, 0), (1, 0), (2,), (0, 2), (0, 0, 1), (0, 3), (3,), (0, 1, 0), (2, 0), (4,), (0, 0, 2), (0, 4), (1, 1), (1, 0, 0), (0, 0, 0, 0), (5,), (0, 0, 3), (0, 5), (0, 2, 0), (3, 0), (0, 1, 1), (0, 6), (6,), (0, 7), (0, 0, 4), (4, 0), (1, 2), (0, 8), (7,), (0, 3, 0), (0, 0, 0, 1), (0, 0, 5), (2, 1), (0, 0, 6), (1, 0, 1), (0, 0, 1, 0), (2, 0, 0), (5, 0), (0, 9), (0, 1, 2), (8,), (0, 4, 0), (0, 2, 1), (1, 3), (0, 0, 7), (0, 0, 0, 2), (0, 0, 8), (1, 1, 0), (0, 1, 0, 0), (6, 0), (9,), (0, 1, 3), (0, 0, 0, 3), (1, 0, 2), (0, 5, 0), (3, 1), (0, 0, 2, 0), (7, 0), (1, 4)]";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mc_sim_7b_63_buffers() {
+        let tree = MedusaTree::named_or_json("mc_sim_7b_63", 4).unwrap();
+        assert_eq!(tree.len(), 64);
+        assert_eq!(tree.depth(), 4);
+        assert_eq!(tree.retrieve_indices.len(), 42);
+        // Independent check of the leaf count: paths that are no other path's prefix.
+        let leaves = tree
+            .choices
+            .iter()
+            .filter(|p| {
+                !tree
+                    .choices
+                    .iter()
+                    .any(|q| q.len() == p.len() + 1 && q.starts_with(p))
+            })
+            .count();
+        assert_eq!(leaves, 42);
+        // Nodes per depth, counted from the published list: 10, 28, 23 and 2.
+        let mut per_depth = [0; 5];
+        for p in &tree.choices {
+            per_depth[p.len()] += 1;
+        }
+        assert_eq!(per_depth, [0, 10, 28, 23, 2]);
+        for (node, &depth) in tree.position_ids.iter().enumerate() {
+            let expected = if node == 0 {
+                0
+            } else {
+                tree.choices[node - 1].len()
+            };
+            assert_eq!(depth, expected);
+        }
+        // The mask is exactly "ancestor-or-self": node i sees j iff choices[j] is a prefix of
+        // choices[i] (the root being the empty prefix).
+        let n = tree.len();
+        let path = |i: usize| -> &[usize] { if i == 0 { &[] } else { &tree.choices[i - 1] } };
+        for i in 0..n {
+            for j in 0..n {
+                let expected = path(i).starts_with(path(j));
+                assert_eq!(tree.attn_mask[i * n + j], expected, "mask[{i}][{j}]");
+            }
+        }
+        // Retrieve rows walk root -> leaf through parents, and each node's tree index maps
+        // into the right head's top-k block.
+        for row in &tree.retrieve_indices {
+            assert_eq!(row[0], 0);
+            for w in row.windows(2) {
+                assert_eq!(tree.parents[w[1]], w[0]);
+            }
+        }
+        for node in 1..n {
+            let p = path(node);
+            assert_eq!(
+                tree.tree_indices[node],
+                1 + 10 * (p.len() - 1) + p[p.len() - 1]
+            );
+        }
+    }
+
+    #[test]
+    fn rejects_bad_trees() {
+        let e = MedusaTree::named_or_json("mc_sim_7b_63", 3)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("only 3 Medusa heads"), "{e}");
+        let e = MedusaTree::new(&[vec![0, 1]], 4).unwrap_err().to_string();
+        assert!(e.contains("prefix [0]"), "{e}");
+        let e = MedusaTree::new(&[vec![0], vec![0]], 4)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("twice"), "{e}");
+        let e = MedusaTree::new(&[vec![12]], 4).unwrap_err().to_string();
+        assert!(e.contains("top 10"), "{e}");
+    }
+
+    #[test]
+    fn python_tuples_parse() {
+        let t = MedusaTree::named_or_json("vicuna_7b_stage2", 4).unwrap();
+        assert_eq!(t.len(), 64);
+        let c = parse_choices("[(0,), (0, 1)]").unwrap();
+        assert_eq!(c, vec![vec![0], vec![0, 1]]);
+    }
+}
