@@ -26,6 +26,7 @@
 
 pub mod cache;
 pub mod config;
+pub mod device;
 pub mod error;
 pub mod generate;
 pub mod gguf;
