@@ -1,1 +1,346 @@
-fn main() {}
+//! `cargo run --release -p bench`: the attention kernel microbenchmark and end-to-end decoding
+//! (plain autoregressive vs Medusa), written up as Markdown, JSON and an SVG chart.
+
+mod e2e;
+mod kernel;
+mod prompts;
+mod report;
+mod scale;
+mod system;
+mod timing;
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result, bail};
+use burn::tensor::DType;
+use clap::{Parser, Subcommand, ValueEnum};
+use indicatif::{ProgressBar, ProgressStyle};
+use kernels::FlashAttentionBackend;
+use medusa::{MedusaConfig, MedusaHeads, MedusaTree, checkpoint};
+use model::{Llama, LoadOptions, ModelSource, Tokenizer, device::DeviceKind};
+
+use crate::{
+    e2e::{E2eSettings, Summary},
+    report::{E2eReport, Report},
+};
+
+#[derive(Parser, Debug, serde::Serialize)]
+#[command(about = "Attention kernel and end-to-end decoding benchmarks (autoregressive vs Medusa)")]
+struct Args {
+    #[command(subcommand)]
+    command: Option<Command>,
+    /// Model: "default" (SmolLM2-135M-Instruct), a folder, a hub id, a .gguf file, or
+    /// random:<preset> (llama3-8b, llama3.2-1b, smollm2-135m) for timing only.
+    #[arg(long, global = true, default_value = "default")]
+    model: String,
+    /// auto: CUDA when a GPU is present, else the CPU. cuda uses Burn's fused CUDA backend,
+    /// cuda-unfused the plain CubeCL one.
+    #[arg(long, global = true, value_enum, default_value_t = BackendArg::Auto)]
+    backend: BackendArg,
+    /// Model dtype; auto = bf16 on CUDA, f32 on the CPU.
+    #[arg(long, global = true, value_enum, default_value_t = DtypeArg::Auto)]
+    dtype: DtypeArg,
+    /// New tokens per prompt (default 128 on CUDA, 32 on the CPU).
+    #[arg(long, global = true)]
+    max_new_tokens: Option<usize>,
+    /// Prompts longer than this (in tokens, chat template included) keep their last tokens.
+    #[arg(long, global = true, default_value_t = 512)]
+    prompt_max_tokens: usize,
+    /// Timed repetitions per prompt (the fastest counts) in e2e.
+    #[arg(long, global = true, default_value_t = 1)]
+    trials: usize,
+    /// Untimed warm-up calls per kernel case.
+    #[arg(long, global = true, default_value_t = 3)]
+    warmup: usize,
+    /// Timed samples per kernel case (median reported).
+    #[arg(long, global = true, default_value_t = 10)]
+    samples: usize,
+    #[arg(long, global = true, default_value_t = 0)]
+    seed: u64,
+    /// Trained Medusa heads (folder from `cargo run -p train`). Default: ./medusa-heads if it
+    /// exists, else untrained heads (said in the report).
+    #[arg(long, global = true)]
+    medusa_heads: Option<PathBuf>,
+    /// Number of untrained heads when no trained heads are given.
+    #[arg(long, global = true, default_value_t = 4)]
+    heads: usize,
+    /// Tree: mc_sim_7b_63, vicuna_7b_stage2, chain4, or JSON paths. Default: the tree saved
+    /// with the heads, else mc_sim_7b_63.
+    #[arg(long, global = true)]
+    tree: Option<String>,
+    /// JSONL prompts (`turns` or `prompt` fields). Default: the embedded Spec-Bench set.
+    #[arg(long, global = true)]
+    prompts: Option<PathBuf>,
+    /// Prompts per category (default 10 on CUDA, 1 on the CPU).
+    #[arg(long, global = true)]
+    per_category: Option<usize>,
+    /// 8B-scale random-weight timing preset for `all` on CUDA ("none" to skip).
+    #[arg(long, global = true, default_value = "llama3-8b")]
+    scale: String,
+    /// Where report.md, report.json and chart.svg go.
+    #[arg(long, global = true, default_value = "bench-results")]
+    out: PathBuf,
+}
+
+#[derive(Subcommand, Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+enum Command {
+    /// Kernel, end-to-end and (on CUDA) 8B-scale timing.
+    All,
+    /// Attention microbenchmark only.
+    Kernel,
+    /// End-to-end decoding only (with --model random:<preset>: 8B-scale timing only).
+    E2e,
+}
+
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+enum BackendArg {
+    Auto,
+    Cpu,
+    Cuda,
+    CudaUnfused,
+}
+
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+enum DtypeArg {
+    Auto,
+    F32,
+    Bf16,
+    F16,
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    let backend = match args.backend {
+        BackendArg::Auto => match model::device::detect() {
+            DeviceKind::Cuda => BackendArg::Cuda,
+            DeviceKind::Cpu => BackendArg::Cpu,
+        },
+        b => b,
+    };
+    match backend {
+        BackendArg::Cpu => {
+            run::<burn::backend::Flex>(&args, &Default::default(), "cpu (burn-flex)", false)
+        }
+        #[cfg(feature = "cuda")]
+        BackendArg::Cuda => run::<burn::backend::Cuda>(
+            &args,
+            &Default::default(),
+            "cuda (burn fusion + autotune)",
+            true,
+        ),
+        #[cfg(feature = "cuda")]
+        BackendArg::CudaUnfused => {
+            run::<burn_cubecl::CubeBackend<cubecl::cuda::CudaRuntime, f32, i32, u8>>(
+                &args,
+                &Default::default(),
+                "cuda (cubecl, unfused, autotune)",
+                true,
+            )
+        }
+        #[cfg(not(feature = "cuda"))]
+        _ => bail!("this build has no CUDA support (enable the `cuda` feature)"),
+        BackendArg::Auto => unreachable!("resolved above"),
+    }
+}
+
+fn run<B: FlashAttentionBackend>(
+    args: &Args,
+    device: &B::Device,
+    device_name: &str,
+    gpu: bool,
+) -> Result<()> {
+    let command = args.command.unwrap_or(Command::All);
+    let dtype = match args.dtype {
+        DtypeArg::Auto if gpu => DType::BF16,
+        DtypeArg::Auto | DtypeArg::F32 => DType::F32,
+        DtypeArg::Bf16 => DType::BF16,
+        DtypeArg::F16 => DType::F16,
+    };
+    let max_new_tokens = args.max_new_tokens.unwrap_or(if gpu { 128 } else { 32 });
+    let per_category = args.per_category.unwrap_or(if gpu { 10 } else { 1 });
+    let source = ModelSource::parse(&args.model);
+    let mut notes = Vec::new();
+    let mut report = Report {
+        system: system::System::collect(device_name),
+        config: serde_json::json!({
+            "command": command, "model": source.display_name(), "dtype": kernel::dtype_name(dtype),
+            "max_new_tokens": max_new_tokens, "prompt_max_tokens": args.prompt_max_tokens,
+            "trials": args.trials, "warmup": args.warmup, "samples": args.samples, "seed": args.seed,
+            "per_category": per_category, "backend": device_name,
+        }),
+        notes: vec![],
+        kernel: None,
+        e2e: None,
+        scale: None,
+    };
+    let style =
+        ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} {msg}")
+            .expect("valid template");
+
+    if matches!(command, Command::All | Command::Kernel) {
+        let cases = kernel::cases(gpu);
+        let bar = ProgressBar::new(cases.len() as u64).with_style(style.clone());
+        report.kernel = Some(kernel::run::<B>(
+            device,
+            &cases,
+            args.warmup,
+            args.samples,
+            &bar,
+        ));
+        bar.finish_with_message("kernel: done");
+        if !gpu {
+            notes.push("On the CPU backend, \"ours\" is the tensor-op reference (the CubeCL kernels run on CUDA and wgpu), so the kernel table only checks plumbing; large sizes are GPU-only.".into());
+        }
+    }
+
+    let random_preset = match &source {
+        ModelSource::Random { preset } => Some(preset.clone()),
+        _ => None,
+    };
+    if matches!(command, Command::All | Command::E2e) && random_preset.is_none() {
+        report.e2e = Some(run_e2e::<B>(
+            args,
+            device,
+            dtype,
+            &source,
+            max_new_tokens,
+            per_category,
+            &style,
+            &mut notes,
+        )?);
+    }
+    let scale_preset = random_preset.or_else(|| {
+        (gpu && command == Command::All && args.scale != "none").then(|| args.scale.clone())
+    });
+    if let Some(preset) = scale_preset {
+        if matches!(command, Command::All | Command::E2e) {
+            let tree = MedusaTree::named_or_json(
+                args.tree.as_deref().unwrap_or("mc_sim_7b_63"),
+                args.heads,
+            )?;
+            let bar = ProgressBar::new_spinner().with_style(style.clone());
+            report.scale = Some(scale::run::<B>(
+                &preset, dtype, device, &tree, args.heads, &bar,
+            )?);
+            bar.finish_with_message("scale: done");
+        }
+    }
+    report.notes = notes;
+    report.write(&args.out)?;
+    println!("{}", report.markdown());
+    println!("report written to {}", args.out.join("report.md").display());
+    if let Some(e) = &report.e2e
+        && !e.overall.lossless
+    {
+        bail!("greedy Medusa did not reproduce the autoregressive output (see the report)");
+    }
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run_e2e<B: FlashAttentionBackend>(
+    args: &Args,
+    device: &B::Device,
+    dtype: DType,
+    source: &ModelSource,
+    max_new_tokens: usize,
+    per_category: usize,
+    style: &ProgressStyle,
+    notes: &mut Vec<String>,
+) -> Result<E2eReport> {
+    let dir = source.resolve()?;
+    let options = LoadOptions::default().with_dtype(dtype);
+    let model = Llama::<B>::load(&dir, &options, device)
+        .with_context(|| format!("loading {}", dir.display()))?;
+    let tokenizer = Tokenizer::from_dir(&dir)?;
+    let heads_dir = args.medusa_heads.clone().or_else(|| {
+        let d = PathBuf::from("medusa-heads");
+        d.join(checkpoint::WEIGHTS_FILE).is_file().then_some(d)
+    });
+    let (heads, heads_name, saved_tree) = match &heads_dir {
+        Some(d) => {
+            let (heads, meta) = checkpoint::load::<B>(
+                d,
+                model.config.hidden_size,
+                model.config.vocab_size,
+                dtype,
+                device,
+            )?;
+            (
+                heads,
+                format!("trained ({})", d.display()),
+                meta.medusa_choices,
+            )
+        }
+        None => {
+            notes.push(format!(
+                "No trained Medusa heads found (pass --medusa-heads or train with `cargo run --release -p train`): using {} untrained heads (zero residual blocks, LM-head copies), which accept little; the lossless check is still meaningful.",
+                args.heads
+            ));
+            let config = MedusaConfig {
+                num_heads: args.heads,
+                num_layers: 1,
+                hidden_size: model.config.hidden_size,
+                vocab_size: model.config.vocab_size,
+                share_lm_head: false,
+            };
+            (
+                MedusaHeads::init(&config, &model.module.lm_head),
+                "untrained".to_string(),
+                None,
+            )
+        }
+    };
+    let (tree, tree_name) = match (&args.tree, saved_tree) {
+        (Some(spec), _) => (
+            MedusaTree::named_or_json(spec, heads.num_heads())?,
+            spec.clone(),
+        ),
+        (None, Some(paths)) => (
+            MedusaTree::new(&paths, heads.num_heads())?,
+            "saved with the heads".into(),
+        ),
+        (None, None) => (
+            MedusaTree::named_or_json("mc_sim_7b_63", heads.num_heads())?,
+            "mc_sim_7b_63".into(),
+        ),
+    };
+    let all = prompts::load(args.prompts.as_deref())?;
+    let chosen = prompts::per_category(&all, per_category);
+    let bar = ProgressBar::new(chosen.len() as u64).with_style(style.clone());
+    let settings = E2eSettings {
+        max_new_tokens,
+        prompt_max_tokens: args.prompt_max_tokens,
+        trials: args.trials,
+    };
+    let results = e2e::run::<B>(&model, &tokenizer, &heads, &tree, &chosen, &settings, &bar)?;
+    bar.finish_with_message("e2e: done");
+    let mut cats: Vec<String> = Vec::new();
+    for r in &results {
+        if !cats.contains(&r.category) {
+            cats.push(r.category.clone());
+        }
+    }
+    let per_category = cats
+        .iter()
+        .map(|c| {
+            Summary::of(
+                c,
+                &results
+                    .iter()
+                    .filter(|r| &r.category == c)
+                    .collect::<Vec<_>>(),
+            )
+        })
+        .collect();
+    Ok(E2eReport {
+        model: source.display_name(),
+        dtype: kernel::dtype_name(dtype).into(),
+        heads: heads_name,
+        tree: tree_name,
+        tree_nodes: tree.len(),
+        overall: Summary::of("all", &results.iter().collect::<Vec<_>>()),
+        per_category,
+        prompts: results,
+    })
+}

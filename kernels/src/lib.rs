@@ -34,6 +34,35 @@ use burn::tensor::{
     ops::{BoolTensor, FloatTensor},
 };
 
+static KERNELS: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(UNSET);
+const UNSET: u8 = 0;
+const ON: u8 = 1;
+const OFF: u8 = 2;
+
+/// Whether CubeCL backends run the kernels (default) or the tensor-op reference: the "stock
+/// Burn" baseline of the benchmarks, and an escape hatch when debugging. Initialised from
+/// `BURN_DECODE_ATTENTION=reference`.
+pub fn kernels_enabled() -> bool {
+    use std::sync::atomic::Ordering;
+    match KERNELS.load(Ordering::Relaxed) {
+        ON => true,
+        OFF => false,
+        _ => {
+            let on = std::env::var("BURN_DECODE_ATTENTION").as_deref() != Ok("reference");
+            KERNELS.store(if on { ON } else { OFF }, Ordering::Relaxed);
+            on
+        }
+    }
+}
+
+/// Switches the CubeCL kernels on or off for the whole process (see [`kernels_enabled`]).
+pub fn set_kernels_enabled(on: bool) {
+    KERNELS.store(
+        if on { ON } else { OFF },
+        std::sync::atomic::Ordering::Relaxed,
+    );
+}
+
 /// A Burn backend that can run [`flash_attention`].
 ///
 /// Implemented for every CubeCL backend (kernel path), `Fusion` over those, the CPU backends

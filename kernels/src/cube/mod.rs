@@ -100,6 +100,9 @@ where
         tree_mask: Option<BoolTensor<Self>>,
         options: FlashAttentionOptions,
     ) -> FloatTensor<Self> {
+        if !crate::kernels_enabled() {
+            return crate::backends::reference_on_primitives::<Self>(q, k, v, tree_mask, options);
+        }
         let mask = tree_mask.map(tree_mask_to_u32::<R, F, I, BT>);
         attention(q, k, v, mask, options, &LaunchTuning::default())
     }

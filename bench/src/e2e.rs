@@ -1,0 +1,174 @@
+//! End-to-end decoding: plain autoregressive greedy vs greedy Medusa, same model, same prompts,
+//! same dtype, in one run, with a token-for-token lossless check.
+
+use std::time::Instant;
+
+use anyhow::Result;
+use kernels::FlashAttentionBackend;
+use medusa::{AcceptMode, DecodeConfig, MedusaDecoder, MedusaHeads, MedusaTree};
+use model::{GenerationConfig, Llama, Message, Tokenizer, generate};
+use serde::Serialize;
+
+use crate::prompts::Prompt;
+
+/// Per-prompt numbers.
+#[derive(Debug, Clone, Serialize)]
+pub struct PromptResult {
+    pub id: String,
+    pub category: String,
+    pub prompt_tokens: usize,
+    pub ar_tokens: usize,
+    pub ar_seconds: f64,
+    pub medusa_tokens: usize,
+    pub medusa_seconds: f64,
+    pub medusa_steps: usize,
+    pub accept_lengths: Vec<usize>,
+    pub head_accepts: Vec<usize>,
+    /// Greedy Medusa produced exactly the autoregressive tokens.
+    pub identical: bool,
+    /// First differing position when not identical.
+    pub first_mismatch: Option<usize>,
+}
+
+/// Aggregate over a set of prompts.
+#[derive(Debug, Clone, Serialize)]
+pub struct Summary {
+    pub name: String,
+    pub prompts: usize,
+    pub ar_tokens: usize,
+    pub ar_seconds: f64,
+    pub ar_tokens_per_s: f64,
+    pub medusa_tokens: usize,
+    pub medusa_seconds: f64,
+    pub medusa_tokens_per_s: f64,
+    pub medusa_steps: usize,
+    /// Tokens per Medusa step (1.0 = no speculation accepted).
+    pub mean_accepted_length: f64,
+    /// Fraction of steps where head k's token was accepted.
+    pub head_acceptance: Vec<f64>,
+    pub speedup: f64,
+    pub lossless: bool,
+}
+
+impl Summary {
+    pub fn of(name: &str, results: &[&PromptResult]) -> Self {
+        let ar_tokens: usize = results.iter().map(|r| r.ar_tokens).sum();
+        let ar_seconds: f64 = results.iter().map(|r| r.ar_seconds).sum();
+        let md_tokens: usize = results.iter().map(|r| r.medusa_tokens).sum();
+        let md_seconds: f64 = results.iter().map(|r| r.medusa_seconds).sum();
+        let steps: usize = results.iter().map(|r| r.medusa_steps).sum();
+        let heads = results.first().map_or(0, |r| r.head_accepts.len());
+        let head_acceptance = (0..heads)
+            .map(|k| {
+                results.iter().map(|r| r.head_accepts[k]).sum::<usize>() as f64
+                    / steps.max(1) as f64
+            })
+            .collect();
+        let ar_tps = ar_tokens as f64 / ar_seconds.max(1e-9);
+        let md_tps = md_tokens as f64 / md_seconds.max(1e-9);
+        Self {
+            name: name.into(),
+            prompts: results.len(),
+            ar_tokens,
+            ar_seconds,
+            ar_tokens_per_s: ar_tps,
+            medusa_tokens: md_tokens,
+            medusa_seconds: md_seconds,
+            medusa_tokens_per_s: md_tps,
+            medusa_steps: steps,
+            mean_accepted_length: md_tokens as f64 / steps.max(1) as f64,
+            head_acceptance,
+            speedup: md_tps / ar_tps.max(1e-9),
+            lossless: results.iter().all(|r| r.identical),
+        }
+    }
+}
+
+/// Settings of the end-to-end run.
+pub struct E2eSettings {
+    pub max_new_tokens: usize,
+    pub prompt_max_tokens: usize,
+    pub trials: usize,
+}
+
+/// Decodes every prompt with both methods (after one untimed warm-up prompt that triggers
+/// kernel compilation and autotuning), `trials` times, keeping each prompt's fastest trial.
+pub fn run<B: FlashAttentionBackend>(
+    model: &Llama<B>,
+    tokenizer: &Tokenizer,
+    heads: &MedusaHeads<B>,
+    tree: &MedusaTree,
+    prompts: &[Prompt],
+    settings: &E2eSettings,
+    progress: &indicatif::ProgressBar,
+) -> Result<Vec<PromptResult>> {
+    let decoder = MedusaDecoder::new(model, heads, tree.clone())?;
+    let stop = tokenizer.stop_tokens();
+    let ar_config = GenerationConfig {
+        max_new_tokens: settings.max_new_tokens,
+        stop_tokens: stop.clone(),
+        ..Default::default()
+    };
+    let md_config = DecodeConfig {
+        max_new_tokens: settings.max_new_tokens,
+        stop_tokens: stop,
+        mode: AcceptMode::Greedy,
+    };
+    let encode = |p: &Prompt| -> Result<Vec<u32>> {
+        let mut ids = tokenizer.encode_chat(&[Message::user(&p.text)])?;
+        if ids.len() > settings.prompt_max_tokens {
+            // Keep the end: it holds the question's last words and the assistant header.
+            ids.drain(..ids.len() - settings.prompt_max_tokens);
+        }
+        Ok(ids)
+    };
+    if let Some(first) = prompts.first() {
+        progress.set_message("e2e: warm-up");
+        let ids = encode(first)?;
+        generate(model, &ids, &ar_config, |_| {})?;
+        decoder.generate(&ids, &md_config, |_| {})?;
+    }
+    let mut results = Vec::new();
+    for p in prompts {
+        progress.set_message(format!("e2e: {} #{}", p.category, p.id));
+        let ids = encode(p)?;
+        let mut best_ar = f64::INFINITY;
+        let mut best_md = f64::INFINITY;
+        let mut ar_tokens = Vec::new();
+        let mut md = None;
+        for _ in 0..settings.trials.max(1) {
+            let t = Instant::now();
+            let out = generate(model, &ids, &ar_config, |_| {})?;
+            best_ar = best_ar.min(t.elapsed().as_secs_f64());
+            ar_tokens = out.tokens;
+            let t = Instant::now();
+            let out = decoder.generate(&ids, &md_config, |_| {})?;
+            best_md = best_md.min(t.elapsed().as_secs_f64());
+            md = Some(out);
+        }
+        let md = md.expect("at least one trial");
+        let first_mismatch = ar_tokens
+            .iter()
+            .zip(&md.tokens)
+            .position(|(a, b)| a != b)
+            .or_else(|| {
+                (ar_tokens.len() != md.tokens.len()).then(|| ar_tokens.len().min(md.tokens.len()))
+            });
+        results.push(PromptResult {
+            id: p.id.clone(),
+            category: p.category.clone(),
+            prompt_tokens: ids.len(),
+            ar_tokens: ar_tokens.len(),
+            ar_seconds: best_ar,
+            medusa_tokens: md.tokens.len(),
+            medusa_seconds: best_md,
+            medusa_steps: md.steps,
+            accept_lengths: md.accept_lengths.clone(),
+            head_accepts: md.head_accepts.clone(),
+            identical: first_mismatch.is_none(),
+            first_mismatch,
+        });
+        progress.inc(1);
+    }
+    Ok(results)
+}

@@ -1,0 +1,350 @@
+//! The report: Markdown in the seed's layout (System, Config, Baseline, Speculative, Speedup),
+//! JSON with every number, and an SVG chart of tokens/s and accepted length.
+
+use std::{fmt::Write as _, path::Path};
+
+use anyhow::{Context, Result};
+use serde::Serialize;
+
+use crate::{
+    e2e::{PromptResult, Summary},
+    kernel::Row,
+    scale::ScaleResult,
+    system::System,
+};
+
+/// Everything one run measured.
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub system: System,
+    pub config: serde_json::Value,
+    pub notes: Vec<String>,
+    pub kernel: Option<Vec<Row>>,
+    pub e2e: Option<E2eReport>,
+    pub scale: Option<ScaleResult>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct E2eReport {
+    pub model: String,
+    pub dtype: String,
+    pub heads: String,
+    pub tree: String,
+    pub tree_nodes: usize,
+    pub overall: Summary,
+    pub per_category: Vec<Summary>,
+    pub prompts: Vec<PromptResult>,
+}
+
+impl Report {
+    /// Writes `report.md`, `report.json` and `chart.svg` into `dir`.
+    pub fn write(&self, dir: &Path) -> Result<()> {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        let write = |name: &str, text: String| {
+            let path = dir.join(name);
+            let tmp = dir.join(format!(".{name}.tmp"));
+            std::fs::write(&tmp, text).with_context(|| format!("writing {}", tmp.display()))?;
+            std::fs::rename(&tmp, &path).with_context(|| format!("writing {}", path.display()))
+        };
+        write("report.json", serde_json::to_string_pretty(self)?)?;
+        write("report.md", self.markdown())?;
+        if let Some(e2e) = &self.e2e {
+            write("chart.svg", chart(e2e))?;
+        }
+        Ok(())
+    }
+
+    pub fn markdown(&self) -> String {
+        let mut s = String::new();
+        let sys = &self.system;
+        let _ = writeln!(s, "# Decoding benchmark\n");
+        let _ = writeln!(s, "## System\n");
+        let _ = writeln!(s, "| | |\n|---|---|");
+        let _ = writeln!(s, "| Date | {} |", sys.date_utc);
+        let _ = writeln!(
+            s,
+            "| Platform | {} ({} cores: {}) |",
+            sys.os, sys.cpu_cores, sys.cpu
+        );
+        let _ = writeln!(s, "| Device | {} |", sys.device);
+        let _ = writeln!(s, "| GPU | {} |", sys.gpu.as_deref().unwrap_or("none"));
+        let _ = writeln!(s, "| Burn / CubeCL | {} / {} |", sys.burn, sys.cubecl);
+        let _ = writeln!(
+            s,
+            "| Commit | {} |",
+            sys.git_commit.as_deref().unwrap_or("unknown")
+        );
+        let _ = writeln!(
+            s,
+            "\n## Config\n\n```json\n{}\n```",
+            serde_json::to_string_pretty(&self.config).unwrap_or_default()
+        );
+        for n in &self.notes {
+            let _ = writeln!(s, "\n> {n}");
+        }
+        if let Some(rows) = &self.kernel {
+            let _ = writeln!(s, "\n## Attention kernel\n");
+            let _ = writeln!(
+                s,
+                "Median over samples after warm-up, device synchronised before each clock read. Error: relative L2 against an f32 matmul–softmax–matmul reference on the same inputs.\n"
+            );
+            let _ = writeln!(
+                s,
+                "| case | shape (b, h/h_kv, q×kv, d) | dtype | implementation | ms | speedup vs naive | TFLOP/s | GB/s | rel. error |"
+            );
+            let _ = writeln!(s, "|---|---|---|---|---:|---:|---:|---:|---:|");
+            for r in rows {
+                let c = &r.case;
+                let f = |v: Option<f64>, p: usize| v.map_or("–".into(), |v| format!("{v:.p$}"));
+                let _ = writeln!(
+                    s,
+                    "| {} | {}, {}/{}, {}×{}, {}{} | {} | {} | {} | {} | {} | {} | {} |",
+                    c.name,
+                    c.batch,
+                    c.heads,
+                    c.kv_heads,
+                    c.q_len,
+                    c.kv_len,
+                    c.head_dim,
+                    if c.causal { ", causal" } else { "" },
+                    c.dtype,
+                    r.implementation,
+                    f(r.timing.map(|t| t.median_ms), 4),
+                    f(r.speedup_vs_naive, 2),
+                    f(r.tflops, 2),
+                    f(r.gbps, 1),
+                    r.rel_err.map_or("–".into(), |e| format!("{e:.1e}")),
+                );
+            }
+        }
+        if let Some(e) = &self.e2e {
+            let o = &e.overall;
+            let _ = writeln!(s, "\n## End-to-end decoding: {} ({})\n", e.model, e.dtype);
+            let _ = writeln!(
+                s,
+                "Greedy decoding, batch 1, {} prompts; Medusa heads: {}; tree: {} ({} nodes).\n",
+                o.prompts, e.heads, e.tree, e.tree_nodes
+            );
+            let _ = writeln!(s, "### Baseline (autoregressive)\n");
+            let _ = writeln!(
+                s,
+                "| tokens | seconds | tokens/s |\n|---:|---:|---:|\n| {} | {:.2} | {:.1} |",
+                o.ar_tokens, o.ar_seconds, o.ar_tokens_per_s
+            );
+            let _ = writeln!(s, "\n### Speculative (Medusa)\n");
+            let heads: Vec<String> = o
+                .head_acceptance
+                .iter()
+                .enumerate()
+                .map(|(k, a)| format!("head {}: {:.3}", k + 1, a))
+                .collect();
+            let _ = writeln!(
+                s,
+                "| tokens | seconds | tokens/s | steps | mean accepted length | acceptance per head |\n|---:|---:|---:|---:|---:|---|"
+            );
+            let _ = writeln!(
+                s,
+                "| {} | {:.2} | {:.1} | {} | {:.3} | {} |",
+                o.medusa_tokens,
+                o.medusa_seconds,
+                o.medusa_tokens_per_s,
+                o.medusa_steps,
+                o.mean_accepted_length,
+                heads.join(", ")
+            );
+            let _ = writeln!(s, "\n### Speedup\n");
+            let _ = writeln!(
+                s,
+                "**{:.2}×** tokens/s (Medusa over autoregressive). Lossless check (greedy Medusa == greedy autoregressive, token for token): **{}**.",
+                o.speedup,
+                if o.lossless { "PASS" } else { "FAIL" }
+            );
+            if !o.lossless {
+                let bad: Vec<String> = e
+                    .prompts
+                    .iter()
+                    .filter(|p| !p.identical)
+                    .map(|p| format!("#{} at token {}", p.id, p.first_mismatch.unwrap_or(0)))
+                    .collect();
+                let _ = writeln!(s, "\n**MISMATCHES**: {}", bad.join(", "));
+            }
+            let _ = writeln!(s, "\n### Per category\n");
+            let _ = writeln!(
+                s,
+                "| category | prompts | AR tok/s | Medusa tok/s | speedup | mean accepted length | lossless |\n|---|---:|---:|---:|---:|---:|---|"
+            );
+            for c in &e.per_category {
+                let _ = writeln!(
+                    s,
+                    "| {} | {} | {:.1} | {:.1} | {:.2}× | {:.3} | {} |",
+                    c.name,
+                    c.prompts,
+                    c.ar_tokens_per_s,
+                    c.medusa_tokens_per_s,
+                    c.speedup,
+                    c.mean_accepted_length,
+                    if c.lossless { "yes" } else { "NO" }
+                );
+            }
+            let _ = writeln!(s, "\n![tokens/s and accepted length](chart.svg)");
+        }
+        if let Some(sc) = &self.scale {
+            let _ = writeln!(
+                s,
+                "\n## {} at batch 1 on random weights ({})\n",
+                sc.preset, sc.dtype
+            );
+            let _ = writeln!(
+                s,
+                "{:.2} B parameters, {:.2} GB of weights read per token; device copy bandwidth measured in this run: {:.0} GB/s, so the ceiling is {:.1} tokens/s. Prompt {} tokens, {} new tokens.\n",
+                sc.parameters as f64 / 1e9,
+                sc.weight_bytes_per_token / 1e9,
+                sc.bandwidth_gbps,
+                sc.ceiling_tokens_per_s,
+                sc.prompt_tokens,
+                sc.new_tokens
+            );
+            let _ = writeln!(
+                s,
+                "| path | ms/token | tokens/s | fraction of ceiling |\n|---|---:|---:|---:|"
+            );
+            for d in &sc.decode {
+                let _ = writeln!(
+                    s,
+                    "| {} | {:.2} | {:.1} | {:.1}% |",
+                    d.label,
+                    d.ms_per_token,
+                    d.tokens_per_s,
+                    100.0 * d.fraction_of_ceiling
+                );
+            }
+            let _ = writeln!(
+                s,
+                "\nOne Medusa verification step ({} tree nodes + LM head + argmax) takes {:.2} ms and the {}-head Medusa forward {:.2} ms, against {:.2} ms for one plain decode step: **{:.2}×** the cost of a decode step.",
+                sc.tree_nodes,
+                sc.tree_step.median_ms,
+                4,
+                sc.medusa_heads_step.median_ms,
+                sc.decode_step.median_ms,
+                sc.tree_vs_decode
+            );
+            if let Some(e) = &self.e2e {
+                let acc = e.overall.mean_accepted_length;
+                let _ = writeln!(
+                    s,
+                    "\n*Projection* (not a measurement): with the mean accepted length measured above on {} ({:.3} tokens/step), Medusa at this scale would give about {:.1} tokens/s ({:.2}× the plain decode).",
+                    e.model,
+                    acc,
+                    acc / ((sc.tree_step.median_ms + sc.medusa_heads_step.median_ms) / 1e3),
+                    acc / sc.tree_vs_decode
+                );
+            }
+        }
+        s
+    }
+}
+
+/// A two-panel bar chart: tokens/s (AR vs Medusa) and mean accepted length, per category.
+fn chart(e: &E2eReport) -> String {
+    let rows: Vec<&Summary> = e
+        .per_category
+        .iter()
+        .chain(std::iter::once(&e.overall))
+        .collect();
+    let (w, h, left, top, bottom) = (900.0, 420.0, 60.0, 40.0, 70.0);
+    let panel_w = (w - left - 40.0) / 2.0;
+    let plot_h = h - top - bottom;
+    let mut s = format!(
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="11">"#
+    );
+    s += r#"<rect width="100%" height="100%" fill="white"/>"#;
+    let panel = |s: &mut String,
+                 x0: f64,
+                 title: &str,
+                 values: &[(f64, f64)],
+                 max: f64,
+                 labels: (&str, &str)| {
+        let _ = write!(
+            s,
+            r#"<text x="{}" y="20" font-size="14">{title}</text>"#,
+            x0
+        );
+        let group = panel_w / rows.len() as f64;
+        let bar = group * 0.35;
+        for (i, ((a, b), r)) in values.iter().zip(&rows).enumerate() {
+            let gx = x0 + i as f64 * group;
+            for (j, (v, color)) in [(*a, "#8c8c8c"), (*b, "#2a6fdb")].iter().enumerate() {
+                if v.is_nan() {
+                    continue;
+                }
+                let bh = plot_h * v / max;
+                let x = gx + group * 0.12 + j as f64 * bar;
+                let _ = write!(
+                    s,
+                    r#"<rect x="{x:.1}" y="{:.1}" width="{bar:.1}" height="{bh:.1}" fill="{color}"/>"#,
+                    top + plot_h - bh
+                );
+                let _ = write!(
+                    s,
+                    r#"<text x="{:.1}" y="{:.1}" font-size="9" text-anchor="middle">{v:.1}</text>"#,
+                    x + bar / 2.0,
+                    top + plot_h - bh - 3.0
+                );
+            }
+            let _ = write!(
+                s,
+                r#"<text x="{:.1}" y="{:.1}" transform="rotate(30 {:.1} {:.1})">{}</text>"#,
+                gx + 4.0,
+                top + plot_h + 14.0,
+                gx + 4.0,
+                top + plot_h + 14.0,
+                r.name
+            );
+        }
+        let _ = write!(
+            s,
+            r#"<line x1="{x0}" y1="{}" x2="{}" y2="{}" stroke="black"/>"#,
+            top + plot_h,
+            x0 + panel_w,
+            top + plot_h
+        );
+        let _ = write!(
+            s,
+            r##"<rect x="{}" y="28" width="10" height="10" fill="#8c8c8c"/><text x="{}" y="37">{}</text><rect x="{}" y="28" width="10" height="10" fill="#2a6fdb"/><text x="{}" y="37">{}</text>"##,
+            x0 + panel_w - 200.0,
+            x0 + panel_w - 186.0,
+            labels.0,
+            x0 + panel_w - 100.0,
+            x0 + panel_w - 86.0,
+            labels.1
+        );
+    };
+    let tps: Vec<(f64, f64)> = rows
+        .iter()
+        .map(|r| (r.ar_tokens_per_s, r.medusa_tokens_per_s))
+        .collect();
+    let max_tps = tps.iter().map(|(a, b)| a.max(*b)).fold(1.0, f64::max) * 1.15;
+    panel(
+        &mut s,
+        left,
+        "tokens/s",
+        &tps,
+        max_tps,
+        ("autoregressive", "Medusa"),
+    );
+    let acc: Vec<(f64, f64)> = rows
+        .iter()
+        .map(|r| (f64::NAN, r.mean_accepted_length))
+        .collect();
+    let max_acc = acc.iter().map(|(_, b)| *b).fold(1.0, f64::max) * 1.15;
+    panel(
+        &mut s,
+        left + panel_w + 40.0,
+        "mean accepted length (tokens/step)",
+        &acc,
+        max_acc,
+        ("", "Medusa"),
+    );
+    s += "</svg>\n";
+    s
+}

@@ -1,0 +1,187 @@
+//! Decoding at 8B scale on random weights with an exact preset config (no download): ms per
+//! token against the memory-bandwidth ceiling, the stock-Burn attention path beside ours, and
+//! the cost of one Medusa tree-verification step relative to a plain decode step.
+
+use anyhow::Result;
+use burn::tensor::{DType, Distribution, Int, Tensor, TensorData};
+use kernels::FlashAttentionBackend;
+use medusa::{MedusaConfig, MedusaHeads, MedusaTree};
+use model::{GenerationConfig, Llama, LlamaConfig, LoadOptions, TreeInput, generate};
+use serde::Serialize;
+
+use crate::timing::{Timing, time_device};
+
+#[derive(Debug, Clone, Serialize)]
+pub struct DecodeSpeed {
+    pub label: String,
+    pub ms_per_token: f64,
+    pub tokens_per_s: f64,
+    /// Measured tokens/s over the bandwidth ceiling (weight bytes per token / bandwidth).
+    pub fraction_of_ceiling: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ScaleResult {
+    pub preset: String,
+    pub dtype: String,
+    pub parameters: usize,
+    pub weight_bytes_per_token: f64,
+    /// Device copy bandwidth measured in the same run (bytes read + written per second).
+    pub bandwidth_gbps: f64,
+    pub ceiling_tokens_per_s: f64,
+    pub prompt_tokens: usize,
+    pub new_tokens: usize,
+    pub decode: Vec<DecodeSpeed>,
+    pub decode_step: Timing,
+    pub tree_step: Timing,
+    pub tree_nodes: usize,
+    pub medusa_heads_step: Timing,
+    /// (tree step + heads) / decode step.
+    pub tree_vs_decode: f64,
+}
+
+/// Measures device copy bandwidth with a 1 GiB tensor (read + write counted).
+pub fn bandwidth<B: FlashAttentionBackend>(device: &B::Device) -> f64 {
+    let n = 1usize << 29;
+    let x = Tensor::<B, 1>::random([n], Distribution::Default, (device, DType::BF16));
+    let t = time_device::<B>(device, 2, 10, 5.0, || {
+        let _ = x.clone() * 1.0001;
+    });
+    (2 * n * 2) as f64 / (t.median_ms / 1e3) / 1e9
+}
+
+pub fn run<B: FlashAttentionBackend>(
+    preset: &str,
+    dtype: DType,
+    device: &B::Device,
+    tree: &MedusaTree,
+    num_heads: usize,
+    progress: &indicatif::ProgressBar,
+) -> Result<ScaleResult> {
+    let config = LlamaConfig::preset(preset)?;
+    progress.set_message(format!("scale: measuring bandwidth"));
+    let bandwidth_gbps = bandwidth::<B>(device);
+    progress.set_message(format!("scale: random {preset} weights"));
+    let options = LoadOptions::default()
+        .with_dtype(dtype)
+        .with_max_seq_len(1024);
+    let model = Llama::<B>::random(config.clone(), 7, &options, device)?;
+    let elem = dtype.size() as f64;
+    let embed = (config.vocab_size * config.hidden_size) as f64;
+    // The embedding lookup reads one row; the LM head (a separate matrix here even when tied)
+    // reads all of it.
+    let weight_bytes = (config.num_parameters() as f64
+        - if config.tie_word_embeddings {
+            0.0
+        } else {
+            embed
+        })
+        * elem;
+    let ceiling = bandwidth_gbps * 1e9 / weight_bytes;
+
+    let (prompt_len, new_tokens) = (64, 128);
+    let prompt: Vec<u32> = (0..prompt_len)
+        .map(|i| (i * 7919 % config.vocab_size) as u32)
+        .collect();
+    let gen_config = GenerationConfig {
+        max_new_tokens: new_tokens,
+        ..Default::default()
+    };
+    let mut decode = Vec::new();
+    for (label, kernels_on) in [
+        ("ours (CubeCL attention)", true),
+        ("stock Burn attention", false),
+    ] {
+        progress.set_message(format!("scale: decoding, {label}"));
+        kernels::set_kernels_enabled(kernels_on);
+        generate(&model, &prompt, &gen_config, |_| {})?; // warm-up: compilation, autotune
+        let out = generate(&model, &prompt, &gen_config, |_| {})?;
+        let per_token = out.decode.as_secs_f64() / (out.tokens.len() - 1) as f64;
+        decode.push(DecodeSpeed {
+            label: label.into(),
+            ms_per_token: per_token * 1e3,
+            tokens_per_s: 1.0 / per_token,
+            fraction_of_ceiling: (1.0 / per_token) / ceiling,
+        });
+    }
+    kernels::set_kernels_enabled(true);
+
+    // One decode step vs one tree verification, both on a cache holding prompt + output.
+    progress.set_message("scale: tree step vs decode step".to_string());
+    let n = tree.len();
+    let mut cache = model.new_cache(1, prompt_len + new_tokens + n + 1);
+    model.forward(model.tokens(&prompt, 1), &mut cache)?;
+    let filled: Vec<u32> = (0..new_tokens)
+        .map(|i| (i * 31 % config.vocab_size) as u32)
+        .collect();
+    model.forward(model.tokens(&filled, 1), &mut cache)?;
+    let len = cache.len();
+    let one = model.tokens(&[42], 1);
+    let decode_step = time_device::<B>(device, 3, 15, 0.0, || {
+        let logits = model.forward(one.clone(), &mut cache).expect("decode step");
+        let _ = model::generate::argmax(model::generate::last_logits(logits));
+        cache.truncate(len);
+    });
+    let positions: Vec<i64> = tree
+        .position_ids
+        .iter()
+        .map(|&d| (len + d) as i64)
+        .collect();
+    let tree_input = TreeInput {
+        mask: Tensor::from_data(TensorData::new(tree.attn_mask.clone(), [n, n]), device),
+        positions: Tensor::from_data(TensorData::new(positions, [n]), device),
+    };
+    let nodes = Tensor::<B, 2, Int>::from_data(
+        TensorData::new(
+            (0..n as i64).map(|i| i * 13 + 5).collect::<Vec<_>>(),
+            [1, n],
+        ),
+        device,
+    );
+    let tree_step = time_device::<B>(device, 3, 15, 0.0, || {
+        let hidden = model
+            .forward_hidden(nodes.clone(), &mut cache, Some(&tree_input))
+            .expect("tree step");
+        let argmax = model.logits(hidden).argmax(2);
+        let _ = model::generate::read_ints(argmax);
+        cache.truncate(len);
+    });
+    let heads = MedusaHeads::init(
+        &MedusaConfig {
+            num_heads,
+            num_layers: 1,
+            hidden_size: config.hidden_size,
+            vocab_size: config.vocab_size,
+            share_lm_head: false,
+        },
+        &model.module.lm_head,
+    );
+    let h = Tensor::<B, 3>::random(
+        [1, 1, config.hidden_size],
+        Distribution::Default,
+        (device, dtype),
+    );
+    let medusa_heads_step = time_device::<B>(device, 3, 15, 0.0, || {
+        let (_, idx) = heads
+            .forward(h.clone(), &model.module.lm_head)
+            .reshape([num_heads, config.vocab_size])
+            .topk_with_indices(medusa::tree::TOPK, 1);
+        let _ = model::generate::read_ints(idx);
+    });
+    Ok(ScaleResult {
+        preset: preset.into(),
+        dtype: crate::kernel::dtype_name(dtype).into(),
+        parameters: config.num_parameters(),
+        weight_bytes_per_token: weight_bytes,
+        bandwidth_gbps,
+        ceiling_tokens_per_s: ceiling,
+        prompt_tokens: prompt_len,
+        new_tokens,
+        decode,
+        tree_vs_decode: (tree_step.median_ms + medusa_heads_step.median_ms) / decode_step.median_ms,
+        decode_step,
+        tree_step,
+        tree_nodes: n,
+        medusa_heads_step,
+    })
+}

@@ -1,0 +1,63 @@
+//! What the numbers were measured on.
+
+use serde::Serialize;
+
+#[derive(Debug, Clone, Serialize)]
+pub struct System {
+    pub date_utc: String,
+    pub os: String,
+    pub cpu: String,
+    pub cpu_cores: usize,
+    pub device: String,
+    pub gpu: Option<String>,
+    pub burn: String,
+    pub cubecl: String,
+    pub git_commit: Option<String>,
+}
+
+impl System {
+    pub fn collect(device: &str) -> Self {
+        let lock = include_str!("../../Cargo.lock");
+        Self {
+            date_utc: command("date", &["-u", "+%Y-%m-%d %H:%M UTC"]).unwrap_or_default(),
+            os: format!("{} {}", std::env::consts::OS, std::env::consts::ARCH),
+            cpu: std::fs::read_to_string("/proc/cpuinfo")
+                .ok()
+                .and_then(|s| {
+                    s.lines()
+                        .find(|l| l.starts_with("model name"))
+                        .and_then(|l| l.split(':').nth(1))
+                        .map(|s| s.trim().to_string())
+                })
+                .unwrap_or_else(|| "unknown".into()),
+            cpu_cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            device: device.to_string(),
+            gpu: command(
+                "nvidia-smi",
+                &[
+                    "--query-gpu=name,memory.total,driver_version",
+                    "--format=csv,noheader",
+                ],
+            ),
+            burn: locked_version(lock, "burn").unwrap_or_default(),
+            cubecl: locked_version(lock, "cubecl").unwrap_or_default(),
+            git_commit: command("git", &["rev-parse", "--short", "HEAD"]),
+        }
+    }
+}
+
+fn command(cmd: &str, args: &[&str]) -> Option<String> {
+    let out = std::process::Command::new(cmd).args(args).output().ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+        .filter(|s| !s.is_empty())
+}
+
+/// The version of `name` recorded in `Cargo.lock`.
+fn locked_version(lock: &str, name: &str) -> Option<String> {
+    let needle = format!("name = \"{name}\"\nversion = \"");
+    let start = lock.find(&needle)? + needle.len();
+    let end = lock[start..].find('"')?;
+    Some(lock[start..start + end].to_string())
+}
