@@ -2,6 +2,7 @@
 //! (plain autoregressive vs Medusa), written up as Markdown, JSON and an SVG chart.
 
 mod e2e;
+mod fidelity;
 mod kernel;
 mod prompts;
 mod report;
@@ -90,6 +91,8 @@ enum Command {
     Kernel,
     /// End-to-end decoding only (with --model random:<preset>: 8B-scale timing only).
     E2e,
+    /// The model on this backend (f32 and bf16) against transformers' outputs.
+    Fidelity,
 }
 
 #[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -150,6 +153,34 @@ fn run<B: FlashAttentionBackend>(
     gpu: bool,
 ) -> Result<()> {
     let command = args.command.unwrap_or(Command::All);
+    if command == Command::Fidelity {
+        let dir = ModelSource::parse(&args.model).resolve()?;
+        let cases = fidelity::run::<B>(&dir, device)?;
+        let fixture: serde_json::Value =
+            serde_json::from_str(include_str!("../../tests/fixtures/smollm2_reference.json"))?;
+        let md = fidelity::markdown(
+            &cases,
+            &system::System::collect(device_name)
+                .gpu
+                .unwrap_or_else(|| device_name.into()),
+            fixture["source"].as_str().unwrap_or(""),
+        );
+        std::fs::create_dir_all(&args.out)?;
+        std::fs::write(args.out.join("fidelity.md"), &md)?;
+        std::fs::write(
+            args.out.join("fidelity.json"),
+            serde_json::to_string_pretty(&cases)?,
+        )?;
+        println!("{md}");
+        let f32_ok = cases
+            .iter()
+            .filter(|c| c.dtype == "f32")
+            .all(|c| c.input_ids_match && c.top5_match && c.top1_rel_err <= 1e-3 && c.greedy_match);
+        if !f32_ok {
+            bail!("f32 outputs differ from transformers (see fidelity.md)");
+        }
+        return Ok(());
+    }
     let dtype = match args.dtype {
         DtypeArg::Auto if gpu => DType::BF16,
         DtypeArg::Auto | DtypeArg::F32 => DType::F32,
