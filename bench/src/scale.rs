@@ -162,10 +162,10 @@ pub fn run<B: FlashAttentionBackend>(
         (device, dtype),
     );
     let medusa_heads_step = time_device::<B>(device, 3, 15, 0.0, || {
-        let (_, idx) = heads
+        let logits = heads
             .forward(h.clone(), &model.module.lm_head)
-            .reshape([num_heads, config.vocab_size])
-            .topk_with_indices(medusa::tree::TOPK, 1);
+            .reshape([num_heads, config.vocab_size]);
+        let idx = medusa::decode::top_k_indices(logits, medusa::tree::TOPK);
         let _ = model::generate::read_ints(idx);
     });
     Ok(ScaleResult {

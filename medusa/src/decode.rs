@@ -170,7 +170,7 @@ impl<'a, B: FlashAttentionBackend> MedusaDecoder<'a, B> {
             // 1. Candidates: the root (base model's own next token) and each head's top-k,
             //    scattered onto the tree's nodes — all on the device.
             let root = self.root_token(base_logits.clone(), &config.mode, &mut rng);
-            let (_, topk) = head_logits.clone().topk_with_indices(TOPK, 1);
+            let topk = top_k_indices(head_logits.clone(), TOPK);
             let k = self.heads.num_heads();
             let candidates = Tensor::cat(vec![root, topk.reshape([k * TOPK])], 0);
             let tree_tokens = candidates.select(0, self.tree_indices.clone());
@@ -321,5 +321,47 @@ impl<'a, B: FlashAttentionBackend> MedusaDecoder<'a, B> {
                 (tokens, accept::typical(&self.tree, cand, thr))
             }
         }
+    }
+}
+
+/// Indices of the `k` largest entries of each row of `x` (`[rows, n]` -> `[rows, k]`), on the
+/// device: `k` rounds of argmax-then-mask. Burn 0.21's `sort`/`topk` on CubeCL backends copies
+/// the tensor to the host and sorts there, a sync and a 800 KB transfer per Medusa step.
+pub fn top_k_indices<B: burn::tensor::backend::Backend>(
+    x: Tensor<B, 2>,
+    k: usize,
+) -> Tensor<B, 2, Int> {
+    let [rows, n] = x.dims();
+    let columns = Tensor::<B, 1, Int>::arange(0..n as i64, &x.device()).reshape([1, n]);
+    let mut x = x;
+    let mut picked = Vec::with_capacity(k);
+    for _ in 0..k {
+        let best = x.clone().argmax(1); // [rows, 1]
+        let hit = columns
+            .clone()
+            .expand([rows, n])
+            .equal(best.clone().expand([rows, n]));
+        x = x.mask_fill(hit, f32::NEG_INFINITY);
+        picked.push(best);
+    }
+    Tensor::cat(picked, 1)
+}
+
+#[cfg(test)]
+mod tests {
+    use burn::{backend::Flex, tensor::TensorData};
+
+    use super::*;
+
+    #[test]
+    fn top_k_matches_a_host_sort() {
+        let rows = [
+            vec![0.5f32, -1.0, 3.0, 2.0, 0.1, 2.5],
+            vec![1.0, 9.0, -3.0, 4.0, 8.0, 0.0],
+        ];
+        let flat: Vec<f32> = rows.concat();
+        let x = Tensor::<Flex, 2>::from_data(TensorData::new(flat, [2, 6]), &Default::default());
+        let got = read_ints(top_k_indices(x, 3));
+        assert_eq!(got, vec![2, 5, 3, 1, 4, 3]);
     }
 }
