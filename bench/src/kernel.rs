@@ -237,7 +237,8 @@ pub fn run<B: FlashAttentionBackend>(
         );
         // Fresh normal draws, upcast reference from the very same rounded values.
         let draw = |shape: [usize; 4]| {
-            Tensor::<B, 4>::random(shape, Distribution::Normal(0.0, 1.0), (device, dtype))
+            Tensor::<B, 4>::random(shape, Distribution::Normal(0.0, 1.0), (device, DType::F32))
+                .cast(dtype)
         };
         let q = draw([b, h, nq, d]);
         let k = draw([b, hkv, nkv, d]);

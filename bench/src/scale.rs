@@ -43,7 +43,7 @@ pub struct ScaleResult {
 /// Measures device copy bandwidth with a 1 GiB tensor (read + write counted).
 pub fn bandwidth<B: FlashAttentionBackend>(device: &B::Device) -> f64 {
     let n = 1usize << 29;
-    let x = Tensor::<B, 1>::random([n], Distribution::Default, (device, DType::BF16));
+    let x = Tensor::<B, 1>::random([n], Distribution::Default, (device, DType::F32)).cast(DType::BF16);
     let t = time_device::<B>(device, 2, 10, 5.0, || {
         let _ = x.clone() * 1.0001;
     });
@@ -59,7 +59,7 @@ pub fn run<B: FlashAttentionBackend>(
     progress: &indicatif::ProgressBar,
 ) -> Result<ScaleResult> {
     let config = LlamaConfig::preset(preset)?;
-    progress.set_message(format!("scale: measuring bandwidth"));
+    progress.set_message("scale: measuring bandwidth");
     let bandwidth_gbps = bandwidth::<B>(device);
     progress.set_message(format!("scale: random {preset} weights"));
     let options = LoadOptions::default()
@@ -159,8 +159,9 @@ pub fn run<B: FlashAttentionBackend>(
     let h = Tensor::<B, 3>::random(
         [1, 1, config.hidden_size],
         Distribution::Default,
-        (device, dtype),
-    );
+        (device, DType::F32),
+    )
+    .cast(dtype);
     let medusa_heads_step = time_device::<B>(device, 3, 15, 0.0, || {
         let logits = heads
             .forward(h.clone(), &model.module.lm_head)

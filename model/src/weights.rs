@@ -290,7 +290,11 @@ impl<B: Backend> WeightSource<B> for RandomWeights<B> {
     ) -> Result<Tensor<B, D>> {
         let options = (&self.device, self.dtype);
         Ok(match kind {
-            ParamKind::Matrix => Tensor::random(shape, Distribution::Normal(0.0, 0.02), options),
+            // Drawn in f32 and cast: not every backend's random kernels take bf16/f16 outputs.
+            ParamKind::Matrix => {
+                Tensor::random(shape, Distribution::Normal(0.0, 0.02), (&self.device, DType::F32))
+                    .cast(self.dtype)
+            }
             ParamKind::NormWeight => Tensor::ones(shape, options),
             ParamKind::Bias => Tensor::zeros(shape, options),
         })
