@@ -10,7 +10,8 @@
 //! Backends opt in through [`FlashAttentionBackend`]:
 //! - `CubeBackend<R, F, I, BT>` for any CubeCL runtime `R` (CUDA, wgpu, ...) runs the kernels in
 //!   [`cube`]: a tiled online-softmax kernel for prefill and a split-KV (flash-decoding) kernel for
-//!   decode and small trees;
+//!   decode and small trees, with a tensor-core (`cmma`) variant of the prefill kernel for
+//!   f16/bf16 on CUDA (set `BURN_DECODE_CMMA=0` to keep the SIMT kernel);
 //! - `Fusion<B>` (what `burn::backend::Cuda` is with Burn's `fusion` feature) forwards to the
 //!   kernel of its inner backend as a custom fusion operation;
 //! - the CPU backends (`flex`, `ndarray`) and `Autodiff<B>` use [`attention_reference`], written

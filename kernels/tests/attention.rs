@@ -1,15 +1,24 @@
 //! Attention kernels against an independent f64 reference on the host.
 //!
 //! # Running
-//! `cargo test --release -p kernels --test attention`
+//! - wgpu (default): `cargo test --release -p kernels --test attention`
+//! - CUDA: `cargo test --release -p kernels --features cuda --test attention`
 //!
-//! The CubeCL tests run on `burn::backend::wgpu` with `WgpuDevice::DefaultDevice`, which wgpu
-//! resolves to the best adapter of the platform's default graphics API (Vulkan on Linux). On a
-//! machine without a GPU that is Mesa's lavapipe (`apt-get install -y mesa-vulkan-drivers`):
-//! a software Vulkan driver on the CPU with 8-wide subgroups, 32 KiB of shared memory, f32 and
-//! f16 but no bf16. Nothing needs to be set; to pin a device anyway use cubecl's
-//! `CUBECL_WGPU_DEFAULT_DEVICE=Cpu` (or `DiscreteGpu(0)`, ...), and `WGPU_BACKEND=vulkan` is
-//! not needed. Tests for a dtype the device lacks (bf16 on lavapipe) print a note and return.
+//! The same test grid runs on `CubeBackend<R, f32, i32, BT>` (and `Fusion` over it) for the
+//! runtime selected at compile time (see [`runtime`]):
+//!
+//! - **wgpu** (default): `WgpuDevice::DefaultDevice`, which wgpu resolves to the best adapter of
+//!   the platform's default graphics API (Vulkan on Linux). On a machine without a GPU that is
+//!   Mesa's lavapipe (`apt-get install -y mesa-vulkan-drivers`): a software Vulkan driver on the
+//!   CPU with 8-wide subgroups, 32 KiB of shared memory, f32 and f16 but no bf16. Nothing needs
+//!   to be set; to pin a device anyway use cubecl's `CUBECL_WGPU_DEFAULT_DEVICE=Cpu` (or
+//!   `DiscreteGpu(0)`, ...), and `WGPU_BACKEND=vulkan` is not needed. Tests for a dtype the
+//!   device lacks (bf16 on lavapipe) print a note and return.
+//! - **CUDA** (`--features cuda`): `CudaDevice` 0 (set `CUDA_VISIBLE_DEVICES` to pick another).
+//!   The binary builds without a CUDA toolkit; the driver and NVRTC are loaded at run time.
+//!   f16 and bf16 are required (a device without them fails the test instead of skipping), and
+//!   the tensor-core path (`BURN_DECODE_CMMA`, on by default) is taken by the f16/bf16 prefill
+//!   cases wherever the device supports it; `tensor_core_path_is_selected` checks that.
 //!
 //! Inputs are seeded random draws in [-2, 2); the unused capacity of the KV cache (rows
 //! `kv_len..kv_cap`) is poisoned with NaN and ±1e30 so any read of it shows up in the output.
@@ -18,19 +27,41 @@
 
 use std::time::Instant;
 
-use burn::{
-    backend::wgpu::{CubeBackend, WgpuDevice, WgpuRuntime},
-    tensor::{DType, Tensor, TensorData, TensorPrimitive, backend::Backend},
-};
-use cubecl::Runtime;
+use burn::tensor::{DType, Tensor, TensorData, TensorPrimitive, backend::Backend};
+use burn_cubecl::CubeBackend;
+use cubecl::Runtime as _;
 use kernels::{
     AttentionMask, FlashAttentionBackend, FlashAttentionOptions, cube::LaunchTuning,
     flash_attention, tree_mask_from_rows,
 };
 use rand::{Rng, SeedableRng, rngs::StdRng};
 
-/// The unfused CubeCL backend on wgpu.
-type Cube = CubeBackend<WgpuRuntime, f32, i32, u32>;
+/// The CubeCL runtime the kernel tests run on: wgpu by default.
+#[cfg(not(feature = "cuda"))]
+mod runtime {
+    pub use burn::backend::wgpu::{WgpuDevice as Device, WgpuRuntime as Runtime};
+    /// Burn's bool element on wgpu.
+    pub type BoolElem = u32;
+    /// Burn's backend alias for this runtime (fused or not, following Burn's `fusion` feature).
+    pub type Alias = burn::backend::Wgpu;
+    pub const NAME: &str = "wgpu";
+}
+
+/// The CubeCL runtime the kernel tests run on: CUDA with `--features cuda`.
+#[cfg(feature = "cuda")]
+mod runtime {
+    pub use cubecl::cuda::{CudaDevice as Device, CudaRuntime as Runtime};
+    /// Burn's bool element on CUDA (`burn::backend::Cuda` uses `u8`).
+    pub type BoolElem = u8;
+    /// Burn's backend alias for this runtime (fused or not, following Burn's `fusion` feature).
+    pub type Alias = burn::backend::Cuda;
+    pub const NAME: &str = "cuda";
+}
+
+use runtime::{BoolElem, Device, Runtime};
+
+/// The unfused CubeCL backend on the test runtime.
+type Cube = CubeBackend<Runtime, f32, i32, BoolElem>;
 
 // ---------------------------------------------------------------------------------------------
 // Problem description, inputs and the f64 reference.
@@ -336,18 +367,18 @@ fn check_backend<B: FlashAttentionBackend>(
 
 /// Runs the CubeCL launcher directly with explicit tuning (forced splits, tiny shared memory).
 fn check_tuned(case: &Case, dtype: DType, tuning: LaunchTuning) {
-    let device = WgpuDevice::default();
+    let device = Device::default();
     let (round, tol) = rounding(dtype);
     let x = make_inputs(case, round);
     let expected = reference(case, &x);
     let inp = upload::<Cube>(case, &x, dtype, Layout::default(), &device);
     let mask = match inp.mask {
         AttentionMask::Tree(t) => {
-            Some(kernels::cube::tree_mask_to_u32::<WgpuRuntime, f32, i32, u32>(t.into_primitive()))
+            Some(kernels::cube::tree_mask_to_u32::<Runtime, f32, i32, BoolElem>(t.into_primitive()))
         }
         _ => None,
     };
-    let out = kernels::cube::attention::<WgpuRuntime>(
+    let out = kernels::cube::attention::<Runtime>(
         inp.q.into_primitive().tensor(),
         inp.k.into_primitive().tensor(),
         inp.v.into_primitive().tensor(),
@@ -367,15 +398,22 @@ fn check_tuned(case: &Case, dtype: DType, tuning: LaunchTuning) {
 }
 
 fn check(case: &Case, dtype: DType) {
-    check_backend::<Cube>(&WgpuDevice::default(), case, dtype, Layout::default());
+    check_backend::<Cube>(&Device::default(), case, dtype, Layout::default());
 }
 
+/// Whether the test device supports `dtype`. On wgpu a missing half type skips the test (with a
+/// note); on CUDA f16 and bf16 are required, so a missing one fails it.
 fn supports(dtype: DType) -> bool {
-    let client = WgpuRuntime::client(&WgpuDevice::default());
+    let client = Runtime::client(&Device::default());
     let ty: cubecl::ir::StorageType = dtype.into();
     let ok = client.properties().supports_type(ty);
-    if !ok {
-        println!("skipping: the wgpu device does not support {dtype:?}");
+    if cfg!(feature = "cuda") {
+        assert!(ok, "the CUDA device does not support {dtype:?}");
+    } else if !ok {
+        println!(
+            "skipping: the {} device does not support {dtype:?}",
+            runtime::NAME
+        );
     }
     ok
 }
@@ -413,7 +451,7 @@ fn random_mask(n: usize, seed: u64) -> Vec<bool> {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Tests: CubeCL kernel on wgpu, f32.
+// Tests: CubeCL kernel on the test runtime, f32.
 
 #[test]
 fn prefill_no_mask_short() {
@@ -496,7 +534,7 @@ fn odd_head_dims() {
 
 #[test]
 fn strided_views_are_honoured() {
-    let device = WgpuDevice::default();
+    let device = Device::default();
     let layout = Layout {
         kv_slice_view: true,
         q_transposed: true,
@@ -593,14 +631,186 @@ fn bf16_inputs() {
     );
 }
 
+/// Prefill shapes for f16 and bf16 that take the tensor-core kernel on CUDA (rows above the
+/// decode configuration, `head_dim` a multiple of 16): causal, tree-masked and unmasked, GQA,
+/// ragged row blocks, a cache offset with poisoned capacity, d = 64/80/96/128/256. Elsewhere
+/// (and with `BURN_DECODE_CMMA=0`) they exercise the SIMT kernel in half precision.
+fn half_prefill_grid(dtype: DType) {
+    let cases = [
+        Case::new(4, 1, 256, 256, 128).causal(),
+        Case::new(2, 2, 256, 256, 64).causal(),
+        Case::new(2, 2, 1000, 1000, 64).causal(),
+        Case::new(4, 1, 1000, 1000, 128).causal(),
+        Case::new(2, 1, 130, 130, 64),
+        Case::new(2, 2, 100, 400, 128).cap(512).causal(),
+        Case::new(4, 1, 64, 64 + 300, 128)
+            .cap(400)
+            .tree(ancestor_tree(64, 7)),
+        Case::new(2, 2, 255, 256, 64).tree(random_mask(255, 11)),
+        Case::new(1, 1, 200, 200, 64).tree(ancestor_tree(200, 3)),
+        Case::new(2, 2, 128, 128, 96).causal(),
+        Case::new(3, 1, 70, 90, 80).causal().batch(2),
+        Case::new(1, 1, 130, 130, 256).causal(),
+    ];
+    for case in &cases {
+        check(case, dtype);
+    }
+    // KV split inside the tensor-core kernel (partial outputs + combine).
+    let splits = |n| LaunchTuning {
+        splits: Some(n),
+        ..Default::default()
+    };
+    check_tuned(&Case::new(2, 2, 256, 256, 64).causal(), dtype, splits(3));
+    check_tuned(
+        &Case::new(4, 1, 64, 64 + 500, 128).tree(ancestor_tree(64, 1)),
+        dtype,
+        splits(4),
+    );
+    // Strided views (K/V slices of a cache, transposed Q).
+    check_backend::<Cube>(
+        &Device::default(),
+        &Case::new(4, 2, 100, 150, 64).cap(160).causal(),
+        dtype,
+        Layout {
+            kv_slice_view: true,
+            q_transposed: true,
+        },
+    );
+}
+
+#[test]
+fn f16_prefill_grid() {
+    if supports(DType::F16) {
+        half_prefill_grid(DType::F16);
+    }
+}
+
+#[test]
+fn bf16_prefill_grid() {
+    if supports(DType::BF16) {
+        half_prefill_grid(DType::BF16);
+    }
+}
+
+/// On CUDA the f16/bf16 prefill shapes above run on tensor cores (unless `BURN_DECODE_CMMA=0`),
+/// and decode shapes and f32 never do.
+#[cfg(feature = "cuda")]
+#[test]
+fn tensor_core_path_is_selected() {
+    use kernels::cube::{Problem, cmma_supported, select_cmma, tensor_cores_enabled};
+    let client = Runtime::client(&Device::default());
+    let problem = |q_len: usize, group: usize, head_dim: usize, elem_size: usize| Problem {
+        batch_kv_heads: 2,
+        group,
+        q_len,
+        kv_len: q_len + 100,
+        head_dim,
+        elem_size,
+        vector_size: 4,
+        causal: true,
+        tree: false,
+    };
+    let tuning = LaunchTuning::default();
+    for dtype in [DType::F16, DType::BF16] {
+        assert!(
+            cmma_supported(&client, dtype),
+            "no 16x16x16 {dtype:?} cmma on this CUDA device"
+        );
+        for (q_len, group, d) in [(256, 1, 128), (1000, 1, 64), (64, 4, 128), (130, 1, 256)] {
+            let plan = select_cmma(&client, dtype, &problem(q_len, group, d, 2), &tuning);
+            println!("{dtype:?} q_len {q_len} group {group} d {d}: {plan:?}");
+            assert_eq!(plan.is_some(), tensor_cores_enabled(), "{plan:?}");
+        }
+        // Decode shapes keep the SIMT split-KV kernel.
+        assert!(select_cmma(&client, dtype, &problem(1, 4, 128, 2), &tuning).is_none());
+        // Forced off.
+        let off = LaunchTuning {
+            tensor_cores: Some(false),
+            ..Default::default()
+        };
+        assert!(select_cmma(&client, dtype, &problem(256, 1, 128, 2), &off).is_none());
+    }
+    assert!(!cmma_supported(&client, DType::F32));
+    assert!(
+        select_cmma(&client, DType::F32, &problem(256, 1, 128, 4), &tuning).is_none(),
+        "f32 must stay on the SIMT kernel"
+    );
+}
+
+/// Throughput of the prefill kernels at b1 h32 n=8192 d=128 causal bf16 (the issue's benchmark
+/// shape), tensor cores against SIMT, with the two outputs compared to each other (an f64
+/// reference at this size would take minutes). Run with
+/// `cargo test --release -p kernels --features cuda --test attention -- --ignored --nocapture`.
+#[cfg(feature = "cuda")]
+#[test]
+#[ignore = "benchmark: run explicitly on a GPU"]
+fn prefill_throughput() {
+    let device = Device::default();
+    let (h, n, d) = (32, 8192, 128);
+    let case = Case::new(h, h, n, n, d).causal();
+    let mut rng = StdRng::seed_from_u64(42);
+    let mut draw =
+        |len: usize| -> Vec<f32> { (0..len).map(|_| rng.random_range(-2.0f32..2.0)).collect() };
+    let shape = case.q_shape();
+    let numel = shape.iter().product();
+    let tensor = |data: Vec<f32>| {
+        Tensor::<Cube, 4>::from_data(TensorData::new(data, shape), &device).cast(DType::BF16)
+    };
+    let (q, k, v) = (
+        tensor(draw(numel)),
+        tensor(draw(numel)),
+        tensor(draw(numel)),
+    );
+    // Causal: half of the n² score matrix, two products of 2·d flops per score.
+    let flops = 4.0 * (n as f64) * (n as f64) / 2.0 * d as f64 * h as f64;
+    let mut outputs = Vec::new();
+    for tensor_cores in [true, false] {
+        let tuning = LaunchTuning {
+            tensor_cores: Some(tensor_cores),
+            ..Default::default()
+        };
+        let run = || {
+            let out = kernels::cube::attention::<Runtime>(
+                q.clone().into_primitive().tensor(),
+                k.clone().into_primitive().tensor(),
+                v.clone().into_primitive().tensor(),
+                None,
+                case.options(),
+                &tuning,
+            );
+            Tensor::<Cube, 4>::from_primitive(TensorPrimitive::Float(out))
+        };
+        let _ = run(); // compile + warm up
+        Cube::sync(&device).unwrap();
+        let reps = 5;
+        let start = Instant::now();
+        let mut out = None;
+        for _ in 0..reps {
+            out = Some(run());
+        }
+        Cube::sync(&device).unwrap();
+        let secs = start.elapsed().as_secs_f64() / reps as f64;
+        println!(
+            "tensor cores {tensor_cores}: {:.2} ms, {:.1} TFLOP/s",
+            secs * 1e3,
+            flops / secs / 1e12
+        );
+        outputs.push(read(out.unwrap()));
+    }
+    let reference: Vec<f64> = outputs[1].iter().map(|&x| x as f64).collect();
+    let err = rel_l2(&outputs[0], &reference);
+    println!("tensor cores vs SIMT: rel_l2 = {err:.2e}");
+    assert!(err <= 1e-2, "tensor-core and SIMT outputs differ: {err:e}");
+}
+
 // ---------------------------------------------------------------------------------------------
 // Fusion and the reference path.
 
 #[cfg(feature = "fusion")]
 #[test]
-fn fused_wgpu_backend() {
+fn fused_backend() {
     type Fused = burn_fusion::Fusion<Cube>;
-    let device = WgpuDevice::default();
+    let device = Device::default();
     let cases = [
         Case::new(4, 1, 64, 64, 64).causal(),
         Case::new(2, 2, 17, 17 + 30, 128).tree(ancestor_tree(17, 9)),
@@ -630,13 +840,14 @@ fn fused_wgpu_backend() {
     assert!(err <= 1e-4, "fused chain: {err:e}");
 }
 
-/// `burn::backend::Wgpu` is `Fusion<CubeBackend<..>>` when Burn's `fusion` feature is on and
-/// the plain `CubeBackend` otherwise; either way it must work.
+/// `burn::backend::Wgpu` (or `burn::backend::Cuda` with `--features cuda`) is
+/// `Fusion<CubeBackend<..>>` when Burn's `fusion` feature is on and the plain `CubeBackend`
+/// otherwise; either way it must work.
 #[test]
-fn wgpu_alias_backend() {
-    let device = WgpuDevice::default();
+fn backend_alias() {
+    let device = Device::default();
     let case = Case::new(4, 2, 33, 90, 64).cap(100).causal();
-    check_backend::<burn::backend::Wgpu>(&device, &case, DType::F32, Layout::default());
+    check_backend::<runtime::Alias>(&device, &case, DType::F32, Layout::default());
 }
 
 #[cfg(feature = "flex")]
@@ -654,15 +865,19 @@ fn flex_reference_path() {
     }
 }
 
-/// Prints what the wgpu device reports (run with `--nocapture`); the planner reads the same.
+/// Prints what the device reports (run with `--nocapture`); the planner reads the same. On CUDA
+/// it also checks what the kernels rely on there: 32-wide planes and f16/bf16 support.
 #[test]
 fn device_properties() {
-    let client = WgpuRuntime::client(&WgpuDevice::default());
+    let client = Runtime::client(&Device::default());
     let props = client.properties();
     let hw = &props.hardware;
+    let f16 = props.supports_type(cubecl::ir::StorageType::from(DType::F16));
+    let bf16 = props.supports_type(cubecl::ir::StorageType::from(DType::BF16));
     println!(
-        "wgpu device: shared {} B, plane {}..{}, max units/cube {}, SMs {:?}, cpu cores {:?}, \
-         max vector {}, f16 {}, bf16 {}",
+        "{} device: shared {} B, plane {}..{}, max units/cube {}, SMs {:?}, cpu cores {:?}, \
+         max vector {}, f16 {f16}, bf16 {bf16}",
+        runtime::NAME,
         hw.max_shared_memory_size,
         hw.plane_size_min,
         hw.plane_size_max,
@@ -670,7 +885,10 @@ fn device_properties() {
         hw.num_streaming_multiprocessors,
         hw.num_cpu_cores,
         hw.max_vector_size,
-        props.supports_type(cubecl::ir::StorageType::from(DType::F16)),
-        props.supports_type(cubecl::ir::StorageType::from(DType::BF16)),
     );
+    if cfg!(feature = "cuda") {
+        assert_eq!((hw.plane_size_min, hw.plane_size_max), (32, 32));
+        assert!(f16 && bf16, "CUDA device without f16/bf16");
+        assert!(hw.num_streaming_multiprocessors.is_some());
+    }
 }

@@ -20,5 +20,9 @@ pub fn detect() -> DeviceKind {
     }
     let driver = std::path::Path::new("/proc/driver/nvidia/version").exists()
         || std::path::Path::new("/dev/nvidiactl").exists();
-    if driver { DeviceKind::Cuda } else { DeviceKind::Cpu }
+    if driver {
+        DeviceKind::Cuda
+    } else {
+        DeviceKind::Cpu
+    }
 }

@@ -7,6 +7,7 @@ use burn_cubecl::{
 };
 use cubecl::{calculate_cube_count_elemwise, prelude::*};
 
+use super::cmma::{CmmaConfig, FRAG, PLANE, attention_cmma_kernel};
 use super::kernel::{AttentionConfig, attention_kernel, combine_kernel};
 use crate::FlashAttentionOptions;
 
@@ -33,6 +34,17 @@ pub struct LaunchTuning {
     pub shared_memory: Option<usize>,
     /// Force the decode (`Some(true)`) or the prefill (`Some(false)`) tile configuration.
     pub decode: Option<bool>,
+    /// Tensor cores for the f16/bf16 prefill kernel: `Some(false)` never, `Some(true)` whenever
+    /// the device supports them (ignoring `BURN_DECODE_CMMA`), `None` as
+    /// [`tensor_cores_enabled`] says. Decode configurations and f32 never use them.
+    pub tensor_cores: Option<bool>,
+}
+
+/// Whether the tensor-core (`cmma`) prefill kernel may be used on devices that support it:
+/// true unless the environment variable `BURN_DECODE_CMMA` is `0` (read once per process).
+pub fn tensor_cores_enabled() -> bool {
+    static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ENABLED.get_or_init(|| std::env::var("BURN_DECODE_CMMA").as_deref() != Ok("0"))
 }
 
 /// What a launch will do; returned by [`plan`] for inspection in tests and benchmarks.
@@ -48,6 +60,12 @@ pub struct LaunchPlan {
     pub chunk_len: usize,
     /// Shared memory of the main kernel, in bytes.
     pub shared_bytes: usize,
+}
+
+/// The kernel a launch runs.
+enum Launch {
+    Cmma(CmmaPlan),
+    Simt(LaunchPlan),
 }
 
 /// Problem description needed for planning.
@@ -202,6 +220,149 @@ pub fn plan(
     }
 }
 
+/// What a tensor-core launch will do; returned by [`plan_cmma`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CmmaPlan {
+    /// The comptime configuration of the tensor-core kernel.
+    pub config: CmmaConfig,
+    /// Row blocks (grid x).
+    pub row_blocks: usize,
+    /// KV splits (grid z); 1 means no combine kernel.
+    pub splits: usize,
+    /// Keys per split (a multiple of `block_k`).
+    pub chunk_len: usize,
+    /// Shared memory of the kernel, in bytes (upper bound).
+    pub shared_bytes: usize,
+}
+
+/// Chooses the tensor-core configuration for a problem, or `None` where the SIMT kernel runs:
+/// decode configurations (few rows), `head_dim` not a multiple of 16 or above 256, or no tile
+/// that fits `shared_limit`. Whether the device and dtype allow tensor cores at all is
+/// [`cmma_supported`]'s business, checked before this.
+pub fn plan_cmma(
+    p: &Problem,
+    shared_limit: usize,
+    multiprocessors: usize,
+    tuning: &LaunchTuning,
+) -> Option<CmmaPlan> {
+    let rows = p.group * p.q_len;
+    let decode = tuning.decode.unwrap_or(rows <= DECODE_MAX_ROWS);
+    if decode
+        || p.head_dim == 0
+        || !p.head_dim.is_multiple_of(FRAG)
+        || p.head_dim > 256
+        || !8usize.is_multiple_of(p.vector_size)
+        || p.elem_size != 2
+    {
+        return None;
+    }
+    // 64 rows (4 planes) by 64 keys: ~112 KiB at d = 128, two cubes per H100 SM.
+    let (warps, block_k, bytes) = [(4, 64), (4, 32), (2, 32)]
+        .into_iter()
+        .find_map(|(w, bk)| {
+            let config = CmmaConfig {
+                head_dim: p.head_dim,
+                vector_size: p.vector_size,
+                warps: w,
+                block_k: bk,
+                causal: false,
+                tree: false,
+                partial: false,
+            };
+            let bytes = config.shared_bytes(p.elem_size);
+            (bytes <= shared_limit).then_some((w, bk, bytes))
+        })?;
+    let block_q = FRAG * warps;
+    let row_blocks = rows.div_ceil(block_q);
+    let base = row_blocks * p.batch_kv_heads;
+    let max_splits = p
+        .kv_len
+        .div_ceil(MIN_KEYS_PER_SPLIT.max(block_k))
+        .min(MAX_SPLITS);
+    let splits = match tuning.splits {
+        Some(s) => s.clamp(1, p.kv_len.div_ceil(block_k).max(1)),
+        // Same rule as the SIMT plan: split only when the grid cannot fill the device.
+        None => {
+            let target = 4 * multiprocessors;
+            if base >= target {
+                1
+            } else {
+                target.div_ceil(base).min(max_splits).max(1)
+            }
+        }
+    };
+    let chunk_len = p.kv_len.div_ceil(splits).next_multiple_of(block_k);
+    let splits = p.kv_len.div_ceil(chunk_len);
+    Some(CmmaPlan {
+        config: CmmaConfig {
+            head_dim: p.head_dim,
+            vector_size: p.vector_size,
+            warps,
+            block_k,
+            causal: p.causal,
+            tree: p.tree,
+            partial: splits > 1,
+        },
+        row_blocks,
+        splits,
+        chunk_len,
+        shared_bytes: bytes,
+    })
+}
+
+/// Whether the device behind `client` can run the tensor-core kernel for `dtype`: f16/bf16,
+/// a CUDA runtime (the only one it has been written and checked for), 32-wide planes with
+/// plane shuffles and plane barriers, and 16×16×16 `cmma` with `dtype` inputs and f32
+/// accumulators among the configurations the runtime reports.
+pub fn cmma_supported<R: CubeRuntime>(client: &ComputeClient<R>, dtype: DType) -> bool {
+    use cubecl::ir::features::{MmaConfig, Plane};
+    if !matches!(dtype, DType::F16 | DType::BF16) || R::name(client) != "cuda" {
+        return false;
+    }
+    let props = client.properties();
+    let hw = &props.hardware;
+    let elem: cubecl::ir::StorageType = dtype.into();
+    let f32_ty: cubecl::ir::StorageType = DType::F32.into();
+    let mma = MmaConfig {
+        a_type: elem,
+        b_type: elem,
+        cd_type: f32_ty,
+        m: FRAG as u32,
+        n: FRAG as u32,
+        k: FRAG as u32,
+    };
+    hw.plane_size_min == PLANE as u32
+        && hw.plane_size_max == PLANE as u32
+        && props.features.plane.contains(Plane::Ops)
+        && props.features.plane.contains(Plane::Sync)
+        && props.features.matmul.cmma.contains(&mma)
+}
+
+/// The tensor-core plan [`attention`] will use for these inputs, if any: `tuning`, the
+/// environment switch, device support ([`cmma_supported`]) and [`plan_cmma`] together.
+pub fn select_cmma<R: CubeRuntime>(
+    client: &ComputeClient<R>,
+    dtype: DType,
+    problem: &Problem,
+    tuning: &LaunchTuning,
+) -> Option<CmmaPlan> {
+    let wanted = tuning.tensor_cores.unwrap_or_else(tensor_cores_enabled);
+    if !wanted || !cmma_supported(client, dtype) {
+        return None;
+    }
+    let props = client.properties();
+    let shared_limit = tuning
+        .shared_memory
+        .unwrap_or(usize::MAX)
+        .min(props.hardware.max_shared_memory_size);
+    let multiprocessors = props
+        .hardware
+        .num_streaming_multiprocessors
+        .or(props.hardware.num_cpu_cores)
+        .unwrap_or(16) as usize;
+    plan_cmma(problem, shared_limit, multiprocessors, tuning)
+}
+
 /// Largest vector width in {4, 2, 1} that divides `head_dim`, every stride of the tensors and
 /// the element offset of their buffers (slices of a bigger buffer).
 fn vector_size_for<R: CubeRuntime>(tensors: &[&CubeTensor<R>], head_dim: usize) -> usize {
@@ -309,7 +470,21 @@ pub fn attention<R: CubeRuntime>(
         .or(props.hardware.num_cpu_cores)
         .unwrap_or(16) as usize;
     let max_threads = props.hardware.max_units_per_cube as usize;
-    let plan = plan(&problem, shared_limit, max_threads, multiprocessors, tuning);
+    // Tensor cores where possible (f16/bf16 prefill on CUDA), else the portable SIMT kernel.
+    let launch = match select_cmma(&client, dtype, &problem, tuning) {
+        Some(cmma) => Launch::Cmma(cmma),
+        None => Launch::Simt(plan(
+            &problem,
+            shared_limit,
+            max_threads,
+            multiprocessors,
+            tuning,
+        )),
+    };
+    let (row_blocks, splits, chunk_len) = match &launch {
+        Launch::Cmma(p) => (p.row_blocks, p.splits, p.chunk_len),
+        Launch::Simt(p) => (p.row_blocks, p.splits, p.chunk_len),
+    };
 
     let mask = match tree_mask {
         Some(m) => into_contiguous(m),
@@ -330,8 +505,8 @@ pub fn attention<R: CubeRuntime>(
     );
 
     let rows = problem.group * q_len;
-    let (part_o, part_ml) = if plan.splits > 1 {
-        let n_rows = plan.splits * problem.batch_kv_heads * rows;
+    let (part_o, part_ml) = if splits > 1 {
+        let n_rows = splits * problem.batch_kv_heads * rows;
         (
             empty_device_contiguous_dtype::<R>(
                 client.clone(),
@@ -359,36 +534,60 @@ pub fn attention<R: CubeRuntime>(
     };
 
     let cube_count = CubeCount::Static(
-        plan.row_blocks as u32,
+        row_blocks as u32,
         problem.batch_kv_heads as u32,
-        plan.splits as u32,
+        splits as u32,
     );
-    let cube_dim = CubeDim::new_1d(plan.config.threads as u32);
-    unsafe {
-        attention_kernel::launch_unchecked::<R>(
-            &client,
-            cube_count,
-            cube_dim,
-            vector_size,
-            q.into_tensor_arg(),
-            k.into_tensor_arg(),
-            v.into_tensor_arg(),
-            mask.into_tensor_arg(),
-            out.clone().into_tensor_arg(),
-            part_o.clone().into_tensor_arg(),
-            part_ml.clone().into_tensor_arg(),
-            options.scale,
-            kv_len as u32,
-            q_len as u32,
-            problem.group as u32,
-            n_kv_heads as u32,
-            plan.chunk_len as u32,
-            plan.config,
-            dtype.into(),
-        );
+    match launch {
+        Launch::Cmma(plan) => unsafe {
+            attention_cmma_kernel::launch_unchecked::<R>(
+                &client,
+                cube_count,
+                CubeDim::new_2d(PLANE as u32, plan.config.warps as u32),
+                vector_size,
+                q.into_tensor_arg(),
+                k.into_tensor_arg(),
+                v.into_tensor_arg(),
+                mask.into_tensor_arg(),
+                out.clone().into_tensor_arg(),
+                part_o.clone().into_tensor_arg(),
+                part_ml.clone().into_tensor_arg(),
+                options.scale,
+                kv_len as u32,
+                q_len as u32,
+                problem.group as u32,
+                n_kv_heads as u32,
+                chunk_len as u32,
+                plan.config,
+                dtype.into(),
+            );
+        },
+        Launch::Simt(plan) => unsafe {
+            attention_kernel::launch_unchecked::<R>(
+                &client,
+                cube_count,
+                CubeDim::new_1d(plan.config.threads as u32),
+                vector_size,
+                q.into_tensor_arg(),
+                k.into_tensor_arg(),
+                v.into_tensor_arg(),
+                mask.into_tensor_arg(),
+                out.clone().into_tensor_arg(),
+                part_o.clone().into_tensor_arg(),
+                part_ml.clone().into_tensor_arg(),
+                options.scale,
+                kv_len as u32,
+                q_len as u32,
+                problem.group as u32,
+                n_kv_heads as u32,
+                chunk_len as u32,
+                plan.config,
+                dtype.into(),
+            );
+        },
     }
 
-    if plan.splits > 1 {
+    if splits > 1 {
         let nv = head_dim / vector_size;
         let work = problem.batch_kv_heads * rows * nv;
         let cube_dim = CubeDim::new(&client, work);
@@ -402,7 +601,7 @@ pub fn attention<R: CubeRuntime>(
                 part_o.into_tensor_arg(),
                 part_ml.into_tensor_arg(),
                 out.clone().into_tensor_arg(),
-                plan.splits as u32,
+                splits as u32,
                 problem.batch_kv_heads as u32,
                 q_len as u32,
                 problem.group as u32,
@@ -482,6 +681,62 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// Tensor-core plans: only half-precision prefill with `head_dim % 16 == 0`, tiles within
+    /// the shared-memory limit, and the same split invariants as the SIMT plan.
+    #[test]
+    fn cmma_plans() {
+        let h100 = 227 * 1024;
+        for d in [16, 40, 64, 80, 96, 128, 256, 512] {
+            for (rows, group) in [(1, 1), (64, 4), (65, 1), (256, 8), (1000, 1), (8192, 1)] {
+                for elem in [2, 4] {
+                    let p = problem(rows, group, 5000, d, elem);
+                    let plan = plan_cmma(&p, h100, 132, &LaunchTuning::default());
+                    let eligible = elem == 2 && rows > DECODE_MAX_ROWS && d % 16 == 0 && d <= 256;
+                    assert_eq!(plan.is_some(), eligible, "d {d} rows {rows} elem {elem}");
+                    let Some(plan) = plan else { continue };
+                    let c = plan.config;
+                    assert!(plan.shared_bytes <= h100);
+                    assert_eq!(c.shared_bytes(2), plan.shared_bytes);
+                    assert_eq!(c.block_q(), 16 * c.warps);
+                    assert!(c.block_k.is_multiple_of(16) && c.head_dim.is_multiple_of(16));
+                    assert!(c.qkv_stride().is_multiple_of(8) && c.o_stride().is_multiple_of(8));
+                    assert!(c.s_stride().is_multiple_of(4) && c.p_stride().is_multiple_of(8));
+                    assert!(plan.chunk_len.is_multiple_of(c.block_k));
+                    assert!(plan.splits * plan.chunk_len >= p.kv_len);
+                    assert!((plan.splits - 1) * plan.chunk_len < p.kv_len);
+                    assert_eq!(c.partial, plan.splits > 1);
+                    assert_eq!(plan.row_blocks, rows.div_ceil(c.block_q()));
+                }
+            }
+        }
+        // The shape: 64×64 tiles of ~112 KiB at d = 128, no split.
+        let prefill = Problem {
+            batch_kv_heads: 32,
+            group: 1,
+            q_len: 8192,
+            kv_len: 8192,
+            head_dim: 128,
+            elem_size: 2,
+            vector_size: 4,
+            causal: true,
+            tree: false,
+        };
+        let plan = plan_cmma(&prefill, h100, 132, &LaunchTuning::default()).unwrap();
+        assert_eq!(
+            (plan.config.warps, plan.config.block_k, plan.splits),
+            (4, 64, 1)
+        );
+        assert!(plan.shared_bytes < 114 * 1024, "{plan:?}");
+        // A device with 48 KiB gets smaller tiles or none.
+        assert!(plan_cmma(&prefill, 48 * 1024, 132, &LaunchTuning::default()).is_none());
+        let small = Problem {
+            head_dim: 64,
+            ..prefill
+        };
+        let plan = plan_cmma(&small, 48 * 1024, 132, &LaunchTuning::default()).unwrap();
+        assert!(plan.shared_bytes <= 48 * 1024, "{plan:?}");
     }
 
     /// Decode against a long cache on a 132-SM GPU is split to fill it; prefill is not.

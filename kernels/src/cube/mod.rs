@@ -47,18 +47,32 @@
 //!
 //! **Portability.** No plane (warp) operations and no hard-coded warp size: every reduction goes
 //! through shared memory, so the kernel behaves the same with 8-wide planes (lavapipe), 32
-//! (CUDA) or 64 (AMD). Threads per cube ≤ 256. A tensor-core (`cmma`) variant for f16/bf16 on
-//! CUDA can slot in at the dispatch in [`launch::attention`] later; the planner and the split-KV
-//! combine are independent of how a tile's `Q Kᵀ` and `P V` are computed.
+//! (CUDA) or 64 (AMD). Threads per cube ≤ 256.
+//!
+//! **Tensor cores.** For f16/bf16 prefill on CUDA, [`launch::attention`] runs
+//! [`cmma::attention_cmma_kernel`] instead: the same row blocks, masking rule, f32 online
+//! softmax and split-KV output, with `Q Kᵀ` and `P V` on the matrix units (16×16×16 `cmma`
+//! fragments, f32 accumulators; see [`cmma`]). It is taken only when the runtime reports that
+//! `cmma` configuration, 32-wide planes and plane shuffles/barriers ([`launch::cmma_supported`]),
+//! the rows exceed the decode configuration, `head_dim` is a multiple of 16 (≤ 256), and the
+//! environment variable `BURN_DECODE_CMMA` is not `0` ([`launch::tensor_cores_enabled`];
+//! [`LaunchTuning::tensor_cores`] overrides it). Its tiles may use more than the 48 KiB of the
+//! SIMT planner: CubeCL's CUDA runtime opts every launch in to the device's dynamic
+//! shared-memory maximum.
 
+pub mod cmma;
 pub mod kernel;
 pub mod launch;
 
 #[cfg(feature = "fusion")]
 mod fusion;
 
+pub use cmma::CmmaConfig;
 pub use kernel::AttentionConfig;
-pub use launch::{DECODE_MAX_ROWS, LaunchPlan, LaunchTuning, Problem, attention, plan};
+pub use launch::{
+    CmmaPlan, DECODE_MAX_ROWS, LaunchPlan, LaunchTuning, Problem, attention, cmma_supported, plan,
+    plan_cmma, select_cmma, tensor_cores_enabled,
+};
 
 use burn::tensor::{
     DType, IntDType,
