@@ -6,6 +6,7 @@ use burn::{
     module::{Module, Param},
     tensor::{Tensor, activation::silu, backend::Backend},
 };
+use kernels::LinearBackend;
 use model::llama::Proj;
 
 /// `x + SiLU(W x + b)`. `W` starts at zero, so an untrained block is `x + SiLU(b)`, and with the
@@ -15,7 +16,7 @@ pub struct ResBlock<B: Backend> {
     pub linear: Proj<B>,
 }
 
-impl<B: Backend> ResBlock<B> {
+impl<B: LinearBackend> ResBlock<B> {
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
         x.clone() + silu(self.linear.forward(x))
     }
@@ -95,7 +96,9 @@ impl<B: Backend> MedusaHeads<B> {
     pub fn num_heads(&self) -> usize {
         self.heads.len()
     }
+}
 
+impl<B: LinearBackend> MedusaHeads<B> {
     /// Logits of every head: `hidden` `[batch, seq, hidden]` → `[K, batch, seq, vocab]`.
     /// `base_lm_head` is used by heads without their own projection.
     pub fn forward(&self, hidden: Tensor<B, 3>, base_lm_head: &Proj<B>) -> Tensor<B, 4> {

@@ -5,7 +5,9 @@ use burn::{
     module::{Module, Param},
     tensor::{DType, Int, Tensor, activation::silu, backend::Backend, module::embedding},
 };
-use kernels::{AttentionMask, FlashAttentionBackend, FlashAttentionOptions, flash_attention};
+use kernels::{
+    AttentionMask, FlashAttentionBackend, FlashAttentionOptions, LinearBackend, flash_attention,
+};
 
 use crate::{
     cache::LayerCache,
@@ -51,8 +53,13 @@ impl<B: Backend> Proj<B> {
         })
     }
 
+}
+
+impl<B: LinearBackend> Proj<B> {
+    /// `x · W (+ b)`; few rows (a decode step, a Medusa tree) take the skinny kernel of
+    /// [`kernels::linear`], which streams `W` at the bandwidth limit where Burn's matmul does not.
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
-        burn::tensor::module::linear(x, self.weight.val(), self.bias.as_ref().map(|b| b.val()))
+        kernels::linear(x, self.weight.val(), self.bias.as_ref().map(|b| b.val()))
     }
 }
 
@@ -134,7 +141,7 @@ pub struct Mlp<B: Backend> {
     pub down_proj: Proj<B>,
 }
 
-impl<B: Backend> Mlp<B> {
+impl<B: LinearBackend> Mlp<B> {
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         let gate = silu(self.gate_proj.forward(x.clone()));
         self.down_proj.forward(gate * self.up_proj.forward(x))
@@ -249,6 +256,9 @@ impl<B: Backend> LlamaForCausalLm<B> {
         embedding(self.model.embed_tokens.val(), tokens)
     }
 
+}
+
+impl<B: LinearBackend> LlamaForCausalLm<B> {
     /// Logits from final (normed) hidden states: `[batch, seq, hidden]` -> `[batch, seq, vocab]`.
     pub fn lm_head(&self, hidden: Tensor<B, 3>) -> Tensor<B, 3> {
         self.lm_head.forward(hidden)

@@ -1,0 +1,634 @@
+//! Host side of the skinny linear layer: input checks, launch planning and the launches.
+
+use burn::tensor::{DType, Shape};
+use burn_cubecl::{
+    CubeRuntime,
+    kernel::{cast, into_contiguous},
+    ops::numeric::empty_device_contiguous_dtype,
+    tensor::CubeTensor,
+};
+use cubecl::prelude::*;
+
+use super::kernel::{LinearConfig, ReduceConfig, linear_kernel, split_reduce_kernel};
+
+/// Most rows of `x` the kernel takes (a 64-node Medusa tree). [`crate::linear`] sends larger
+/// products to Burn's matmul.
+pub const MAX_M: usize = 64;
+/// Rows of `x` per thread at most (`RM`): `RM * V` f32 accumulators live in registers.
+const MAX_ROWS_PER_THREAD: usize = 8;
+/// Threads per cube the planner aims for.
+const TARGET_THREADS: usize = 256;
+/// Threads along the columns at most: one 32-wide plane reads `32 * 16` contiguous bytes of a
+/// weight row.
+const MAX_LANES: usize = 32;
+/// Shared memory for the staged `x` tile (the portable floor is 32 KiB; the k-group reduction
+/// buffer takes at most another `4 * 256 * 8` bytes).
+const X_SHARED_BYTES: usize = 16 * 1024;
+/// Cubes per multiprocessor the K split aims for. Two 256-thread cubes per SM, each thread with
+/// `U = 8` 16-byte loads in flight, keep ~64 KiB of reads in flight per SM (an H100 SM needs
+/// ~25 KiB: 3.35 TB/s / 132 SMs × ~1 µs latency), and the whole grid stays resident in one
+/// wave even if the compiler gives the kernel up to 128 registers per thread.
+const DEFAULT_CUBES_PER_SM: usize = 2;
+/// Upper bound on the K split (bounds the partial buffer and the reduction's loads).
+const MAX_SPLITS: usize = 64;
+/// Largest vector the kernel uses, in bytes.
+const MAX_VECTOR_BYTES: usize = 16;
+/// Fewest lanes the planner narrows a cube to when the grid is too small.
+const MIN_LANES: usize = 8;
+
+/// Knobs for tests and benchmarks; the defaults (all `None`) are what
+/// [`crate::LinearBackend::linear_skinny`] uses.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LinearTuning {
+    /// Force this many K splits (clamped to `1..=ceil(k / k_step)`, at most 64 by default rule).
+    pub splits: Option<usize>,
+    /// Cubes per multiprocessor the K split aims for (default 2).
+    pub cubes_per_sm: Option<usize>,
+    /// Independent weight loads per thread (`U`, default 8 when `RM * V <= 16`, else 4).
+    pub unroll: Option<usize>,
+    /// Cap on the vector width in elements (default: 16 bytes' worth, e.g. 8 for bf16).
+    pub max_vector_size: Option<usize>,
+    /// Threads per cube the planner aims for (a power of two; default 256).
+    pub threads: Option<usize>,
+    /// Lanes along the columns per cube (`TX`, a power of two; default 32, narrowed to 16 or 8
+    /// when the grid would be small).
+    pub lanes: Option<usize>,
+    /// Pretend the device has at most this much shared memory per cube (bytes).
+    pub shared_memory: Option<usize>,
+}
+
+/// A skinny product `[m, k] x [k, n]` as the planner sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LinearProblem {
+    pub m: usize,
+    pub k: usize,
+    pub n: usize,
+    /// Bytes per element of `x` and `w`.
+    pub elem_size: usize,
+    /// Vector width in elements (divides `n`).
+    pub vector_size: usize,
+    /// Bias added to the output.
+    pub bias: bool,
+}
+
+/// What a launch will do; returned by [`plan`] for inspection in tests and benchmarks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LinearPlan {
+    /// Comptime configuration of [`linear_kernel`].
+    pub config: LinearConfig,
+    /// Column tiles (grid x).
+    pub col_tiles: usize,
+    /// K splits (grid y); more than one adds the [`split_reduce_kernel`] pass.
+    pub splits: usize,
+    /// Weight rows per split (a multiple of `config.k_step()`).
+    pub k_chunk: usize,
+    /// Configuration of the reduction pass when `splits > 1`.
+    pub reduce: Option<ReduceConfig>,
+}
+
+impl LinearPlan {
+    /// Cubes of the main kernel.
+    pub fn cubes(&self) -> usize {
+        self.col_tiles * self.splits
+    }
+}
+
+/// Chooses the thread layout, tile sizes and K split for `p` on a device with
+/// `multiprocessors` compute units, at most `max_threads` units per cube and `shared_limit`
+/// bytes of shared memory per cube.
+///
+/// - the `m` rows are cut into `RG = ceil(m / 8)` groups of `RM = ceil(m / RG)` rows;
+/// - `TX` lanes (32, else 16 or 8 when the grid would be too small) cover consecutive column
+///   vectors; the remaining threads of a 256-thread cube split K (`KG`, a power of two);
+/// - `U` = 8 independent loads per thread when the accumulators are small (`RM * V <= 16`),
+///   else 4;
+/// - when the column tiles cannot fill `2 × multiprocessors` cubes, K is split across cubes:
+///   at most 64 ways, at least one `KG * U` step per split, and with the f32 partial sums
+///   (written and read once) costing at most a quarter of the weight bytes.
+pub fn plan(
+    p: &LinearProblem,
+    multiprocessors: usize,
+    max_threads: usize,
+    shared_limit: usize,
+    tuning: &LinearTuning,
+) -> LinearPlan {
+    assert!(p.m >= 1, "linear: empty x");
+    assert!(p.vector_size >= 1 && p.n.is_multiple_of(p.vector_size));
+    let v = p.vector_size;
+    let n_vec = p.n / v;
+    let threads = prev_power_of_two(
+        tuning
+            .threads
+            .unwrap_or(TARGET_THREADS)
+            .min(max_threads)
+            .max(1),
+    );
+    let row_groups = p.m.div_ceil(MAX_ROWS_PER_THREAD);
+    let rows_per_thread = p.m.div_ceil(row_groups);
+    assert!(
+        row_groups <= threads,
+        "linear: {} rows need more threads per cube than the device has",
+        p.m
+    );
+    let lanes_max = n_vec
+        .next_power_of_two()
+        .min(MAX_LANES)
+        .min(prev_power_of_two(threads / row_groups));
+    let unroll = tuning
+        .unroll
+        .unwrap_or(if rows_per_thread * v <= 16 { 8 } else { 4 })
+        .max(1);
+
+    // Grid size the K split aims for, and the split the partial sums may cost.
+    let target = multiprocessors.max(1) * tuning.cubes_per_sm.unwrap_or(DEFAULT_CUBES_PER_SM);
+    let partial_cap = (p.k * p.elem_size / (32 * p.m)).max(1);
+
+    let layout = |lanes: usize| {
+        let mut config = LinearConfig {
+            vector_size: v,
+            lanes,
+            row_groups,
+            rows_per_thread,
+            k_groups: prev_power_of_two((threads / (lanes * row_groups)).max(1)),
+            unroll,
+            block_k: 1,
+            bias: p.bias,
+            partial: false,
+        };
+        // Shared memory: the reduction buffer plus at least one `KG * U` step of x.
+        while config.k_step() > x_rows_budget(&config, shared_limit)
+            && (config.unroll > 1 || config.k_groups > 1)
+        {
+            if config.unroll > 1 {
+                config.unroll /= 2;
+            } else {
+                config.k_groups /= 2;
+            }
+        }
+        assert!(
+            config.k_step() <= x_rows_budget(&config, shared_limit),
+            "linear: {} rows of x do not fit in {shared_limit} bytes of shared memory",
+            p.m
+        );
+        let col_tiles = n_vec.div_ceil(lanes);
+        let max_useful = p.k.div_ceil(config.k_step()).max(1);
+        let splits = match tuning.splits {
+            Some(s) => s.clamp(1, max_useful),
+            None if col_tiles >= target => 1,
+            None => target
+                .div_ceil(col_tiles)
+                .min(MAX_SPLITS)
+                .min(partial_cap)
+                .min(max_useful)
+                .max(1),
+        };
+        (config, col_tiles, splits)
+    };
+
+    // The widest lanes whose grid reaches half the target; failing that, the biggest grid
+    // (narrower lanes give more column tiles but need a longer K step per split).
+    let (mut config, col_tiles, splits) = match tuning.lanes {
+        Some(l) => layout(prev_power_of_two(l.clamp(1, lanes_max))),
+        None => {
+            let mut best = layout(lanes_max);
+            let mut lanes = lanes_max;
+            while 2 * best.1 * best.2 < target && lanes / 2 >= MIN_LANES {
+                lanes /= 2;
+                let candidate = layout(lanes);
+                if candidate.1 * candidate.2 > best.1 * best.2 {
+                    best = candidate;
+                }
+            }
+            best
+        }
+    };
+
+    let k_step = config.k_step();
+    let k_chunk = p.k.div_ceil(splits).next_multiple_of(k_step).max(k_step);
+    let splits = p.k.div_ceil(k_chunk).max(1);
+    let max_bk = (x_rows_budget(&config, shared_limit) / k_step) * k_step;
+    config.block_k = max_bk.min(k_chunk);
+    config.partial = splits > 1;
+    config.bias = p.bias && splits == 1;
+
+    let reduce = (splits > 1).then(|| {
+        let split_lanes = splits.next_power_of_two().min(16).min(threads);
+        ReduceConfig {
+            lanes: (threads / split_lanes).max(1),
+            split_lanes,
+            loads: splits.div_ceil(split_lanes),
+            bias: p.bias,
+        }
+    });
+    LinearPlan {
+        config,
+        col_tiles,
+        splits,
+        k_chunk,
+        reduce,
+    }
+}
+
+/// Rows of `x` a staged tile may hold: at most [`X_SHARED_BYTES`], and what the device's shared
+/// memory leaves after the k-group reduction buffer.
+fn x_rows_budget(c: &LinearConfig, shared_limit: usize) -> usize {
+    let red = if c.k_groups > 1 {
+        4 * c.threads() * c.vector_size
+    } else {
+        0
+    };
+    X_SHARED_BYTES.min(shared_limit.saturating_sub(red)) / (4 * c.x_stride())
+}
+
+fn prev_power_of_two(x: usize) -> usize {
+    if x == 0 {
+        0
+    } else {
+        1 << (usize::BITS - 1 - x.leading_zeros())
+    }
+}
+
+/// Whether [`linear`] can run these inputs (the backend falls back to Burn's `linear`
+/// otherwise): f32/f16/bf16, `x` and `w` of one dtype, `x: [m, k]` with `1 <= m <= MAX_M`,
+/// `w: [k, n]` with unit stride along `n`, `k, n >= 1`, and a `[n]` bias.
+pub fn supported<R: CubeRuntime>(
+    x: &CubeTensor<R>,
+    w: &CubeTensor<R>,
+    bias: Option<&CubeTensor<R>>,
+) -> bool {
+    let float = |d: DType| matches!(d, DType::F32 | DType::F16 | DType::BF16);
+    let xs = x.meta.shape();
+    let ws = w.meta.shape();
+    if xs.num_dims() != 2 || ws.num_dims() != 2 {
+        return false;
+    }
+    let (m, k, n) = (xs[0], xs[1], ws[1]);
+    float(x.dtype)
+        && w.dtype == x.dtype
+        && ws[0] == k
+        && (1..=MAX_M).contains(&m)
+        && k >= 1
+        && n >= 1
+        && w.meta.strides()[1] == 1
+        && bias.is_none_or(|b| {
+            float(b.dtype) && b.meta.shape().num_dims() == 1 && b.meta.shape()[0] == n
+        })
+}
+
+fn element_offset<R: CubeRuntime>(t: &CubeTensor<R>) -> usize {
+    t.handle.offset_start.unwrap_or(0) as usize / t.dtype.size()
+}
+
+/// Largest vector width (a power of two, at most 16 bytes and the device's limit) that divides
+/// `n`, the weights' row stride and the element offsets of the weight and bias buffers.
+fn vector_size_for<R: CubeRuntime>(
+    w: &CubeTensor<R>,
+    bias: Option<&CubeTensor<R>>,
+    n: usize,
+    tuning: &LinearTuning,
+) -> usize {
+    let hw_max = w.client.properties().hardware.max_vector_size.max(1);
+    let max = (MAX_VECTOR_BYTES / w.dtype.size())
+        .min(hw_max)
+        .min(tuning.max_vector_size.unwrap_or(usize::MAX))
+        .max(1);
+    let mut v = prev_power_of_two(max);
+    while v > 1 {
+        let ok = n.is_multiple_of(v)
+            && w.meta.strides()[0].is_multiple_of(v)
+            && element_offset(w).is_multiple_of(v)
+            && bias.is_none_or(|b| element_offset(b).is_multiple_of(v));
+        if ok {
+            break;
+        }
+        v /= 2;
+    }
+    v
+}
+
+/// `x · w (+ bias)` on CubeCL tensors, for `x: [m, k]` (any strides), `w: [k, n]` (row-major,
+/// any row stride: a column slice of a wider matrix works), `bias: [n]`; `1 <= m <= MAX_M`.
+/// The output is a new contiguous `[m, n]` tensor in the dtype of `x`; all arithmetic is f32.
+///
+/// # Panics
+/// On shapes or dtypes outside [`supported`] (except a non-unit column stride of `w` or a
+/// strided bias, which are copied first, and a bias of another float dtype, which is cast).
+pub fn linear<R: CubeRuntime>(
+    x: CubeTensor<R>,
+    w: CubeTensor<R>,
+    bias: Option<CubeTensor<R>>,
+    tuning: &LinearTuning,
+) -> CubeTensor<R> {
+    let dtype = x.dtype;
+    assert!(
+        matches!(dtype, DType::F32 | DType::F16 | DType::BF16),
+        "linear: unsupported dtype {dtype:?} (the CubeCL kernel takes f32, f16 or bf16)"
+    );
+    assert_eq!(
+        w.dtype, dtype,
+        "linear: x is {dtype:?} but the weight is {:?}",
+        w.dtype
+    );
+    x.assert_is_on_same_device(&w);
+    let [m, k] = x.meta.shape().dims::<2>();
+    let [wk, n] = w.meta.shape().dims::<2>();
+    assert_eq!(
+        wk, k,
+        "linear: x is [{m}, {k}] but the weight is [{wk}, {n}]"
+    );
+    assert!(
+        (1..=MAX_M).contains(&m),
+        "linear: the skinny kernel takes 1..={MAX_M} rows, got {m}"
+    );
+    assert!(k >= 1 && n >= 1, "linear: empty weight [{k}, {n}]");
+    assert!(
+        (k as u64) * (w.meta.strides()[0].max(n) as u64) < u32::MAX as u64
+            && ((MAX_SPLITS * MAX_M * n) as u64) < u32::MAX as u64,
+        "linear: weight too large for 32-bit indexing"
+    );
+
+    let w = if w.meta.strides()[1] == 1 {
+        w
+    } else {
+        into_contiguous(w)
+    };
+    let bias = bias.map(|b| {
+        assert_eq!(
+            b.meta.shape().dims::<1>(),
+            [n],
+            "linear: bias must be [{n}]"
+        );
+        x.assert_is_on_same_device(&b);
+        let b = if b.dtype == dtype { b } else { cast(b, dtype) };
+        if b.meta.strides()[0] == 1 {
+            b
+        } else {
+            into_contiguous(b)
+        }
+    });
+
+    let client = x.client.clone();
+    let device = x.device.clone();
+    let out = empty_device_contiguous_dtype::<R>(
+        client.clone(),
+        device.clone(),
+        Shape::new([m, n]),
+        dtype,
+    );
+
+    let vector_size = vector_size_for(&w, bias.as_ref(), n, tuning);
+    let props = client.properties();
+    let hw = &props.hardware;
+    let multiprocessors = hw
+        .num_streaming_multiprocessors
+        .or(hw.num_cpu_cores)
+        .unwrap_or(16) as usize;
+    let max_threads = hw.max_units_per_cube as usize;
+    let shared_limit = tuning
+        .shared_memory
+        .unwrap_or(usize::MAX)
+        .min(hw.max_shared_memory_size);
+    let problem = LinearProblem {
+        m,
+        k,
+        n,
+        elem_size: dtype.size(),
+        vector_size,
+        bias: bias.is_some(),
+    };
+    let plan = plan(&problem, multiprocessors, max_threads, shared_limit, tuning);
+    let n_vec = n / vector_size;
+
+    let f32_buffer = |len: usize| {
+        empty_device_contiguous_dtype::<R>(
+            client.clone(),
+            device.clone(),
+            Shape::new([len]),
+            DType::F32,
+        )
+    };
+    let partial = if plan.splits > 1 {
+        f32_buffer(plan.splits * m * n)
+    } else {
+        f32_buffer(vector_size)
+    };
+    // Bound to the kernel when there is no bias (never read: `cfg.bias` is false).
+    let bias_arg = match &bias {
+        Some(b) => b.clone(),
+        None => out.clone(),
+    };
+
+    let cfg = plan.config;
+    unsafe {
+        linear_kernel::launch_unchecked::<R>(
+            &client,
+            CubeCount::Static(plan.col_tiles as u32, plan.splits as u32, 1),
+            CubeDim::new_1d(cfg.threads() as u32),
+            vector_size,
+            x.into_tensor_arg(),
+            w.into_tensor_arg(),
+            bias_arg.clone().into_tensor_arg(),
+            out.clone().into_tensor_arg(),
+            partial.clone().into_tensor_arg(),
+            m as u32,
+            k as u32,
+            n_vec as u32,
+            plan.k_chunk as u32,
+            cfg,
+            dtype.into(),
+        );
+    }
+
+    if let Some(reduce) = plan.reduce {
+        let total = m * n_vec;
+        let cubes = total.div_ceil(reduce.lanes);
+        unsafe {
+            split_reduce_kernel::launch_unchecked::<R>(
+                &client,
+                CubeCount::Static(cubes as u32, 1, 1),
+                CubeDim::new_1d((reduce.lanes * reduce.split_lanes) as u32),
+                vector_size,
+                partial.into_tensor_arg(),
+                bias_arg.into_tensor_arg(),
+                out.clone().into_tensor_arg(),
+                plan.splits as u32,
+                total as u32,
+                n_vec as u32,
+                reduce,
+                dtype.into(),
+            );
+        }
+    }
+    out
+}
+
+/// The plan [`linear`] would use for these shapes on `client`'s device (for tests and
+/// benchmarks; `vector_size` as [`linear`] would choose it for contiguous operands).
+pub fn plan_for<R: CubeRuntime>(
+    client: &ComputeClient<R>,
+    dtype: DType,
+    m: usize,
+    k: usize,
+    n: usize,
+    bias: bool,
+    tuning: &LinearTuning,
+) -> LinearPlan {
+    let hw = &client.properties().hardware;
+    let max = (MAX_VECTOR_BYTES / dtype.size())
+        .min(hw.max_vector_size.max(1))
+        .min(tuning.max_vector_size.unwrap_or(usize::MAX))
+        .max(1);
+    let mut vector_size = prev_power_of_two(max);
+    while vector_size > 1 && !n.is_multiple_of(vector_size) {
+        vector_size /= 2;
+    }
+    let multiprocessors = hw
+        .num_streaming_multiprocessors
+        .or(hw.num_cpu_cores)
+        .unwrap_or(16) as usize;
+    let shared_limit = tuning
+        .shared_memory
+        .unwrap_or(usize::MAX)
+        .min(hw.max_shared_memory_size);
+    plan(
+        &LinearProblem {
+            m,
+            k,
+            n,
+            elem_size: dtype.size(),
+            vector_size,
+            bias,
+        },
+        multiprocessors,
+        hw.max_units_per_cube as usize,
+        shared_limit,
+        tuning,
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn problem(m: usize, k: usize, n: usize, elem: usize) -> LinearProblem {
+        let mut v = 16 / elem;
+        while !n.is_multiple_of(v) {
+            v /= 2;
+        }
+        LinearProblem {
+            m,
+            k,
+            n,
+            elem_size: elem,
+            vector_size: v,
+            bias: true,
+        }
+    }
+
+    /// Every plan respects the kernel's layout invariants.
+    #[test]
+    fn plans_are_consistent() {
+        for (sms, max_threads, shared) in [
+            (132, 1024, 227 * 1024),
+            (2, 1024, 32 * 1024),
+            (8, 256, 16 * 1024),
+        ] {
+            for m in [1, 2, 3, 5, 8, 9, 17, 33, 63, 64] {
+                for k in [1, 7, 64, 576, 1536, 4096, 14336] {
+                    for n in [1, 7, 100, 576, 1024, 4096, 4103, 14336] {
+                        for elem in [2, 4] {
+                            for splits in [None, Some(1), Some(3), Some(1000)] {
+                                let p = problem(m, k, n, elem);
+                                let tuning = LinearTuning {
+                                    splits,
+                                    ..Default::default()
+                                };
+                                let plan = plan(&p, sms, max_threads, shared, &tuning);
+                                let c = plan.config;
+                                let ctx = format!("{p:?} {tuning:?} {plan:?}");
+                                assert!(c.threads() <= max_threads.min(256), "{ctx}");
+                                assert!(c.threads() >= 1, "{ctx}");
+                                assert!(c.rows_padded() >= m, "{ctx}");
+                                assert!(c.rows_per_thread <= MAX_ROWS_PER_THREAD, "{ctx}");
+                                assert!(c.lanes.is_power_of_two() && c.lanes <= MAX_LANES, "{ctx}");
+                                assert!(c.k_groups.is_power_of_two(), "{ctx}");
+                                assert!(c.block_k >= c.k_step(), "{ctx}");
+                                assert!(c.block_k.is_multiple_of(c.k_step()), "{ctx}");
+                                assert!(plan.k_chunk.is_multiple_of(c.k_step()), "{ctx}");
+                                assert!(plan.splits * plan.k_chunk >= k, "{ctx}");
+                                assert!((plan.splits - 1) * plan.k_chunk < k, "{ctx}");
+                                assert!(plan.splits <= MAX_SPLITS.max(k), "{ctx}");
+                                assert!(plan.col_tiles * c.lanes * c.vector_size >= n, "{ctx}");
+                                assert!(c.shared_bytes() <= shared.min(32 * 1024), "{ctx}");
+                                assert_eq!(c.partial, plan.splits > 1, "{ctx}");
+                                assert_eq!(c.bias, plan.splits == 1, "{ctx}");
+                                match plan.reduce {
+                                    Some(r) => {
+                                        assert!(plan.splits > 1);
+                                        assert!(r.loads * r.split_lanes >= plan.splits, "{ctx}");
+                                        assert!(r.lanes * r.split_lanes <= max_threads, "{ctx}");
+                                        assert!(
+                                            4 * r.lanes * r.split_lanes * c.vector_size
+                                                <= shared.min(32 * 1024)
+                                        );
+                                        assert!(r.bias);
+                                    }
+                                    None => assert_eq!(plan.splits, 1),
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// The decode shapes of Llama-3-8B on a 132-SM H100 fill the device with 16-byte loads.
+    #[test]
+    fn h100_decode_plans() {
+        let h100 = |m, k, n| {
+            plan(
+                &problem(m, k, n, 2),
+                132,
+                1024,
+                227 * 1024,
+                &LinearTuning::default(),
+            )
+        };
+        // q/o projection: 16 column tiles of 256 columns, K split 16 ways (256 rows each).
+        let p = h100(1, 4096, 4096);
+        assert_eq!(p.config.vector_size, 8);
+        assert_eq!(
+            (p.config.lanes, p.config.k_groups, p.config.unroll),
+            (32, 8, 8)
+        );
+        assert_eq!((p.col_tiles, p.splits, p.k_chunk), (16, 16, 256));
+        // gate/up: 56 tiles x 5 splits.
+        let p = h100(1, 4096, 14336);
+        assert_eq!((p.col_tiles, p.splits), (56, 5));
+        // down: 16 tiles x 16 splits of 896 rows.
+        let p = h100(1, 14336, 4096);
+        assert_eq!((p.col_tiles, p.splits, p.k_chunk), (16, 16, 896));
+        for (m, k, n) in [
+            (1, 4096, 1024),
+            (1, 4096, 4096),
+            (1, 4096, 14336),
+            (1, 14336, 4096),
+            (16, 4096, 4096),
+            (64, 4096, 4096),
+        ] {
+            let p = h100(m, k, n);
+            assert!(p.cubes() >= 132 && p.cubes() <= 1200, "{m}x{k}x{n}: {p:?}");
+            assert!(p.config.threads() == 256, "{p:?}");
+        }
+        // A Medusa tree of 64 rows: 8 row groups of 8 rows on 8 lanes, 4 k groups, and a K split
+        // kept to 4 (the f32 partials of 64 rows would otherwise outweigh the weights).
+        let p = h100(64, 4096, 4096);
+        let c = p.config;
+        assert_eq!(
+            (c.lanes, c.row_groups, c.rows_per_thread, c.k_groups),
+            (8, 8, 8, 4)
+        );
+        assert_eq!((p.col_tiles, p.splits), (64, 4));
+    }
+}

@@ -1,0 +1,236 @@
+//! Skinny linear layers for decoding: `y = x · W (+ b)` with few rows in `x` (a decode step, a
+//! Medusa tree) and a big row-major weight `W: [in, out]`, at the memory-bandwidth limit.
+//!
+//! With `m` rows the product does `2·m` flops per weight element, so for `m` up to a few dozen
+//! it is bound by streaming `W` from memory once. The entry point is [`linear`] (same contract
+//! as `burn::tensor::module::linear`), which flattens the leading dimensions of `x` into `m`
+//! rows, runs [`LinearBackend::linear_skinny`] for `1 <= m <= linear_max_m()` (64 by default)
+//! and Burn's `linear` otherwise.
+//!
+//! Backends opt in through [`LinearBackend`]:
+//! - `CubeBackend<R, F, I, BT>` (any CubeCL runtime) runs the kernels of [`kernel`] for f32,
+//!   f16 and bf16 (whatever `F` is: the dtype is read at run time);
+//! - `Fusion<B>` registers a custom fusion operation that runs its inner backend's kernel;
+//! - the CPU backends (`flex`, `ndarray`) and `Autodiff<B>` use Burn's `linear`.
+//!
+//! # Kernel design ([`kernel::linear_kernel`])
+//!
+//! **Coalesced weight stream.** A cube owns a tile of `TX · V` output columns. Each thread
+//! reads `V` consecutive columns of a weight row with one vector load (`V = 16 bytes / element`,
+//! i.e. 8 for bf16/f16 and 4 for f32 on CUDA; 4 at most on wgpu), and the `TX = 32` lanes of a
+//! plane read 512 contiguous bytes of that row. The weights go straight from global memory to
+//! registers: every thread issues `U` (8, or 4 with many rows) independent loads before it uses
+//! any of them, so with two 256-thread cubes per SM about 64 KiB are in flight per SM, well
+//! above what HBM latency × bandwidth needs (~25 KiB per H100 SM).
+//!
+//! **K split.** A cube has 256 threads: `TX` lanes × `RG` row groups × `KG` k groups. The `KG`
+//! groups take interleaved weight rows (at any moment a cube reads a contiguous band of
+//! `KG · U` rows) and are summed through shared memory at the end. When the column tiles alone
+//! cannot fill the device (1×4096 @ 4096×4096 has only 16 tiles of 256 columns), K is also split
+//! across cubes (grid y) so that about 2 cubes run per SM: each split writes f32 partial sums
+//! and [`kernel::split_reduce_kernel`] adds them, the bias, and casts. On an H100 (132 SMs) the
+//! Llama-3-8B decode shapes become 16×16 cubes (4096→4096, 256 rows each), 56×5 (4096→14336)
+//! and 16×16 (14336→4096, 896 rows each); the partial sums add under 2% to the weight traffic.
+//!
+//! **Rows of `x`.** `x` is tiny: it is staged per tile of `BK` K-rows in shared memory as f32,
+//! laid out `[k][row]` (row stride made odd against bank conflicts), so all lanes of a plane read
+//! one broadcast address. Each loaded weight vector is multiplied into `RM <= 8` rows held as
+//! f32 accumulators in registers (`RM · V` of them); more rows are spread over `RG = ceil(m/8)`
+//! row groups, which load the same weight vectors (the repeats hit L1). With many rows the
+//! planner narrows the lanes (16 or 8) rather than splitting K further, so that the f32 partials
+//! (`splits · m · n`) stay below a quarter of the weight bytes.
+//!
+//! **Tails and layouts.** Any `k`, `n` and `1 <= m <= 64`: columns past `n` and rows past `k`
+//! are guarded (zeros), rows past `m` are computed on zeros and not written. `V` is the largest
+//! power of two that divides `n`, the weights' row stride and the buffer offsets (so a column
+//! slice of a wider weight works; an odd `n` runs with `V = 1`). `x` may have any strides.
+//!
+//! **Portability.** No plane operations; reductions go through shared memory (at most 24 KiB per
+//! cube), cubes have at most 256 threads, and the tile sizes come from the device's properties
+//! (multiprocessor count, shared memory, units per cube, vector width), so the same kernel runs
+//! on CUDA, wgpu/Vulkan (lavapipe included) and the other CubeCL runtimes.
+//!
+//! **Accumulation** is f32 whatever the input dtype; the output is cast once.
+
+pub mod kernel;
+pub mod launch;
+
+#[cfg(feature = "fusion")]
+mod fusion;
+
+pub use kernel::{LinearConfig, ReduceConfig};
+pub use launch::{LinearPlan, LinearProblem, LinearTuning, MAX_M, plan, plan_for, supported};
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use burn::tensor::{
+    Tensor, TensorPrimitive,
+    backend::Backend,
+    ops::{FloatTensor, ModuleOps},
+};
+use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElement};
+
+/// A Burn backend that can run [`linear`] with few rows.
+///
+/// Implemented for every CubeCL backend (kernel path), `Fusion` over those, the CPU backends
+/// enabled by this crate's features and `Autodiff` over any of them (Burn's `linear`).
+pub trait LinearBackend: Backend {
+    /// `x · weight (+ bias)` for `x: [m, in]`, `weight: [in, out]` (Burn's `Linear` layout),
+    /// `bias: [out]`; returns `[m, out]` in the dtype of `x`. Backends without a kernel, and
+    /// inputs the kernel does not take (see [`launch::supported`]), use Burn's `linear`.
+    fn linear_skinny(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        bias: Option<FloatTensor<Self>>,
+    ) -> FloatTensor<Self>;
+}
+
+const UNSET: usize = usize::MAX;
+static MAX_ROWS: AtomicUsize = AtomicUsize::new(UNSET);
+
+/// Most rows (`m`, the product of the leading dimensions of `x`) for which [`linear`] takes the
+/// skinny kernel; larger products go to Burn's matmul. Defaults to [`MAX_M`] (64), and is read
+/// once from the environment: `BURN_DECODE_LINEAR_MAX_M=<n>` (clamped to `0..=64`), or
+/// `BURN_DECODE_LINEAR=reference` for 0 (never). [`crate::kernels_enabled`] being off
+/// (`BURN_DECODE_ATTENTION=reference`, the stock-Burn baseline) also turns the kernel off.
+pub fn linear_max_m() -> usize {
+    match MAX_ROWS.load(Ordering::Relaxed) {
+        UNSET => {
+            let rows = if std::env::var("BURN_DECODE_LINEAR").as_deref() == Ok("reference") {
+                0
+            } else {
+                std::env::var("BURN_DECODE_LINEAR_MAX_M")
+                    .ok()
+                    .and_then(|v| v.trim().parse::<usize>().ok())
+                    .unwrap_or(MAX_M)
+                    .min(MAX_M)
+            };
+            MAX_ROWS.store(rows, Ordering::Relaxed);
+            rows
+        }
+        rows => rows,
+    }
+}
+
+/// Sets [`linear_max_m`] for the whole process (clamped to `0..=64`; 0 = never the kernel).
+pub fn set_linear_max_m(rows: usize) {
+    MAX_ROWS.store(rows.min(MAX_M), Ordering::Relaxed);
+}
+
+/// `x · weight (+ bias)` like `burn::tensor::module::linear`, through the skinny kernel when
+/// `x` has few rows.
+///
+/// # Shapes
+/// - `x`: `[..., in]` (any rank; the leading dimensions are flattened into `m` rows),
+/// - `weight`: `[in, out]`, row-major (Burn's `Linear` layout),
+/// - `bias`: `[out]`,
+/// - output: `[..., out]` in the dtype of `x`.
+///
+/// The kernel runs when `1 <= m <= linear_max_m()` and [`crate::kernels_enabled`] is on;
+/// otherwise, and on backends without a kernel, this is Burn's `linear`.
+///
+/// # Panics
+/// On inconsistent shapes.
+pub fn linear<B: LinearBackend, const D: usize>(
+    x: Tensor<B, D>,
+    weight: Tensor<B, 2>,
+    bias: Option<Tensor<B, 1>>,
+) -> Tensor<B, D> {
+    let dims = x.dims();
+    let k = dims[D - 1];
+    let m: usize = dims[..D - 1].iter().product();
+    let [wk, n] = weight.dims();
+    assert_eq!(
+        k, wk,
+        "linear: x has {k} input features but the weight is [{wk}, {n}]"
+    );
+    if let Some(b) = &bias {
+        assert_eq!(b.dims(), [n], "linear: bias must be [{n}]");
+    }
+    if m == 0 || k == 0 || n == 0 || m > linear_max_m() || !crate::kernels_enabled() {
+        return burn::tensor::module::linear(x, weight, bias);
+    }
+    let x2: Tensor<B, 2> = x.reshape([m, k]);
+    let y = B::linear_skinny(
+        x2.into_primitive().tensor(),
+        weight.into_primitive().tensor(),
+        bias.map(|b| b.into_primitive().tensor()),
+    );
+    let mut out = dims;
+    out[D - 1] = n;
+    Tensor::<B, 2>::from_primitive(TensorPrimitive::Float(y)).reshape(out)
+}
+
+/// The kernel path; inputs outside [`launch::supported`] (other dtypes, more than [`MAX_M`]
+/// rows, a transposed weight view, ...) take Burn's `linear` instead.
+impl<R, F, I, BT> LinearBackend for CubeBackend<R, F, I, BT>
+where
+    R: CubeRuntime,
+    F: FloatElement,
+    I: IntElement,
+    BT: BoolElement,
+{
+    fn linear_skinny(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        bias: Option<FloatTensor<Self>>,
+    ) -> FloatTensor<Self> {
+        if !crate::kernels_enabled() || !supported(&x, &weight, bias.as_ref()) {
+            return <Self as ModuleOps<Self>>::linear(x, weight, bias);
+        }
+        launch::linear(x, weight, bias, &LinearTuning::default())
+    }
+}
+
+/// Burn's `linear` on backend primitives (the path of backends without a kernel).
+#[cfg(any(feature = "flex", feature = "ndarray", feature = "autodiff"))]
+fn burn_linear<B: Backend>(
+    x: FloatTensor<B>,
+    weight: FloatTensor<B>,
+    bias: Option<FloatTensor<B>>,
+) -> FloatTensor<B> {
+    B::linear(x, weight, bias)
+}
+
+#[cfg(feature = "flex")]
+impl LinearBackend for burn::backend::Flex {
+    fn linear_skinny(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        bias: Option<FloatTensor<Self>>,
+    ) -> FloatTensor<Self> {
+        burn_linear::<Self>(x, weight, bias)
+    }
+}
+
+#[cfg(feature = "ndarray")]
+impl<E, I, Q> LinearBackend for burn::backend::NdArray<E, I, Q>
+where
+    burn::backend::NdArray<E, I, Q>: burn::tensor::backend::Backend,
+    burn::backend::ndarray::NdArrayTensor:
+        From<burn::backend::ndarray::SharedArray<E>> + From<burn::backend::ndarray::SharedArray<I>>,
+{
+    fn linear_skinny(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        bias: Option<FloatTensor<Self>>,
+    ) -> FloatTensor<Self> {
+        burn_linear::<Self>(x, weight, bias)
+    }
+}
+
+/// Autodiff takes Burn's differentiable `linear` (the kernel has no backward pass).
+#[cfg(feature = "autodiff")]
+impl<B, C> LinearBackend for burn::backend::Autodiff<B, C>
+where
+    B: LinearBackend,
+    C: burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy,
+{
+    fn linear_skinny(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        bias: Option<FloatTensor<Self>>,
+    ) -> FloatTensor<Self> {
+        burn_linear::<Self>(x, weight, bias)
+    }
+}

@@ -1,0 +1,593 @@
+//! The skinny linear kernel against an independent f64 reference on the host.
+//!
+//! # Running
+//! - wgpu (default): `cargo test --release -p kernels --test linear`
+//! - CUDA: `cargo test --release -p kernels --features cuda --test linear`
+//!
+//! The kernel runs on `CubeBackend<R, f32, i32, BT>` for the runtime selected at compile time:
+//! wgpu's default device (Mesa's lavapipe on a machine without a GPU: f32 and f16, no bf16,
+//! 4-wide vectors, 32 KiB of shared memory) or CUDA device 0 with `--features cuda` (where f16
+//! and bf16 are required, and 16-byte vectors of 8 halves are used). Tests for a dtype the wgpu
+//! device lacks print a note and return.
+//!
+//! Inputs are fresh seeded draws in [-1, 1) (never zeros), rounded to the tested dtype before
+//! the f64 reference sees them. Tolerances: relative L2 error ‖y − ref‖ / ‖ref‖ ≤ 1e-5 for f32,
+//! ≤ 1e-2 for f16/bf16.
+
+use std::time::Instant;
+
+use burn::tensor::{DType, Tensor, TensorData, TensorPrimitive, backend::Backend};
+use burn_cubecl::CubeBackend;
+use cubecl::Runtime as _;
+use kernels::{
+    LinearBackend,
+    linear::{LinearTuning, MAX_M, launch, plan_for},
+};
+use rand::{Rng, SeedableRng, rngs::StdRng};
+
+/// The CubeCL runtime the kernel tests run on: wgpu by default.
+#[cfg(not(feature = "cuda"))]
+mod runtime {
+    pub use burn::backend::wgpu::{WgpuDevice as Device, WgpuRuntime as Runtime};
+    pub type BoolElem = u32;
+    pub const NAME: &str = "wgpu";
+}
+
+/// The CubeCL runtime the kernel tests run on: CUDA with `--features cuda`.
+#[cfg(feature = "cuda")]
+mod runtime {
+    pub use cubecl::cuda::{CudaDevice as Device, CudaRuntime as Runtime};
+    pub type BoolElem = u8;
+    pub const NAME: &str = "cuda";
+}
+
+use runtime::{BoolElem, Device, Runtime};
+
+/// The unfused CubeCL backend on the test runtime.
+type Cube = CubeBackend<Runtime, f32, i32, BoolElem>;
+
+// ---------------------------------------------------------------------------------------------
+// Problems, inputs and the f64 reference.
+
+#[derive(Clone, Copy, Debug)]
+struct Case {
+    m: usize,
+    k: usize,
+    n: usize,
+    bias: bool,
+}
+
+impl Case {
+    fn new(m: usize, k: usize, n: usize, bias: bool) -> Self {
+        Self { m, k, n, bias }
+    }
+    fn seed(&self) -> u64 {
+        (self.m * 1_000_003 + self.k * 7_919 + self.n * 31 + self.bias as usize) as u64
+    }
+}
+
+/// Host copies of the inputs, already rounded to the device dtype. `x: [m, k]`, `w: [k, n]`.
+struct Inputs {
+    x: Vec<f32>,
+    w: Vec<f32>,
+    b: Option<Vec<f32>>,
+}
+
+/// Uniform in [-1, 1) but never exactly zero (and non-zero after rounding to f16/bf16).
+fn draw(rng: &mut StdRng, len: usize, round: fn(f32) -> f32) -> Vec<f32> {
+    (0..len)
+        .map(|_| {
+            let v: f32 = rng.random_range(-1.0f32..1.0);
+            let v = if v.abs() < 1e-3 { 0.5 } else { v };
+            round(v)
+        })
+        .collect()
+}
+
+fn make_inputs(case: &Case, round: fn(f32) -> f32) -> Inputs {
+    let mut rng = StdRng::seed_from_u64(case.seed());
+    Inputs {
+        x: draw(&mut rng, case.m * case.k, round),
+        w: draw(&mut rng, case.k * case.n, round),
+        b: case.bias.then(|| draw(&mut rng, case.n, round)),
+    }
+}
+
+/// `y = x w + b` in f64.
+fn reference(case: &Case, inp: &Inputs) -> Vec<f64> {
+    let (m, k, n) = (case.m, case.k, case.n);
+    let mut y = vec![0.0f64; m * n];
+    for r in 0..m {
+        let row = &mut y[r * n..(r + 1) * n];
+        if let Some(b) = &inp.b {
+            for (o, &bv) in row.iter_mut().zip(b) {
+                *o = bv as f64;
+            }
+        }
+        for kk in 0..k {
+            let xv = inp.x[r * k + kk] as f64;
+            let wrow = &inp.w[kk * n..(kk + 1) * n];
+            for (o, &wv) in row.iter_mut().zip(wrow) {
+                *o += xv * wv as f64;
+            }
+        }
+    }
+    y
+}
+
+fn rel_l2(out: &[f32], reference: &[f64]) -> f64 {
+    assert_eq!(out.len(), reference.len());
+    let (mut num, mut den) = (0.0, 0.0);
+    for (&o, &r) in out.iter().zip(reference) {
+        num += (o as f64 - r).powi(2);
+        den += r * r;
+    }
+    if num.is_nan() {
+        return f64::INFINITY;
+    }
+    (num / den.max(f64::MIN_POSITIVE)).sqrt()
+}
+
+fn round_f32(x: f32) -> f32 {
+    x
+}
+fn round_f16(x: f32) -> f32 {
+    burn::tensor::f16::from_f32(x).to_f32()
+}
+fn round_bf16(x: f32) -> f32 {
+    burn::tensor::bf16::from_f32(x).to_f32()
+}
+
+fn rounding(dtype: DType) -> (fn(f32) -> f32, f64) {
+    match dtype {
+        DType::F32 => (round_f32, 1e-5),
+        DType::F16 => (round_f16, 1e-2),
+        DType::BF16 => (round_bf16, 1e-2),
+        other => panic!("no test tolerance for {other:?}"),
+    }
+}
+
+/// Whether the test device supports `dtype`. On wgpu a missing half type skips the test (with a
+/// note); on CUDA f16 and bf16 are required, so a missing one fails it.
+fn supports(dtype: DType) -> bool {
+    let client = Runtime::client(&Device::default());
+    let ok = client
+        .properties()
+        .supports_type(cubecl::ir::StorageType::from(dtype));
+    if cfg!(feature = "cuda") {
+        assert!(ok, "the CUDA device does not support {dtype:?}");
+    } else if !ok {
+        println!(
+            "skipping: the {} device does not support {dtype:?}",
+            runtime::NAME
+        );
+    }
+    ok
+}
+
+fn tensor<B: Backend, const D: usize>(
+    data: &[f32],
+    shape: [usize; D],
+    dtype: DType,
+    device: &B::Device,
+) -> Tensor<B, D> {
+    Tensor::<B, D>::from_data(TensorData::new(data.to_vec(), shape), device).cast(dtype)
+}
+
+fn read<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
+    t.cast(DType::F32).into_data().to_vec::<f32>().unwrap()
+}
+
+fn assert_close(what: &str, got: &[f32], expected: &[f64], tol: f64) {
+    let err = rel_l2(got, expected);
+    assert!(err <= tol, "{what}: rel L2 error {err:e} > {tol:e}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Running the kernel.
+
+/// How the operands are laid out on the device.
+#[derive(Clone, Copy, Debug, Default)]
+enum Layout {
+    /// Contiguous `x: [m, k]`, `w: [k, n]`, `b: [n]`.
+    #[default]
+    Contiguous,
+    /// `x` is the transpose of a contiguous `[k, m]` tensor (strides `[1, m]`).
+    XTransposed,
+    /// `w` is the column slice `offset..offset + n` of a contiguous `[k, n + pad]` matrix, and
+    /// `b` the slice `offset..offset + n` of a `[n + pad]` vector.
+    WColumnSlice { offset: usize, pad: usize },
+    /// `w` is the transpose of a contiguous `[n, k]` tensor (the launcher copies it).
+    WTransposed,
+}
+
+struct DeviceInputs<B: Backend> {
+    x: Tensor<B, 2>,
+    w: Tensor<B, 2>,
+    b: Option<Tensor<B, 1>>,
+}
+
+fn upload<B: Backend>(
+    case: &Case,
+    inp: &Inputs,
+    dtype: DType,
+    layout: Layout,
+    device: &B::Device,
+) -> DeviceInputs<B> {
+    let (m, k, n) = (case.m, case.k, case.n);
+    let transpose = |data: &[f32], rows: usize, cols: usize| -> Vec<f32> {
+        let mut t = vec![0.0f32; data.len()];
+        for r in 0..rows {
+            for c in 0..cols {
+                t[c * rows + r] = data[r * cols + c];
+            }
+        }
+        t
+    };
+    let x = match layout {
+        Layout::XTransposed => {
+            tensor::<B, 2>(&transpose(&inp.x, m, k), [k, m], dtype, device).transpose()
+        }
+        _ => tensor::<B, 2>(&inp.x, [m, k], dtype, device),
+    };
+    let (w, b) = match layout {
+        Layout::WColumnSlice { offset, pad } => {
+            let wide = n + pad;
+            let mut w_full = vec![f32::NAN; k * wide];
+            for r in 0..k {
+                w_full[r * wide + offset..r * wide + offset + n]
+                    .copy_from_slice(&inp.w[r * n..(r + 1) * n]);
+            }
+            let w =
+                tensor::<B, 2>(&w_full, [k, wide], dtype, device).slice([0..k, offset..offset + n]);
+            let b = inp.b.as_ref().map(|b| {
+                let mut b_full = vec![f32::NAN; wide];
+                b_full[offset..offset + n].copy_from_slice(b);
+                tensor::<B, 1>(&b_full, [wide], dtype, device).slice(offset..offset + n)
+            });
+            (w, b)
+        }
+        Layout::WTransposed => (
+            tensor::<B, 2>(&transpose(&inp.w, k, n), [n, k], dtype, device).transpose(),
+            inp.b
+                .as_ref()
+                .map(|b| tensor::<B, 1>(b, [n], dtype, device)),
+        ),
+        _ => (
+            tensor::<B, 2>(&inp.w, [k, n], dtype, device),
+            inp.b
+                .as_ref()
+                .map(|b| tensor::<B, 1>(b, [n], dtype, device)),
+        ),
+    };
+    DeviceInputs { x, w, b }
+}
+
+/// Runs the CubeCL launcher directly (so the kernel is certainly what runs) and checks it.
+fn check_kernel(case: Case, dtype: DType, layout: Layout, tuning: LinearTuning) {
+    let device = Device::default();
+    let (round, tol) = rounding(dtype);
+    let inp = make_inputs(&case, round);
+    let start = Instant::now();
+    let expected = reference(&case, &inp);
+    let t_ref = start.elapsed();
+    let d = upload::<Cube>(&case, &inp, dtype, layout, &device);
+    let client = Runtime::client(&device);
+    let plan = plan_for(&client, dtype, case.m, case.k, case.n, case.bias, &tuning);
+    let start = Instant::now();
+    let out = launch::linear::<Runtime>(
+        d.x.into_primitive().tensor(),
+        d.w.into_primitive().tensor(),
+        d.b.map(|b| b.into_primitive().tensor()),
+        &tuning,
+    );
+    let out = Tensor::<Cube, 2>::from_primitive(TensorPrimitive::Float(out));
+    assert_eq!(out.dims(), [case.m, case.n]);
+    assert_eq!(out.dtype(), dtype, "the output dtype must follow x");
+    let got = read(out);
+    let err = rel_l2(&got, &expected);
+    println!(
+        "{case:?} {dtype:?} {layout:?}: rel_l2 {err:.2e} (kernel {:.0?}, reference {t_ref:.0?}); \
+         tiles {} x splits {} of {} rows, {} threads (lanes {}, row groups {} x {}, k groups {}, \
+         unroll {}, V {})",
+        start.elapsed(),
+        plan.col_tiles,
+        plan.splits,
+        plan.k_chunk,
+        plan.config.threads(),
+        plan.config.lanes,
+        plan.config.row_groups,
+        plan.config.rows_per_thread,
+        plan.config.k_groups,
+        plan.config.unroll,
+        plan.config.vector_size,
+    );
+    assert!(
+        err <= tol,
+        "rel L2 error {err:e} > {tol:e} for {case:?} {dtype:?} {layout:?} {tuning:?}"
+    );
+}
+
+fn check(case: Case, dtype: DType) {
+    check_kernel(case, dtype, Layout::Contiguous, LinearTuning::default());
+}
+
+const MS: [usize; 4] = [1, 3, 17, 64];
+const KS: [usize; 4] = [64, 576, 1536, 4096];
+const NS: [usize; 4] = [1, 100, 576, 4096 + 7];
+
+/// Every `m` meets every `K` and every `N` once (a Latin square over (K, N)), with the bias on
+/// for half of them: 16 cases per dtype, the biggest 64 × 4096 × 4103.
+fn grid(dtype: DType, bias_phase: usize) {
+    for (i, &m) in MS.iter().enumerate() {
+        for (j, &k) in KS.iter().enumerate() {
+            let n = NS[(i + j) % NS.len()];
+            check(
+                Case::new(m, k, n, (i + j + bias_phase).is_multiple_of(2)),
+                dtype,
+            );
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tests: the kernel on the test runtime.
+
+#[test]
+fn grid_f32() {
+    grid(DType::F32, 0);
+}
+
+#[test]
+fn grid_f16() {
+    if supports(DType::F16) {
+        grid(DType::F16, 1);
+    }
+}
+
+#[test]
+fn grid_bf16() {
+    if supports(DType::BF16) {
+        grid(DType::BF16, 0);
+    }
+}
+
+/// The Llama-3-8B decode shape (one token, 4096 → 4096 and 4096 → 1024), with and without bias.
+#[test]
+fn decode_shapes_f32() {
+    check(Case::new(1, 4096, 4096, false), DType::F32);
+    check(Case::new(1, 4096, 1024, true), DType::F32);
+    check(Case::new(2, 1024, 4096, true), DType::F32);
+}
+
+#[test]
+fn decode_shapes_half() {
+    for dtype in [DType::F16, DType::BF16] {
+        if supports(dtype) {
+            check(Case::new(1, 4096, 4096, true), dtype);
+            check(Case::new(16, 2048, 1024, false), dtype);
+        }
+    }
+}
+
+/// Forced K splits (the two-pass path), uneven chunks and K tails, with and without bias.
+#[test]
+fn forced_splits() {
+    for (case, splits) in [
+        (Case::new(1, 1536, 576, true), 3),
+        (Case::new(1, 577, 100, false), 7),
+        (Case::new(5, 1000, 264, true), 5),
+        (Case::new(17, 4096, 100, true), 64),
+        (Case::new(64, 333, 40, true), 2),
+        (Case::new(3, 64, 1, true), 4),
+    ] {
+        let tuning = LinearTuning {
+            splits: Some(splits),
+            ..Default::default()
+        };
+        check_kernel(case, DType::F32, Layout::Contiguous, tuning);
+        if case.m == 5 && supports(DType::F16) {
+            check_kernel(case, DType::F16, Layout::Contiguous, tuning);
+        }
+    }
+}
+
+/// Other thread layouts, unrolls, vector widths and a tiny shared-memory budget.
+#[test]
+fn tuned_layouts() {
+    let tunings = [
+        LinearTuning {
+            lanes: Some(8),
+            ..Default::default()
+        },
+        LinearTuning {
+            lanes: Some(16),
+            unroll: Some(2),
+            splits: Some(4),
+            ..Default::default()
+        },
+        LinearTuning {
+            unroll: Some(1),
+            max_vector_size: Some(1),
+            ..Default::default()
+        },
+        LinearTuning {
+            threads: Some(64),
+            unroll: Some(3),
+            splits: Some(3),
+            ..Default::default()
+        },
+        LinearTuning {
+            shared_memory: Some(6 * 1024),
+            ..Default::default()
+        },
+        LinearTuning {
+            cubes_per_sm: Some(64),
+            ..Default::default()
+        },
+    ];
+    for (i, tuning) in tunings.into_iter().enumerate() {
+        for case in [
+            Case::new(1, 1000, 520, i % 2 == 0),
+            Case::new(9, 300, 72, i % 2 == 1),
+            Case::new(64, 130, 200, true),
+        ] {
+            check_kernel(case, DType::F32, Layout::Contiguous, tuning);
+        }
+    }
+}
+
+/// Strided `x`, a column slice of a wider weight (row stride ≠ n, offset buffers), and a
+/// transposed weight view.
+#[test]
+fn strided_operands() {
+    for (case, layout) in [
+        (Case::new(3, 576, 100, true), Layout::XTransposed),
+        (Case::new(1, 600, 100, true), Layout::XTransposed),
+        (
+            Case::new(2, 512, 100, true),
+            Layout::WColumnSlice { offset: 4, pad: 12 },
+        ),
+        (
+            Case::new(17, 300, 96, true),
+            Layout::WColumnSlice { offset: 3, pad: 5 },
+        ),
+        (
+            Case::new(1, 1000, 64, false),
+            Layout::WColumnSlice { offset: 8, pad: 8 },
+        ),
+        (Case::new(4, 256, 100, true), Layout::WTransposed),
+    ] {
+        check_kernel(case, DType::F32, layout, LinearTuning::default());
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tests: the public API on each kind of backend.
+
+/// `kernels::linear` with rank-3 and rank-1 inputs, through `B::linear_skinny` (or Burn's
+/// `linear` above `MAX_M` rows), against the f64 reference.
+fn check_public<B: LinearBackend>(device: &B::Device, dtype: DType) {
+    let (round, tol) = rounding(dtype);
+    let tol = tol.max(1e-5);
+    // [2, 3, k] → 6 rows; [k] → 1 row; [1, 65, k] → 65 rows (Burn's path).
+    for (lead, k, n, bias) in [
+        (vec![2usize, 3], 300usize, 200usize, true),
+        (vec![], 256, 48, true),
+        (vec![1, 1], 4096, 512, false),
+        // More than MAX_M rows: Burn's linear.
+        (vec![1, MAX_M + 1], 128, 72, true),
+    ] {
+        let m: usize = lead.iter().product();
+        let case = Case::new(m, k, n, bias);
+        let inp = make_inputs(&case, round);
+        let expected = reference(&case, &inp);
+        let w = tensor::<B, 2>(&inp.w, [k, n], dtype, device);
+        let b = inp
+            .b
+            .as_ref()
+            .map(|b| tensor::<B, 1>(b, [n], dtype, device));
+        let what = format!(
+            "{} {lead:?} x {k} -> {n} {dtype:?}",
+            std::any::type_name::<B>()
+        );
+        let got = match lead.len() {
+            0 => {
+                let x = tensor::<B, 1>(&inp.x, [k], dtype, device);
+                let y = kernels::linear(x, w, b);
+                assert_eq!(y.dims(), [n]);
+                assert_eq!(y.dtype(), dtype);
+                read(y)
+            }
+            2 => {
+                let x = tensor::<B, 3>(&inp.x, [lead[0], lead[1], k], dtype, device);
+                let y = kernels::linear(x, w, b);
+                assert_eq!(y.dims(), [lead[0], lead[1], n]);
+                assert_eq!(y.dtype(), dtype);
+                read(y)
+            }
+            _ => unreachable!(),
+        };
+        assert_close(&what, &got, &expected, tol);
+        println!("{what}: ok");
+    }
+}
+
+#[test]
+fn public_api_cube() {
+    check_public::<Cube>(&Device::default(), DType::F32);
+    if supports(DType::F16) {
+        check_public::<Cube>(&Device::default(), DType::F16);
+    }
+}
+
+#[cfg(feature = "fusion")]
+#[test]
+fn public_api_fusion() {
+    type Fused = burn_fusion::Fusion<Cube>;
+    let device = Device::default();
+    check_public::<Fused>(&device, DType::F32);
+
+    // Fused element-wise ops around the custom op, and the output feeding another linear.
+    let case = Case::new(3, 200, 120, true);
+    let inp = make_inputs(&case, round_f32);
+    let expected = reference(&case, &inp);
+    let x = tensor::<Fused, 2>(&inp.x, [3, 200], DType::F32, &device);
+    let w = tensor::<Fused, 2>(&inp.w, [200, 120], DType::F32, &device);
+    let b = tensor::<Fused, 1>(inp.b.as_ref().unwrap(), [120], DType::F32, &device);
+    let x = (x * 2.0) * 0.5;
+    let y = kernels::linear(x, w.clone(), Some(b.clone())) * 3.0 - 1.0;
+    let got: Vec<f32> = read(y.clone()).iter().map(|&o| (o + 1.0) / 3.0).collect();
+    assert_close("fused chain", &got, &expected, 1e-5);
+    // A second product on the fused result: y2 = ((y + 1) / 3) w2.
+    let w2 = tensor::<Fused, 2>(&inp.w[..120 * 200], [120, 200], DType::F32, &device);
+    let y2 = kernels::linear((y + 1.0) / 3.0, w2, None);
+    let y2_ref = {
+        let c2 = Case::new(3, 120, 200, false);
+        let inp2 = Inputs {
+            x: got.clone(),
+            w: inp.w[..120 * 200].to_vec(),
+            b: None,
+        };
+        reference(&c2, &inp2)
+    };
+    assert_close("chained products", &read(y2), &y2_ref, 1e-5);
+}
+
+#[cfg(feature = "flex")]
+#[test]
+fn public_api_flex() {
+    check_public::<burn::backend::Flex>(&Default::default(), DType::F32);
+}
+
+/// Prints the device's properties and the plans of the Llama-3-8B decode shapes on it (run
+/// with `--nocapture`).
+#[test]
+fn device_plans() {
+    let client = Runtime::client(&Device::default());
+    let hw = &client.properties().hardware;
+    println!(
+        "{} device: SMs {:?}, cpu cores {:?}, shared {} B, max units/cube {}, max vector {}",
+        runtime::NAME,
+        hw.num_streaming_multiprocessors,
+        hw.num_cpu_cores,
+        hw.max_shared_memory_size,
+        hw.max_units_per_cube,
+        hw.max_vector_size,
+    );
+    for (m, k, n) in [
+        (1, 4096, 4096),
+        (1, 4096, 1024),
+        (1, 4096, 14336),
+        (1, 14336, 4096),
+        (16, 4096, 4096),
+        (64, 4096, 4096),
+    ] {
+        for dtype in [DType::F32, DType::BF16] {
+            let plan = plan_for(&client, dtype, m, k, n, false, &LinearTuning::default());
+            println!("{m} x {k} -> {n} {dtype:?}: {plan:?}");
+            assert!(plan.config.shared_bytes() <= hw.max_shared_memory_size);
+            assert!(plan.config.threads() <= hw.max_units_per_cube as usize);
+        }
+    }
+}
