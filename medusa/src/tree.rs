@@ -159,6 +159,77 @@ pub fn parse_choices(text: &str) -> Result<Vec<Vec<usize>>> {
     serde_json::from_str(&json).map_err(|e| MedusaError::Tree(format!("bad tree {text:?}: {e}")))
 }
 
+/// The paper's "optimized tree construction" (§3.3.1): grows a tree greedily from the root,
+/// each time adding the node with the largest expected acceptance among those whose parent is
+/// already in the tree, until `num_nodes` paths (the root not counted; 63 like `mc_sim_7b_63`).
+///
+/// `accuracy[k][i]` is the probability that the `i`-th ranked candidate (0-based) of head `k + 1`
+/// is the right token, e.g. measured top-(i+1) minus top-i accuracy. Heads are assumed
+/// independent, so a node's expected acceptance is the product of the accuracies along its path.
+/// Nodes of zero expected acceptance are never added. Ties go to the shorter, then
+/// lexicographically smaller path, so the result is deterministic.
+pub fn optimal_choices(accuracy: &[Vec<f64>], num_nodes: usize) -> Vec<Vec<usize>> {
+    use std::{cmp::Reverse, collections::BinaryHeap};
+
+    #[derive(PartialEq)]
+    struct Node(f64, Reverse<(usize, Vec<usize>)>);
+    impl Eq for Node {}
+    impl PartialOrd for Node {
+        fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+            Some(self.cmp(other))
+        }
+    }
+    impl Ord for Node {
+        fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+            self.0
+                .total_cmp(&other.0)
+                .then_with(|| self.1.cmp(&other.1))
+        }
+    }
+    let children = |path: &[usize], value: f64| -> Vec<Node> {
+        let Some(head) = accuracy.get(path.len()) else {
+            return vec![];
+        };
+        (0..head.len().min(TOPK))
+            .map(|i| {
+                let child = [path, &[i]].concat();
+                Node(value * head[i], Reverse((child.len(), child)))
+            })
+            .collect()
+    };
+    let mut frontier: BinaryHeap<Node> = children(&[], 1.0).into_iter().collect();
+    let mut choices = Vec::with_capacity(num_nodes);
+    while choices.len() < num_nodes {
+        match frontier.pop() {
+            Some(Node(value, Reverse((_, path)))) if value > 0.0 => {
+                frontier.extend(children(&path, value));
+                choices.push(path);
+            }
+            _ => break,
+        }
+    }
+    choices
+}
+
+/// Expected tokens per decoding step of a tree (the root's token plus each node's expected
+/// acceptance, with `accuracy` as in [`optimal_choices`]); comparable to
+/// [`crate::MedusaOutput::mean_accepted_length`].
+pub fn expected_tokens_per_step(choices: &[Vec<usize>], accuracy: &[Vec<f64>]) -> f64 {
+    let acceptance = |path: &Vec<usize>| -> f64 {
+        path.iter()
+            .enumerate()
+            .map(|(k, &i)| {
+                accuracy
+                    .get(k)
+                    .and_then(|a| a.get(i))
+                    .copied()
+                    .unwrap_or(0.0)
+            })
+            .product()
+    };
+    1.0 + choices.iter().map(acceptance).sum::<f64>()
+}
+
 /// `mc_sim_7b_63` from the reference implementation's `medusa_choices.py` (63 paths, depth 4).
 pub const MC_SIM_7B_63: &str = "[[0], [0, 0], [1], [0, 1], [2], [0, 0, 0], [1, 0], [0, 2], [3], [0, 3], [4], [0, 4], [2, 0], [0, 5], [0, 0, 1], [5], [0, 6], [6], [0, 7], [0, 1, 0], [1, 1], [7], [0, 8], [0, 0, 2], [3, 0], [0, 9], [8], [9], [1, 0, 0], [0, 2, 0], [1, 2], [0, 0, 3], [4, 0], [2, 1], [0, 0, 4], [0, 0, 5], [0, 0, 0, 0], [0, 1, 1], [0, 0, 6], [0, 3, 0], [5, 0], [1, 3], [0, 0, 7], [0, 0, 8], [0, 0, 9], [6, 0], [0, 4, 0], [1, 4], [7, 0], [0, 1, 2], [2, 0, 0], [3, 1], [2, 2], [8, 0], [0, 5, 0], [1, 5], [1, 0, 1], [0, 2, 1], [9, 0], [0, 6, 0], [0, 0, 0, 1], [1, 6], [0, 7, 0]]";
 
@@ -250,5 +321,40 @@ mod tests {
         assert_eq!(t.len(), 64);
         let c = parse_choices("[(0,), (0, 1)]").unwrap();
         assert_eq!(c, vec![vec![0], vec![0, 1]]);
+    }
+
+    #[test]
+    fn optimal_tree_maximises_expected_acceptance() {
+        // Two heads: head 1 is right 60% of the time with its top candidate, 20% with the next;
+        // head 2 is weaker.
+        let acc = vec![vec![0.6, 0.2, 0.1], vec![0.4, 0.1]];
+        let choices = optimal_choices(&acc, 4);
+        // Values: [0]=.6, [1]=.2, [0,0]=.24, [2]=.1, [0,1]=.06, [1,0]=.08.
+        assert_eq!(choices, vec![vec![0], vec![0, 0], vec![1], vec![2]]);
+        let e = expected_tokens_per_step(&choices, &acc);
+        assert!((e - (1.0 + 0.6 + 0.24 + 0.2 + 0.1)).abs() < 1e-12);
+        // Every prefix is in the tree, so it builds; no other 4-node tree does better.
+        MedusaTree::new(&choices, 2).unwrap();
+        for other in [
+            vec![vec![0], vec![0, 0], vec![1], vec![1, 0]],
+            vec![vec![0], vec![0, 0], vec![0, 1], vec![1]],
+        ] {
+            assert!(expected_tokens_per_step(&other, &acc) < e);
+        }
+        // A budget larger than the useful nodes stops at zero acceptance.
+        let acc = vec![vec![1.0, 0.0]];
+        assert_eq!(optimal_choices(&acc, 63), vec![vec![0]]);
+    }
+
+    #[test]
+    fn optimal_tree_respects_topk_and_depth() {
+        let acc = vec![vec![0.09; 12]; 5];
+        let choices = optimal_choices(&acc, 63);
+        assert_eq!(choices.len(), 63);
+        let tree = MedusaTree::new(&choices, 5).unwrap();
+        assert!(tree.max_topk() <= TOPK);
+        // Equal accuracies: all ten depth-1 nodes first, then depth 2 in lexicographic order.
+        assert!(choices[..10].iter().all(|p| p.len() == 1));
+        assert_eq!(choices[10], vec![0, 0]);
     }
 }

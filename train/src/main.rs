@@ -1,1 +1,506 @@
-fn main() {}
+//! `cargo run --release -p train`: fit Medusa heads on a base model by self-distillation.
+//!
+//! Without arguments this is a small CPU-sized run (32 prompts, 32-token responses, 24 steps) that
+//! finishes in a few minutes and shows the whole pipeline; a GPU run scales the budget up with
+//! flags (see `--help`).
+
+use std::{
+    io::{IsTerminal, stderr},
+    path::{Path, PathBuf},
+    time::Instant,
+};
+
+use anyhow::{Context, Result, bail};
+use burn::tensor::DType;
+use clap::{Parser, ValueEnum};
+use kernels::FlashAttentionBackend;
+use medusa::{
+    checkpoint::{self as heads_checkpoint, HeadsMetadata},
+    tree::{self, MC_SIM_7B_63},
+};
+use model::{Llama, LoadOptions, ModelSource, Tokenizer, device::DeviceKind};
+use train::{
+    DistillConfig, Outcome, RunControl, TrainConfig,
+    data::{self, ExampleCache},
+    report::{DataStats, Report, TreeSummary},
+    trainer::{self, accuracy_line},
+};
+
+const ABOUT: &str = "Fit Medusa heads on a base model by self-distillation (Medusa-1: the \
+backbone stays frozen, only the heads train).
+
+The base model first answers every sampled prompt (greedy by default; cached on disk, so this \
+runs once per model and settings), then the heads learn to predict its tokens t+2..t+K+1 from \
+the hidden state at t. The output folder receives the heads in the published Medusa v1 layout \
+(medusa_lm_head.safetensors + config.json, with a decoding tree built from the measured \
+accuracies) and report.md / report.json.
+
+Without arguments: a small run sized for a 2-core CPU (32 prompts, 32-token responses, 24 \
+steps of 4 sequences; a few minutes), which shows the pipeline but does not make useful heads. \
+For real heads use a GPU, e.g. on one H100:
+
+  cargo run --release -p train -- --prompts 8000 --response-tokens 256 --gen-batch 256 \\
+      --batch 16 --grad-accum 2 --epochs 1 --lr 1e-3";
+
+#[derive(Parser, Debug)]
+#[command(about = ABOUT)]
+struct Args {
+    /// Base model: "default" (SmolLM2-135M-Instruct), a Hugging Face folder, a hub id or a .gguf
+    /// file.
+    #[arg(long, default_value = "default")]
+    model: String,
+    /// Prompts (JSONL with "prompt", "messages" or ShareGPT "conversations" per line). Default:
+    /// ../shared/data/train_prompts.jsonl relative to the workspace root.
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// Prompts to use, a seeded random sample of the file (held-out ones included).
+    #[arg(long, default_value_t = 32)]
+    prompts: usize,
+    /// Fraction of the sampled prompts held out for accuracy (at least min(8, prompts/2)).
+    #[arg(long, default_value_t = 0.02)]
+    eval_fraction: f64,
+    /// Most tokens of each generated response.
+    #[arg(long, default_value_t = 32)]
+    response_tokens: usize,
+    /// Sampling temperature for the responses; 0 = greedy.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    /// Sequences generated together (default 128 on CUDA, 8 on the CPU).
+    #[arg(long)]
+    gen_batch: Option<usize>,
+    /// Largest prompt-length difference within a generation batch (longer prompts are fed
+    /// token by token until they catch up); 0 = only identical lengths.
+    #[arg(long, default_value_t = 16)]
+    length_spread: usize,
+    /// Longest prompt + response; longer prompts are skipped.
+    #[arg(long, default_value_t = 512)]
+    max_seq_len: usize,
+    /// Medusa heads (K).
+    #[arg(long, default_value_t = 4)]
+    heads: usize,
+    /// Residual blocks per head.
+    #[arg(long, default_value_t = 1)]
+    layers: usize,
+    /// Optimizer steps (ignored with --epochs).
+    #[arg(long, default_value_t = 24)]
+    steps: usize,
+    /// Train for this many passes over the training examples instead of --steps.
+    #[arg(long)]
+    epochs: Option<f64>,
+    /// Sequences per micro-batch.
+    #[arg(long, default_value_t = 4)]
+    batch: usize,
+    /// Micro-batches per optimizer step.
+    #[arg(long, default_value_t = 1)]
+    grad_accum: usize,
+    /// Peak learning rate (AdamW; Medusa-1 uses 1e-3).
+    #[arg(long, default_value_t = 1e-3)]
+    lr: f64,
+    /// Fraction of the steps spent in linear warmup before the cosine decay.
+    #[arg(long, default_value_t = 0.1)]
+    warmup_ratio: f64,
+    #[arg(long, default_value_t = 0.0)]
+    weight_decay: f64,
+    /// Weight of head k's loss is decay^(k-1).
+    #[arg(long, default_value_t = 0.8)]
+    loss_decay: f64,
+    /// auto: CUDA when a GPU is present, else the CPU.
+    #[arg(long, value_enum, default_value_t = BackendArg::Auto)]
+    backend: BackendArg,
+    /// Dtype of the frozen backbone; auto = bf16 on CUDA, f32 on the CPU. Heads train in f32.
+    #[arg(long, value_enum, default_value_t = DtypeArg::Auto)]
+    dtype: DtypeArg,
+    /// Output folder (heads, report, checkpoint). The default is where `bench` looks for heads.
+    #[arg(long, default_value = "medusa-heads")]
+    out: PathBuf,
+    /// Seeds the prompt sample, the held-out split, the example order and sampling.
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// Continue the interrupted run whose checkpoint is in --out (same arguments otherwise).
+    #[arg(long)]
+    resume: bool,
+    /// Write a checkpoint (heads, optimizer, position) every this many steps; 0 = never.
+    #[arg(long, default_value_t = 100)]
+    checkpoint_every: usize,
+    /// Stop after this many steps with a checkpoint, to --resume later.
+    #[arg(long)]
+    stop_after: Option<usize>,
+    /// Evaluate on the held-out prompts every this many steps (0 = only at the end).
+    #[arg(long, default_value_t = 0)]
+    eval_every: usize,
+    /// Nodes of the decoding tree built from the measured accuracies (mc_sim_7b_63 has 63).
+    #[arg(long, default_value_t = 63)]
+    tree_nodes: usize,
+    /// Folder of the generated-response cache (default: the project cache,
+    /// ~/.cache/burn-decode/distill).
+    #[arg(long)]
+    distill_cache: Option<PathBuf>,
+}
+
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+enum BackendArg {
+    Auto,
+    Cpu,
+    Cuda,
+}
+
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+enum DtypeArg {
+    Auto,
+    F32,
+    Bf16,
+    F16,
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    let kind = match args.backend {
+        BackendArg::Auto => model::device::detect(),
+        BackendArg::Cpu => DeviceKind::Cpu,
+        BackendArg::Cuda => DeviceKind::Cuda,
+    };
+    let dtype = match (args.dtype, kind) {
+        (DtypeArg::Auto, DeviceKind::Cuda) | (DtypeArg::Bf16, _) => DType::BF16,
+        (DtypeArg::Auto, DeviceKind::Cpu) | (DtypeArg::F32, _) => DType::F32,
+        (DtypeArg::F16, _) => DType::F16,
+    };
+    match kind {
+        DeviceKind::Cpu => {
+            run::<burn::backend::Flex>(&args, dtype, "CPU (Flex)", &Default::default())
+        }
+        DeviceKind::Cuda => run_cuda(&args, dtype),
+    }
+}
+
+#[cfg(feature = "cuda")]
+fn run_cuda(args: &Args, dtype: DType) -> Result<()> {
+    run::<burn::backend::Cuda>(args, dtype, "CUDA", &Default::default())
+}
+
+#[cfg(not(feature = "cuda"))]
+fn run_cuda(_: &Args, _: DType) -> Result<()> {
+    bail!("built without the `cuda` feature; use --backend cpu")
+}
+
+fn run<B: FlashAttentionBackend>(
+    args: &Args,
+    dtype: DType,
+    device_name: &str,
+    device: &B::Device,
+) -> Result<()> {
+    let start = Instant::now();
+    let command = std::env::args().collect::<Vec<_>>().join(" ");
+    let cuda = device_name == "CUDA";
+    if args.heads == 0 || args.batch == 0 || args.grad_accum == 0 {
+        bail!("--heads, --batch and --grad-accum must be at least 1");
+    }
+
+    // Model and tokenizer.
+    let source = ModelSource::parse(&args.model);
+    let dir = source.resolve().with_context(|| {
+        format!(
+            "obtaining the model {:?} (the trainer needs weights and a tokenizer)",
+            args.model
+        )
+    })?;
+    let options = LoadOptions::default()
+        .with_dtype(dtype)
+        .with_max_seq_len(args.max_seq_len);
+    let model = Llama::<B>::load(&dir, &options, device)?;
+    let tokenizer = Tokenizer::from_dir(&dir)?;
+    println!(
+        "model {} ({} layers, hidden {}, vocab {}) on {device_name}, backbone {dtype:?}",
+        source.display_name(),
+        model.config.num_hidden_layers,
+        model.config.hidden_size,
+        model.config.vocab_size
+    );
+
+    // Prompts: a seeded sample, split into held-out and training, chat-formatted.
+    let data_file = args.data.clone().unwrap_or_else(data::default_prompts_path);
+    let records = data::read_prompts(&data_file)?;
+    let count = args.prompts.min(records.len());
+    let eval_count = if args.eval_fraction > 0.0 {
+        ((args.eval_fraction * count as f64).ceil() as usize).max(8.min(count / 2))
+    } else {
+        0
+    };
+    let (eval_records, train_records) = data::sample_split(&records, count, eval_count, args.seed);
+    let mut too_long = 0;
+    let mut tokenize = |recs: &[data::PromptRecord]| -> Result<Vec<(String, Vec<u32>)>> {
+        let mut out = Vec::with_capacity(recs.len());
+        for r in recs {
+            let ids = tokenizer.encode_chat(&r.messages)?;
+            if ids.is_empty() || ids.len() + args.response_tokens > args.max_seq_len {
+                too_long += 1;
+            } else {
+                out.push((r.id.clone(), ids));
+            }
+        }
+        Ok(out)
+    };
+    let eval_prompts = tokenize(&eval_records)?;
+    let train_prompts = tokenize(&train_records)?;
+    if train_prompts.is_empty() {
+        bail!(
+            "no training prompt fits --max-seq-len {} with --response-tokens {}",
+            args.max_seq_len,
+            args.response_tokens
+        );
+    }
+
+    // Self-distillation.
+    let distill_config = DistillConfig {
+        max_new_tokens: args.response_tokens,
+        temperature: args.temperature,
+        seed: args.seed,
+        batch_size: args.gen_batch.unwrap_or(if cuda { 128 } else { 8 }),
+        max_length_spread: args.length_spread,
+        stop_tokens: tokenizer.stop_tokens(),
+    };
+    let model_id = format!(
+        "{}|{}|{dtype:?}",
+        source.display_name(),
+        serde_json::to_string(&model.config)?
+    );
+    let key = data::cache_key(&format!("{model_id}|{}", distill_config.cache_settings()));
+    let cache_dir = args
+        .distill_cache
+        .clone()
+        .unwrap_or_else(|| model::source::cache_dir().join("distill"));
+    let mut cache = ExampleCache::open(&cache_dir, &key)?;
+    let all: Vec<(String, Vec<u32>)> = eval_prompts.iter().chain(&train_prompts).cloned().collect();
+    println!(
+        "self-distillation: {} prompts ({} held out), responses of up to {} tokens, {} \
+         (cache {})",
+        all.len(),
+        eval_prompts.len(),
+        args.response_tokens,
+        if args.temperature > 0.0 {
+            format!("sampled at T={}", args.temperature)
+        } else {
+            "greedy".into()
+        },
+        cache.path().display()
+    );
+    let bar = trainer::progress_bar(true, all.len() as u64, "generate");
+    let (examples, gen_stats) = train::distill(
+        &model,
+        &all,
+        &distill_config,
+        &mut cache,
+        &bar,
+        !stderr().is_terminal(),
+    )?;
+    bar.finish();
+    let (eval, train_examples) = examples.split_at(eval_prompts.len());
+    println!(
+        "  {} responses ({} generated in {:.1} s, {} from the cache), {} tokens; {} ended with a stop token",
+        gen_stats.prompts,
+        gen_stats.generated,
+        gen_stats.seconds,
+        gen_stats.cached,
+        gen_stats.response_tokens,
+        gen_stats.stopped
+    );
+
+    // Training.
+    let micro = args.batch * args.grad_accum;
+    let steps = match args.epochs {
+        Some(e) => ((e * train_examples.len() as f64) / micro as f64)
+            .ceil()
+            .max(1.0) as usize,
+        None => args.steps.max(1),
+    };
+    // Frozen backbone: on the CPU, when examples are seen more than once and their hidden states
+    // fit in 2 GiB (f32), compute them once. (On a GPU the batched backbone forward is cheap next
+    // to the heads.)
+    let epochs = (steps * micro) as f64 / train_examples.len() as f64;
+    let hidden_bytes: usize = train_examples
+        .iter()
+        .map(|e| (e.response.len() + args.heads + 1) * model.config.hidden_size * 4)
+        .sum();
+    let cache_hidden = !cuda && epochs > 1.0 && hidden_bytes <= 2 << 30;
+    let config = TrainConfig {
+        num_heads: args.heads,
+        num_layers: args.layers,
+        steps,
+        batch_size: args.batch,
+        grad_accum: args.grad_accum,
+        lr: args.lr,
+        warmup_steps: (args.warmup_ratio * steps as f64).round() as usize,
+        weight_decay: args.weight_decay,
+        loss_decay: args.loss_decay,
+        seed: args.seed,
+        eval_batch_size: args.batch.max(8),
+        cache_hidden,
+    };
+    let control = RunControl {
+        checkpoint_every: args.checkpoint_every,
+        eval_every: args.eval_every,
+        stop_after: args.stop_after,
+        resume: args.resume,
+        progress: true,
+    };
+    let fingerprint = format!(
+        "{key}|{}|{}|{}|{}|{}",
+        serde_json::to_string(&config)?,
+        data_file.display(),
+        count,
+        eval_count,
+        args.max_seq_len
+    );
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("creating {}", args.out.display()))?;
+    // The folder holds large generated files: keep it out of version control.
+    let ignore = args.out.join(".gitignore");
+    if !ignore.exists() {
+        std::fs::write(&ignore, "*\n")?;
+    }
+    let train_tokens: usize = train_examples.iter().map(|e| e.response.len()).sum();
+    println!(
+        "training {} heads x {} layers: {} steps of {} x {} sequences ({epochs:.2} epochs of {} \
+         examples, {} response tokens){}{}",
+        config.num_heads,
+        config.num_layers,
+        steps,
+        config.grad_accum,
+        config.batch_size,
+        train_examples.len(),
+        train_tokens,
+        if cache_hidden {
+            "; backbone hidden states computed once"
+        } else {
+            ""
+        },
+        if args.resume { ", resuming" } else { "" }
+    );
+    let outcome = train::train(
+        &model,
+        train_examples,
+        eval,
+        &config,
+        &control,
+        &args.out,
+        &fingerprint,
+    )?;
+    let (heads, state) = match outcome {
+        Outcome::Stopped(state) => {
+            println!(
+                "stopped after step {} of {}; checkpoint in {}. Continue with:\n  {} --resume",
+                state.step,
+                config.steps,
+                args.out.display(),
+                command
+                    .replace(
+                        &format!("--stop-after {}", args.stop_after.unwrap_or(0)),
+                        ""
+                    )
+                    .trim()
+            );
+            return Ok(());
+        }
+        Outcome::Finished { heads, state } => (heads, state),
+    };
+
+    // Tree from the measured accuracies, heads, report.
+    let final_eval = state.evals.last().expect("final evaluation");
+    let tree = (final_eval.targets.iter().skip(1).any(|&t| t > 0)).then(|| {
+        let accuracy = final_eval.rank_accuracy();
+        let choices = tree::optimal_choices(&accuracy, args.tree_nodes);
+        let mc_sim = tree::parse_choices(MC_SIM_7B_63).ok().map(|paths| {
+            let fitting: Vec<Vec<usize>> = paths
+                .into_iter()
+                .filter(|p| p.len() <= args.heads)
+                .collect();
+            tree::expected_tokens_per_step(&fitting, &accuracy)
+        });
+        TreeSummary {
+            nodes: choices.len(),
+            expected_tokens_per_step: tree::expected_tokens_per_step(&choices, &accuracy),
+            mc_sim_7b_63_expected_tokens_per_step: mc_sim,
+            choices,
+        }
+    });
+    let metadata = HeadsMetadata {
+        base_model_name_or_path: Some(args.model.clone()),
+        medusa_choices: tree
+            .as_ref()
+            .map(|t| t.choices.clone())
+            .filter(|c| !c.is_empty()),
+    };
+    heads_checkpoint::save(&heads, &args.out, &metadata)?;
+
+    let report = Report {
+        model: source.display_name(),
+        device: device_name.into(),
+        backbone_dtype: format!("{dtype:?}"),
+        command: command.clone(),
+        config,
+        distill: distill_config,
+        data: DataStats {
+            data_file: data_file.display().to_string(),
+            prompts_in_file: records.len(),
+            sampled: count,
+            too_long,
+            train_examples: train_examples.len(),
+            eval_examples: eval.len(),
+            train_response_tokens: train_tokens,
+            eval_response_tokens: eval.iter().map(|e| e.response.len()).sum(),
+            max_seq_len: args.max_seq_len,
+            cache_file: cache.path().display().to_string(),
+        },
+        generation: gen_stats.clone(),
+        generation_seconds: gen_stats.seconds,
+        train_seconds: state.train_seconds,
+        eval_seconds: state.eval_seconds,
+        total_seconds: start.elapsed().as_secs_f64(),
+        history: state.history.clone(),
+        evals: state.evals.clone(),
+        tree,
+        heads_dir: args.out.display().to_string(),
+    };
+    report.write(&args.out)?;
+
+    println!("\n{}", report.accuracy_table());
+    println!("held-out top-1/top-5: {}", accuracy_line(final_eval));
+    if let Some(t) = &report.tree {
+        println!(
+            "tree: {} nodes, expected {:.2} tokens/step{}",
+            t.nodes,
+            t.expected_tokens_per_step,
+            t.mc_sim_7b_63_expected_tokens_per_step
+                .map(|e| format!(" (mc_sim_7b_63: {e:.2})"))
+                .unwrap_or_default()
+        );
+    }
+    println!(
+        "time: generation {:.1} s, training {:.1} s, evaluation {:.1} s, total {:.1} s",
+        report.generation_seconds, report.train_seconds, report.eval_seconds, report.total_seconds
+    );
+    if args.prompts < 1000 {
+        println!(
+            "(a small budget: real heads need thousands of prompts, best on a GPU; see \
+             `cargo run --release -p train -- --help`)"
+        );
+    }
+    println!(
+        "\nheads written to {} (report.md, report.json beside them)",
+        args.out.display()
+    );
+    println!("use them: {}", usage(&args.model, &args.out));
+    Ok(())
+}
+
+/// The command that decodes with the trained heads.
+fn usage(model: &str, out: &Path) -> String {
+    let model = if model == "default" {
+        String::new()
+    } else {
+        format!(" --model {model}")
+    };
+    format!(
+        "cargo run --release -p bench -- e2e{model} --medusa-heads {}",
+        out.display()
+    )
+}

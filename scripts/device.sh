@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# The steps run on the lent GPU machine (no Rust, no network there). Release binaries are built
+# here, stripped, gzipped into .device/bin/ and carried; the default model's GGUF crosses in
+# chunks (../shared/device/split.sh + assemble.sh) into /root/stage.
+#
+#   bash scripts/device.sh tests   # kernel test grid on CUDA + model fidelity (f32, bf16)
+#   bash scripts/device.sh train   # Medusa heads (flags below) into /root/heads
+#   bash scripts/device.sh bench   # the benchmark report with those heads
+#
+# Results go to $OUT (what the device tool brings back).
+set -uo pipefail
+step=${1:?step}
+shift
+export BURN_DECODE_CACHE=/root/cache SMOLLM2_GGUF=/root/stage/SmolLM2-135M-Instruct.Q4_1.gguf
+export BURN_DECODE_DEVICE=cuda
+OUT=${OUT:-/tmp/out}
+mkdir -p /root/bin "$OUT"
+for f in .device/bin/*.gz; do
+  [ -e "$f" ] || continue
+  n=$(basename "$f" .gz)
+  gunzip -c "$f" > "/root/bin/$n" && chmod +x "/root/bin/$n"
+done
+case $step in
+  tests)
+    nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
+    /root/bin/attention-cuda --test-threads=1 > "$OUT/kernel-tests-cuda.log" 2>&1
+    echo "kernel tests exit $?"; grep -E "^test |test result" "$OUT/kernel-tests-cuda.log" | tail -40
+    /root/bin/bench fidelity --out "$OUT/fidelity" > "$OUT/fidelity.log" 2>&1
+    echo "fidelity exit $?"; tail -14 "$OUT/fidelity.log"
+    ;;
+  train)
+    /root/bin/train --out /root/heads "$@" > "$OUT/train.log" 2>&1
+    echo "train exit $?"; tail -40 "$OUT/train.log"
+    cp /root/heads/*.md /root/heads/*.json "$OUT/" 2>/dev/null
+    ;;
+  bench)
+    /root/bin/bench --medusa-heads /root/heads --out "$OUT/bench" "$@" > "$OUT/bench.log" 2>&1
+    echo "bench exit $?"; grep -v "^\s*$" "$OUT/bench/report.md" | tail -60
+    ;;
+  *) echo "unknown step $step"; exit 2 ;;
+esac

@@ -1,0 +1,251 @@
+//! The Medusa-1 objective: head `k` (1-based) reads the hidden state at position `t` and predicts
+//! the token at `t + 1 + k` (the base LM head predicts `t + 1`); the loss is
+//! `Σ_k λ^(k−1) · CE_k` with `λ = 0.8`, counted only where the target is a response token.
+
+use burn::tensor::{DType, Int, Tensor, TensorData, activation::log_softmax, backend::Backend};
+use medusa::{MedusaHead, MedusaHeads};
+use model::{Llama, Result};
+
+use crate::data::Example;
+
+/// A batch of examples laid out for the backbone (right-padded tokens) and for the heads (the
+/// positions they read and, per offset, the token they must predict there).
+///
+/// Right padding is harmless to a causal model: real positions never see the pad tokens after
+/// them, and pad positions are never selected.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HeadBatch {
+    pub batch: usize,
+    /// Longest sequence of the batch.
+    pub len: usize,
+    /// `[batch, len]` row-major token ids, 0-padded.
+    pub tokens: Vec<i64>,
+    /// Selected positions as flat indices `row * len + t`: those where at least one offset has a
+    /// response token to predict.
+    pub rows: Vec<i64>,
+    /// Target offsets: `1` is the base LM head, `1 + k` Medusa head `k`.
+    pub offsets: Vec<usize>,
+    /// `[offsets, rows]`: the token at `t + offset`, or 0 where there is none.
+    pub targets: Vec<i64>,
+    /// `[offsets, rows]`: 1 where the target exists and is a response token.
+    pub mask: Vec<f32>,
+    /// Valid targets per offset (the sums of `mask`).
+    pub counts: Vec<usize>,
+}
+
+impl HeadBatch {
+    /// Lays out `examples` for targets at `offsets` (e.g. `2..=K + 1` to train `K` heads).
+    pub fn new(examples: &[&Example], offsets: &[usize]) -> Self {
+        let batch = examples.len();
+        let len = examples.iter().map(|e| e.len()).max().unwrap_or(0);
+        let (lo, hi) = (
+            *offsets.iter().min().expect("at least one offset"),
+            *offsets.iter().max().expect("at least one offset"),
+        );
+        let mut tokens = vec![0i64; batch * len];
+        let mut rows = Vec::new();
+        let mut per_offset: Vec<Vec<(i64, f32)>> = vec![Vec::new(); offsets.len()];
+        for (r, e) in examples.iter().enumerate() {
+            let seq: Vec<u32> = e.tokens().collect();
+            for (t, &id) in seq.iter().enumerate() {
+                tokens[r * len + t] = id as i64;
+            }
+            // Targets must be response tokens: t + offset in [prompt, seq).
+            let (p, n) = (e.prompt.len(), seq.len());
+            let first = p.saturating_sub(hi);
+            let last = n.saturating_sub(lo + 1);
+            if n <= lo {
+                continue;
+            }
+            for t in first..=last {
+                rows.push((r * len + t) as i64);
+                for (j, &o) in offsets.iter().enumerate() {
+                    let target = t + o;
+                    per_offset[j].push(if target >= p && target < n {
+                        (seq[target] as i64, 1.0)
+                    } else {
+                        (0, 0.0)
+                    });
+                }
+            }
+        }
+        let counts = per_offset
+            .iter()
+            .map(|v| v.iter().filter(|(_, m)| *m > 0.0).count())
+            .collect();
+        let (targets, mask) = per_offset.into_iter().flatten().unzip();
+        Self {
+            batch,
+            len,
+            tokens,
+            rows,
+            offsets: offsets.to_vec(),
+            targets,
+            mask,
+            counts,
+        }
+    }
+
+    pub fn num_rows(&self) -> usize {
+        self.rows.len()
+    }
+
+    /// Targets of offset index `j` as a `[rows]` tensor.
+    pub fn targets_tensor<B: Backend>(&self, j: usize, device: &B::Device) -> Tensor<B, 1, Int> {
+        let n = self.num_rows();
+        let data = self.targets[j * n..(j + 1) * n].to_vec();
+        Tensor::from_data(TensorData::new(data, [n]), device)
+    }
+
+    /// Mask of offset index `j` as a `[rows]` tensor.
+    pub fn mask_tensor<B: Backend>(&self, j: usize, device: &B::Device) -> Tensor<B, 1> {
+        let n = self.num_rows();
+        let data = self.mask[j * n..(j + 1) * n].to_vec();
+        Tensor::from_data(TensorData::new(data, [n]), device)
+    }
+}
+
+/// Final-norm hidden states of the selected positions, `[rows, hidden]` in f32, computed by the
+/// frozen backbone (no autodiff).
+pub fn backbone_rows<B: kernels::FlashAttentionBackend>(
+    model: &Llama<B>,
+    batch: &HeadBatch,
+) -> Result<Tensor<B, 2>> {
+    let device = model.device();
+    let tokens = Tensor::<B, 2, Int>::from_data(
+        TensorData::new(batch.tokens.clone(), [batch.batch, batch.len]),
+        device,
+    );
+    let mut cache = model.new_cache(batch.batch, batch.len);
+    let hidden = model.forward_hidden(tokens, &mut cache, None)?;
+    let [b, n, h] = hidden.dims();
+    let rows = Tensor::<B, 1, Int>::from_data(
+        TensorData::new(batch.rows.clone(), [batch.num_rows()]),
+        device,
+    );
+    Ok(hidden.reshape([b * n, h]).select(0, rows).cast(DType::F32))
+}
+
+/// Logits `[rows, vocab]` of one Medusa head.
+pub fn head_logits<B: kernels::LinearBackend>(head: &MedusaHead<B>, hidden: Tensor<B, 2>) -> Tensor<B, 2> {
+    let x = head.blocks.iter().fold(hidden, |x, block| block.forward(x));
+    head.lm_head
+        .as_ref()
+        .expect("Medusa-1 heads have their own vocabulary projection")
+        .forward(x)
+}
+
+/// Mean cross-entropy of `logits` against `targets` over the positions where `mask` is 1
+/// (`count` of them).
+pub fn masked_cross_entropy<B: Backend>(
+    logits: Tensor<B, 2>,
+    targets: Tensor<B, 1, Int>,
+    mask: Tensor<B, 1>,
+    count: usize,
+) -> Tensor<B, 1> {
+    let [n, _] = logits.dims();
+    let picked = log_softmax(logits, 1)
+        .gather(1, targets.reshape([n, 1]))
+        .reshape([n]);
+    -(picked * mask).sum() / count.max(1) as f64
+}
+
+/// The Medusa-1 loss of a batch laid out with offsets `2..=K + 1`: returns the weighted total
+/// (a scalar, to back-propagate) and each head's cross-entropy `[K]`.
+pub fn medusa_loss<B: kernels::LinearBackend>(
+    heads: &MedusaHeads<B>,
+    hidden: Tensor<B, 2>,
+    batch: &HeadBatch,
+    decay: f64,
+) -> (Tensor<B, 1>, Tensor<B, 1>) {
+    let device = hidden.device();
+    let per_head: Vec<Tensor<B, 1>> = heads
+        .heads
+        .iter()
+        .enumerate()
+        .map(|(k, head)| {
+            debug_assert_eq!(batch.offsets[k], k + 2);
+            masked_cross_entropy(
+                head_logits(head, hidden.clone()),
+                batch.targets_tensor(k, &device),
+                batch.mask_tensor(k, &device),
+                batch.counts[k],
+            )
+        })
+        .collect();
+    let total = per_head
+        .iter()
+        .enumerate()
+        .map(|(k, ce)| ce.clone() * decay.powi(k as i32))
+        .reduce(|a, b| a + b)
+        .expect("at least one head");
+    (total, Tensor::cat(per_head, 0))
+}
+
+/// Rank of each target among `logits`' entries (`[rows]`): the number of strictly larger
+/// logits, so the target is in the top-`k` exactly when its rank is below `k`.
+pub fn target_ranks<B: Backend>(
+    logits: Tensor<B, 2>,
+    targets: Tensor<B, 1, Int>,
+) -> Tensor<B, 1, Int> {
+    let [n, v] = logits.dims();
+    let target_logit = logits.clone().gather(1, targets.reshape([n, 1]));
+    logits
+        .greater(target_logit.expand([n, v]))
+        .int()
+        .sum_dim(1)
+        .reshape([n])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::backend::Flex;
+
+    fn example(prompt: &[u32], response: &[u32]) -> Example {
+        Example {
+            id: "x".into(),
+            prompt: prompt.to_vec(),
+            response: response.to_vec(),
+        }
+    }
+
+    #[test]
+    fn targets_are_response_tokens_at_t_plus_offset() {
+        // prompt 10 11 12 | response 20 21 22 23
+        let a = example(&[10, 11, 12], &[20, 21, 22, 23]);
+        let b = example(&[30], &[40, 41]);
+        let batch = HeadBatch::new(&[&a, &b], &[2, 3]);
+        assert_eq!((batch.batch, batch.len), (2, 7));
+        assert_eq!(&batch.tokens[7..10], &[30, 40, 41]);
+        assert_eq!(&batch.tokens[10..], &[0; 4]);
+        // Sequence a: t from 3 - 3 = 0 to 7 - 3 = 4; sequence b: t = 0 only (n = 3).
+        assert_eq!(batch.rows, vec![0, 1, 2, 3, 4, 7]);
+        let n = batch.num_rows();
+        // Offset 2 (head 1): t=0 -> token 2 is prompt (masked), t=1 -> 20, ..., t=4 -> 23.
+        assert_eq!(&batch.targets[..n], &[0, 20, 21, 22, 23, 41]);
+        assert_eq!(&batch.mask[..n], &[0.0, 1.0, 1.0, 1.0, 1.0, 1.0]);
+        // Offset 3 (head 2): t=0 -> 20, ..., t=3 -> 23, t=4 -> beyond the end.
+        assert_eq!(&batch.targets[n..], &[20, 21, 22, 23, 0, 0]);
+        assert_eq!(&batch.mask[n..], &[1.0, 1.0, 1.0, 1.0, 0.0, 0.0]);
+        assert_eq!(batch.counts, vec![5, 4]);
+    }
+
+    #[test]
+    fn cross_entropy_and_ranks() {
+        let device = Default::default();
+        let logits = Tensor::<Flex, 2>::from_floats([[2.0, 1.0, 0.0], [0.0, 0.0, 3.0]], &device);
+        let targets = Tensor::<Flex, 1, Int>::from_ints([1, 2], &device);
+        let ranks: Vec<i64> = target_ranks(logits.clone(), targets.clone())
+            .into_data()
+            .convert::<i64>()
+            .to_vec()
+            .unwrap();
+        assert_eq!(ranks, vec![1, 0]);
+        // Only the first row counts.
+        let mask = Tensor::<Flex, 1>::from_floats([1.0, 0.0], &device);
+        let ce: f32 = masked_cross_entropy(logits, targets, mask, 1).into_scalar();
+        let lse = (2f32.exp() + 1f32.exp() + 1.0).ln();
+        assert!((ce - (lse - 1.0)).abs() < 1e-5, "{ce}");
+    }
+}

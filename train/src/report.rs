@@ -1,0 +1,223 @@
+//! The training report (`report.json`, `report.md`) and the summary printed at the end.
+
+use std::{fmt::Write as _, path::Path};
+
+use anyhow::Result;
+use serde::Serialize;
+
+use crate::{
+    distill::{DistillConfig, DistillStats},
+    trainer::{EvalResult, StepLog, TrainConfig},
+};
+
+/// Where the examples came from.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct DataStats {
+    pub data_file: String,
+    pub prompts_in_file: usize,
+    /// Sampled prompts (before the length filter).
+    pub sampled: usize,
+    /// Sampled prompts dropped because prompt + response would exceed `max_seq_len`.
+    pub too_long: usize,
+    pub train_examples: usize,
+    pub eval_examples: usize,
+    pub train_response_tokens: usize,
+    pub eval_response_tokens: usize,
+    pub max_seq_len: usize,
+    pub cache_file: String,
+}
+
+/// The tree derived from the measured accuracies.
+#[derive(Debug, Clone, Serialize)]
+pub struct TreeSummary {
+    pub nodes: usize,
+    pub choices: Vec<Vec<usize>>,
+    /// Expected tokens per decoding step under the measured accuracies (independence assumed).
+    pub expected_tokens_per_step: f64,
+    /// The same for `mc_sim_7b_63` restricted to the trained heads, for comparison.
+    pub mc_sim_7b_63_expected_tokens_per_step: Option<f64>,
+}
+
+/// Everything about one training run.
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub model: String,
+    pub device: String,
+    pub backbone_dtype: String,
+    pub command: String,
+    pub config: TrainConfig,
+    pub distill: DistillConfig,
+    pub data: DataStats,
+    pub generation: DistillStats,
+    /// Wall time: generation (this run), training steps, evaluation, and the whole program.
+    pub generation_seconds: f64,
+    pub train_seconds: f64,
+    pub eval_seconds: f64,
+    pub total_seconds: f64,
+    pub history: Vec<StepLog>,
+    pub evals: Vec<EvalResult>,
+    pub tree: Option<TreeSummary>,
+    pub heads_dir: String,
+}
+
+impl Report {
+    /// The final evaluation.
+    pub fn final_eval(&self) -> Option<&EvalResult> {
+        self.evals.last()
+    }
+
+    /// Writes `report.json` and `report.md` into `dir`.
+    pub fn write(&self, dir: &Path) -> Result<()> {
+        std::fs::write(dir.join("report.json"), serde_json::to_string_pretty(self)?)?;
+        std::fs::write(dir.join("report.md"), self.markdown())?;
+        Ok(())
+    }
+
+    /// Per-head accuracy table (Markdown, also readable as plain text).
+    pub fn accuracy_table(&self) -> String {
+        let mut s = String::new();
+        let Some(eval) = self.final_eval() else {
+            return "(no held-out evaluation)\n".into();
+        };
+        s += "| head | predicts | targets | top-1 | top-5 | top-10 | CE |\n";
+        s += "| --- | --- | ---: | ---: | ---: | ---: | ---: |\n";
+        for j in 0..eval.targets.len() {
+            let (name, predicts) = if j == 0 {
+                ("base LM head".to_string(), "t+1".to_string())
+            } else {
+                (format!("medusa {j}"), format!("t+{}", j + 1))
+            };
+            let _ = writeln!(
+                s,
+                "| {name} | {predicts} | {} | {:.3} | {:.3} | {:.3} | {:.3} |",
+                eval.targets[j],
+                eval.top_k(j, 1),
+                eval.top_k(j, 5),
+                eval.top_k(j, 10),
+                eval.loss[j]
+            );
+        }
+        s
+    }
+
+    /// The report as Markdown.
+    pub fn markdown(&self) -> String {
+        let mut s = String::new();
+        let c = &self.config;
+        let _ = writeln!(s, "# Medusa heads for {}\n", self.model);
+        let _ = writeln!(
+            s,
+            "Medusa-1 (frozen backbone, self-distillation). Device: {}, backbone dtype {}, heads \
+             f32. Heads written to `{}`.\n",
+            self.device, self.backbone_dtype, self.heads_dir
+        );
+        let _ = writeln!(s, "Command: `{}`\n", self.command);
+        s += "## Time\n\n| phase | seconds |\n| --- | ---: |\n";
+        let _ = writeln!(
+            s,
+            "| generation (self-distillation, {} of {} responses generated, {} cached) | {:.1} |",
+            self.generation.generated,
+            self.generation.prompts,
+            self.generation.cached,
+            self.generation_seconds
+        );
+        let _ = writeln!(
+            s,
+            "| training ({} steps) | {:.1} |",
+            c.steps, self.train_seconds
+        );
+        let _ = writeln!(s, "| evaluation | {:.1} |", self.eval_seconds);
+        let _ = writeln!(
+            s,
+            "| total (incl. loading and saving) | {:.1} |\n",
+            self.total_seconds
+        );
+
+        s += "## Held-out accuracy\n\n";
+        let _ = writeln!(
+            s,
+            "{} held-out prompts; targets are the base model's own response tokens. The base LM \
+             head row checks the setup: with greedy data it should be close to 1.\n",
+            self.data.eval_examples
+        );
+        s += &self.accuracy_table();
+        s += "\n";
+
+        if let Some(tree) = &self.tree {
+            s += "## Tree\n\n";
+            let _ = writeln!(
+                s,
+                "Built greedily from the measured per-rank accuracies ({} nodes): expected {:.3} \
+                 tokens per step{}. Saved as `medusa_choices` in `config.json`, so decoders use \
+                 it by default.\n",
+                tree.nodes,
+                tree.expected_tokens_per_step,
+                tree.mc_sim_7b_63_expected_tokens_per_step
+                    .map(|e| format!(" (mc_sim_7b_63 under the same accuracies: {e:.3})"))
+                    .unwrap_or_default()
+            );
+            let _ = writeln!(
+                s,
+                "```\n{}\n```\n",
+                serde_json::to_string(&tree.choices).unwrap_or_default()
+            );
+        }
+
+        s += "## Loss\n\n| step | lr | loss | head CE |\n| ---: | ---: | ---: | --- |\n";
+        let every = (self.history.len() / 20).max(1);
+        for (i, log) in self.history.iter().enumerate() {
+            if i % every == 0 || i + 1 == self.history.len() {
+                let ce: Vec<String> = log.head_loss.iter().map(|l| format!("{l:.3}")).collect();
+                let _ = writeln!(
+                    s,
+                    "| {} | {:.2e} | {:.4} | {} |",
+                    log.step,
+                    log.lr,
+                    log.loss,
+                    ce.join(", ")
+                );
+            }
+        }
+        if self.evals.len() > 1 {
+            s += "\n### Accuracy during training (top-1 per head)\n\n| step | top-1 |\n| ---: | --- |\n";
+            for e in &self.evals {
+                let acc: Vec<String> = (1..e.targets.len())
+                    .map(|j| format!("{:.3}", e.top_k(j, 1)))
+                    .collect();
+                let _ = writeln!(s, "| {} | {} |", e.step, acc.join(", "));
+            }
+        }
+
+        s += "\n## Data\n\n";
+        let d = &self.data;
+        let _ = writeln!(
+            s,
+            "- prompts: `{}` ({} in the file, {} sampled, {} dropped as longer than {} tokens with \
+             their response)",
+            d.data_file, d.prompts_in_file, d.sampled, d.too_long, d.max_seq_len
+        );
+        let _ = writeln!(
+            s,
+            "- train: {} examples, {} response tokens; held out: {} examples, {} response tokens",
+            d.train_examples, d.train_response_tokens, d.eval_examples, d.eval_response_tokens
+        );
+        let g = &self.generation;
+        let _ = writeln!(
+            s,
+            "- responses: {} tokens in all, {} of {} ended with a stop token, the rest at {} tokens; \
+             {} batches, {} forward passes in this run",
+            g.response_tokens,
+            g.stopped,
+            g.prompts,
+            self.distill.max_new_tokens,
+            g.batches,
+            g.forward_passes
+        );
+        let _ = writeln!(s, "- cache: `{}`\n", d.cache_file);
+
+        s += "## Configuration\n\n```json\n";
+        s += &serde_json::to_string_pretty(&(&self.config, &self.distill)).unwrap_or_default();
+        s += "\n```\n";
+        s
+    }
+}
