@@ -23,19 +23,25 @@ done
 case $step in
   tests)
     nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
-    /root/bin/attention-cuda --test-threads=1 > "$OUT/kernel-tests-cuda.log" 2>&1
-    echo "kernel tests exit $?"; grep -E "^test |test result" "$OUT/kernel-tests-cuda.log" | tail -40
+    for t in attention linear; do
+      /root/bin/$t-cuda --test-threads=1 > "$OUT/kernel-tests-$t-cuda.log" 2>&1
+      echo "$t kernel tests exit $?"; grep -E "test result|FAILED|panicked" "$OUT/kernel-tests-$t-cuda.log" | tail -8
+    done
     /root/bin/bench fidelity --out "$OUT/fidelity" > "$OUT/fidelity.log" 2>&1
     echo "fidelity exit $?"; tail -14 "$OUT/fidelity.log"
     ;;
   train)
-    /root/bin/train --out /root/heads "$@" > "$OUT/train.log" 2>&1
+    [ -e .device/data/train_prompts.jsonl.gz ] && mkdir -p /root/data && gunzip -c .device/data/train_prompts.jsonl.gz > /root/data/train_prompts.jsonl
+    /root/bin/train --data /root/data/train_prompts.jsonl --out /root/heads "$@" > "$OUT/train.log" 2>&1
     echo "train exit $?"; tail -40 "$OUT/train.log"
     cp /root/heads/*.md /root/heads/*.json "$OUT/" 2>/dev/null
     ;;
   bench)
-    /root/bin/bench --medusa-heads /root/heads --out "$OUT/bench" "$@" > "$OUT/bench.log" 2>&1
-    echo "bench exit $?"; grep -v "^\s*$" "$OUT/bench/report.md" | tail -60
+    # BENCH_NAME names the run's folder under $OUT; trained heads are used when present.
+    name=${BENCH_NAME:-bench}
+    heads=(); [ -d /root/heads ] && heads=(--medusa-heads /root/heads)
+    /root/bin/bench "${heads[@]}" --out "$OUT/$name" "$@" > "$OUT/$name.log" 2>&1
+    echo "bench exit $?"; grep -v "^\s*$" "$OUT/$name/report.md" | tail -60
     ;;
   *) echo "unknown step $step"; exit 2 ;;
 esac

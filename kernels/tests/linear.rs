@@ -508,6 +508,10 @@ fn check_public<B: LinearBackend>(device: &B::Device, dtype: DType) {
             }
             _ => unreachable!(),
         };
+        // Above MAX_M rows the product is Burn's matmul, which on CUDA may use TF32 tensor cores
+        // for f32 (10-bit mantissa: measured 2.6e-4 relative on an H100), so only there the
+        // f32 bound is the one of a 10-bit-mantissa product.
+        let tol = if m > MAX_M { tol.max(2e-3) } else { tol };
         assert_close(&what, &got, &expected, tol);
         println!("{what}: ok");
     }
