@@ -7,7 +7,14 @@
 #   bash scripts/device.sh train   # Medusa heads (flags below) into /root/heads
 #   bash scripts/device.sh bench   # the benchmark report with those heads
 #
-# Results go to $OUT (what the device tool brings back).
+# Results go to $OUT (what the device tool brings back). LIMIT (seconds, default 560) bounds each
+# binary itself, so a step cut short never leaves a process running into the next one.
+#
+# Lessons from the first H100 session (2026-11-28): the machine is given back 30 s after a call
+# ends, and /root (staged model, caches, binaries) goes with it, so issue the three chunk calls
+# back to back and chain every step of a session in the last one; a call carries at most 64 MiB
+# (chunk 40 MiB + one gzipped binary of ~12 MiB fits, two do not); the first minutes of any CUDA
+# run go to autotune and kernel compilation.
 set -uo pipefail
 step=${1:?step}
 shift
@@ -18,21 +25,23 @@ mkdir -p /root/bin "$OUT"
 for f in .device/bin/*.gz; do
   [ -e "$f" ] || continue
   n=$(basename "$f" .gz)
-  gunzip -c "$f" > "/root/bin/$n" && chmod +x "/root/bin/$n"
+  # Unpack beside and rename: a binary still running from an earlier step is not overwritten.
+  gunzip -c "$f" > "/root/bin/.$n" && chmod +x "/root/bin/.$n" && mv -f "/root/bin/.$n" "/root/bin/$n"
 done
+limit() { timeout -k 5 "${LIMIT:-560}" "$@"; }
 case $step in
   tests)
     nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
     for t in attention linear; do
-      /root/bin/$t-cuda --test-threads=1 > "$OUT/kernel-tests-$t-cuda.log" 2>&1
+      limit /root/bin/$t-cuda --test-threads=1 > "$OUT/kernel-tests-$t-cuda.log" 2>&1
       echo "$t kernel tests exit $?"; grep -E "test result|FAILED|panicked" "$OUT/kernel-tests-$t-cuda.log" | tail -8
     done
-    /root/bin/bench fidelity --out "$OUT/fidelity" > "$OUT/fidelity.log" 2>&1
+    limit /root/bin/bench fidelity --out "$OUT/fidelity" > "$OUT/fidelity.log" 2>&1
     echo "fidelity exit $?"; tail -14 "$OUT/fidelity.log"
     ;;
   train)
     [ -e .device/data/train_prompts.jsonl.gz ] && mkdir -p /root/data && gunzip -c .device/data/train_prompts.jsonl.gz > /root/data/train_prompts.jsonl
-    /root/bin/train --data /root/data/train_prompts.jsonl --out /root/heads "$@" > "$OUT/train.log" 2>&1
+    limit /root/bin/train --data /root/data/train_prompts.jsonl --out /root/heads "$@" > "$OUT/train.log" 2>&1
     echo "train exit $?"; tail -40 "$OUT/train.log"
     cp /root/heads/*.md /root/heads/*.json "$OUT/" 2>/dev/null
     ;;
@@ -40,7 +49,7 @@ case $step in
     # BENCH_NAME names the run's folder under $OUT; trained heads are used when present.
     name=${BENCH_NAME:-bench}
     heads=(); [ -d /root/heads ] && heads=(--medusa-heads /root/heads)
-    /root/bin/bench "${heads[@]}" --out "$OUT/$name" "$@" > "$OUT/$name.log" 2>&1
+    limit /root/bin/bench "${heads[@]}" --out "$OUT/$name" "$@" > "$OUT/$name.log" 2>&1
     echo "bench exit $?"; grep -v "^\s*$" "$OUT/$name/report.md" | tail -60
     ;;
   *) echo "unknown step $step"; exit 2 ;;

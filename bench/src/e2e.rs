@@ -100,7 +100,7 @@ pub fn run<B: FlashAttentionBackend>(
     tree: &MedusaTree,
     prompts: &[Prompt],
     settings: &E2eSettings,
-    progress: &indicatif::ProgressBar,
+    progress: &crate::progress::Progress,
 ) -> Result<Vec<PromptResult>> {
     let decoder = MedusaDecoder::new(model, heads, tree.clone())?;
     let stop = tokenizer.stop_tokens();

@@ -221,7 +221,7 @@ pub fn run<B: FlashAttentionBackend>(
     cases: &[Case],
     warmup: usize,
     samples: usize,
-    progress: &indicatif::ProgressBar,
+    progress: &crate::progress::Progress,
 ) -> Vec<Row> {
     let mut rows = Vec::new();
     for case in cases {

@@ -4,6 +4,7 @@
 mod e2e;
 mod fidelity;
 mod kernel;
+mod progress;
 mod prompts;
 mod report;
 mod scale;
@@ -15,10 +16,10 @@ use std::path::PathBuf;
 use anyhow::{Context, Result, bail};
 use burn::tensor::DType;
 use clap::{Parser, Subcommand, ValueEnum};
-use indicatif::{ProgressBar, ProgressStyle};
 use kernels::FlashAttentionBackend;
 use medusa::{MedusaConfig, MedusaHeads, MedusaTree, checkpoint};
 use model::{Llama, LoadOptions, ModelSource, Tokenizer, device::DeviceKind};
+use progress::Progress;
 
 use crate::{
     e2e::{E2eSettings, Summary},
@@ -204,13 +205,10 @@ fn run<B: FlashAttentionBackend>(
         e2e: None,
         scale: None,
     };
-    let style =
-        ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} {msg}")
-            .expect("valid template");
 
     if matches!(command, Command::All | Command::Kernel) {
         let cases = kernel::cases(gpu);
-        let bar = ProgressBar::new(cases.len() as u64).with_style(style.clone());
+        let bar = Progress::new(Some(cases.len() as u64));
         report.kernel = Some(kernel::run::<B>(
             device,
             &cases,
@@ -219,6 +217,8 @@ fn run<B: FlashAttentionBackend>(
             &bar,
         ));
         bar.finish_with_message("kernel: done");
+        // Each finished section is written at once, so a run cut short keeps what it measured.
+        report.write(&args.out)?;
         if !gpu {
             notes.push("On the CPU backend, \"ours\" is the tensor-op reference (the CubeCL kernels run on CUDA and wgpu), so the kernel table only checks plumbing; large sizes are GPU-only.".into());
         }
@@ -236,9 +236,10 @@ fn run<B: FlashAttentionBackend>(
             &source,
             max_new_tokens,
             per_category,
-            &style,
             &mut notes,
         )?);
+        report.notes = notes.clone();
+        report.write(&args.out)?;
     }
     let scale_preset = random_preset.or_else(|| {
         (gpu && command == Command::All && args.scale != "none").then(|| args.scale.clone())
@@ -249,7 +250,7 @@ fn run<B: FlashAttentionBackend>(
                 args.tree.as_deref().unwrap_or("mc_sim_7b_63"),
                 args.heads,
             )?;
-            let bar = ProgressBar::new_spinner().with_style(style.clone());
+            let bar = Progress::new(None);
             report.scale = Some(scale::run::<B>(
                 &preset, dtype, device, &tree, args.heads, &bar,
             )?);
@@ -276,7 +277,6 @@ fn run_e2e<B: FlashAttentionBackend>(
     source: &ModelSource,
     max_new_tokens: usize,
     per_category: usize,
-    style: &ProgressStyle,
     notes: &mut Vec<String>,
 ) -> Result<E2eReport> {
     let dir = source.resolve()?;
@@ -338,7 +338,7 @@ fn run_e2e<B: FlashAttentionBackend>(
     };
     let all = prompts::load(args.prompts.as_deref())?;
     let chosen = prompts::per_category(&all, per_category);
-    let bar = ProgressBar::new(chosen.len() as u64).with_style(style.clone());
+    let bar = Progress::new(Some(chosen.len() as u64));
     let settings = E2eSettings {
         max_new_tokens,
         prompt_max_tokens: args.prompt_max_tokens,

@@ -43,7 +43,8 @@ pub struct ScaleResult {
 /// Measures device copy bandwidth with a 1 GiB tensor (read + write counted).
 pub fn bandwidth<B: FlashAttentionBackend>(device: &B::Device) -> f64 {
     let n = 1usize << 29;
-    let x = Tensor::<B, 1>::random([n], Distribution::Default, (device, DType::F32)).cast(DType::BF16);
+    let x =
+        Tensor::<B, 1>::random([n], Distribution::Default, (device, DType::F32)).cast(DType::BF16);
     let t = time_device::<B>(device, 2, 10, 5.0, || {
         let _ = x.clone() * 1.0001;
     });
@@ -56,7 +57,7 @@ pub fn run<B: FlashAttentionBackend>(
     device: &B::Device,
     tree: &MedusaTree,
     num_heads: usize,
-    progress: &indicatif::ProgressBar,
+    progress: &crate::progress::Progress,
 ) -> Result<ScaleResult> {
     let config = LlamaConfig::preset(preset)?;
     progress.set_message("scale: measuring bandwidth");
@@ -97,6 +98,11 @@ pub fn run<B: FlashAttentionBackend>(
         generate(&model, &prompt, &gen_config, |_| {})?; // warm-up: compilation, autotune
         let out = generate(&model, &prompt, &gen_config, |_| {})?;
         let per_token = out.decode.as_secs_f64() / (out.tokens.len() - 1) as f64;
+        progress.set_message(format!(
+            "scale: {label}: {:.2} ms/token ({:.1} tokens/s)",
+            per_token * 1e3,
+            1.0 / per_token
+        ));
         decode.push(DecodeSpeed {
             label: label.into(),
             ms_per_token: per_token * 1e3,

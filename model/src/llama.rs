@@ -52,7 +52,6 @@ impl<B: Backend> Proj<B> {
             bias,
         })
     }
-
 }
 
 impl<B: LinearBackend> Proj<B> {
@@ -255,7 +254,6 @@ impl<B: Backend> LlamaForCausalLm<B> {
     pub fn embed(&self, tokens: Tensor<B, 2, Int>) -> Tensor<B, 3> {
         embedding(self.model.embed_tokens.val(), tokens)
     }
-
 }
 
 impl<B: LinearBackend> LlamaForCausalLm<B> {

@@ -291,10 +291,12 @@ impl<B: Backend> WeightSource<B> for RandomWeights<B> {
         let options = (&self.device, self.dtype);
         Ok(match kind {
             // Drawn in f32 and cast: not every backend's random kernels take bf16/f16 outputs.
-            ParamKind::Matrix => {
-                Tensor::<B, D>::random(shape, Distribution::Normal(0.0, 0.02), (&self.device, DType::F32))
-                    .cast(self.dtype)
-            }
+            ParamKind::Matrix => Tensor::<B, D>::random(
+                shape,
+                Distribution::Normal(0.0, 0.02),
+                (&self.device, DType::F32),
+            )
+            .cast(self.dtype),
             ParamKind::NormWeight => Tensor::ones(shape, options),
             ParamKind::Bias => Tensor::zeros(shape, options),
         })

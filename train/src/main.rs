@@ -334,6 +334,7 @@ fn run<B: FlashAttentionBackend>(
         seed: args.seed,
         eval_batch_size: args.batch.max(8),
         cache_hidden,
+        pad_multiple: if cuda { 64 } else { 0 },
     };
     let control = RunControl {
         checkpoint_every: args.checkpoint_every,

@@ -90,6 +90,49 @@ impl HeadBatch {
         self.rows.len()
     }
 
+    /// The same batch with the sequence length and the number of selected rows rounded up to
+    /// a multiple of `multiple` (0 or 1: unchanged). Extra rows read position 0 with mask 0, so
+    /// the loss is the same; what changes is that batches come in few distinct shapes.
+    ///
+    /// Why: on CUDA every new shape costs kernel compilation and autotuning (seconds each), and
+    /// without buckets nearly every batch of variable-length examples has a new shape.
+    pub fn padded(self, multiple: usize) -> Self {
+        if multiple <= 1 {
+            return self;
+        }
+        let round = |n: usize| n.div_ceil(multiple).max(1) * multiple;
+        let (len, n) = (round(self.len), self.num_rows());
+        let rows_out = round(n);
+        let mut tokens = vec![0i64; self.batch * len];
+        for r in 0..self.batch {
+            tokens[r * len..r * len + self.len]
+                .copy_from_slice(&self.tokens[r * self.len..(r + 1) * self.len]);
+        }
+        let old_len = self.len.max(1) as i64;
+        let mut rows: Vec<i64> = self
+            .rows
+            .iter()
+            .map(|&i| (i / old_len) * len as i64 + i % old_len)
+            .collect();
+        rows.resize(rows_out, 0);
+        let mut targets = Vec::with_capacity(self.offsets.len() * rows_out);
+        let mut mask = Vec::with_capacity(self.offsets.len() * rows_out);
+        for j in 0..self.offsets.len() {
+            targets.extend_from_slice(&self.targets[j * n..(j + 1) * n]);
+            targets.resize((j + 1) * rows_out, 0);
+            mask.extend_from_slice(&self.mask[j * n..(j + 1) * n]);
+            mask.resize((j + 1) * rows_out, 0.0);
+        }
+        Self {
+            len,
+            tokens,
+            rows,
+            targets,
+            mask,
+            ..self
+        }
+    }
+
     /// Targets of offset index `j` as a `[rows]` tensor.
     pub fn targets_tensor<B: Backend>(&self, j: usize, device: &B::Device) -> Tensor<B, 1, Int> {
         let n = self.num_rows();
@@ -127,7 +170,10 @@ pub fn backbone_rows<B: kernels::FlashAttentionBackend>(
 }
 
 /// Logits `[rows, vocab]` of one Medusa head.
-pub fn head_logits<B: kernels::LinearBackend>(head: &MedusaHead<B>, hidden: Tensor<B, 2>) -> Tensor<B, 2> {
+pub fn head_logits<B: kernels::LinearBackend>(
+    head: &MedusaHead<B>,
+    hidden: Tensor<B, 2>,
+) -> Tensor<B, 2> {
     let x = head.blocks.iter().fold(hidden, |x, block| block.forward(x));
     head.lm_head
         .as_ref()
@@ -229,6 +275,37 @@ mod tests {
         assert_eq!(&batch.targets[n..], &[20, 21, 22, 23, 0, 0]);
         assert_eq!(&batch.mask[n..], &[1.0, 1.0, 1.0, 1.0, 0.0, 0.0]);
         assert_eq!(batch.counts, vec![5, 4]);
+    }
+
+    #[test]
+    fn padding_keeps_rows_targets_and_counts() {
+        let a = example(&[10, 11, 12], &[20, 21, 22, 23]);
+        let b = example(&[30], &[40, 41]);
+        let exact = HeadBatch::new(&[&a, &b], &[2, 3]);
+        let padded = exact.clone().padded(4);
+        assert_eq!((padded.len, padded.num_rows()), (8, 8));
+        let (n, m) = (exact.num_rows(), padded.num_rows());
+        for i in 0..n {
+            let (e, p) = (exact.rows[i] as usize, padded.rows[i] as usize);
+            assert_eq!(exact.tokens[e], padded.tokens[p], "row {i}");
+            assert_eq!(
+                (e / exact.len, e % exact.len),
+                (p / padded.len, p % padded.len)
+            );
+            for j in 0..2 {
+                assert_eq!(exact.targets[j * n + i], padded.targets[j * m + i]);
+                assert_eq!(exact.mask[j * n + i], padded.mask[j * m + i]);
+            }
+        }
+        for j in 0..2 {
+            assert!(
+                padded.mask[j * m + n..(j + 1) * m]
+                    .iter()
+                    .all(|&v| v == 0.0)
+            );
+        }
+        assert_eq!(padded.counts, exact.counts);
+        assert_eq!(exact.clone().padded(0), exact);
     }
 
     #[test]

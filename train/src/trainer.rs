@@ -54,6 +54,11 @@ pub struct TrainConfig {
     /// device) for later epochs. They are computed one example at a time, so their values do
     /// not depend on which examples share a batch.
     pub cache_hidden: bool,
+    /// Round each training batch's sequence length and row count up to a multiple of this
+    /// (see [`HeadBatch::padded`]; 0 = exact shapes). The loss does not change; on CUDA it
+    /// bounds how many distinct shapes get compiled and autotuned.
+    #[serde(default)]
+    pub pad_multiple: usize,
 }
 
 impl Default for TrainConfig {
@@ -71,6 +76,7 @@ impl Default for TrainConfig {
             seed: 42,
             eval_batch_size: 8,
             cache_hidden: false,
+            pad_multiple: 0,
         }
     }
 }
@@ -319,7 +325,7 @@ pub fn train<B: FlashAttentionBackend>(
                 .map(|g| order.at(g))
                 .collect();
             let examples: Vec<&Example> = indices.iter().map(|&i| train[i]).collect();
-            let batch = HeadBatch::new(&examples, &offsets);
+            let batch = HeadBatch::new(&examples, &offsets).padded(config.pad_multiple);
             let hidden = if config.cache_hidden {
                 let mut parts = Vec::with_capacity(indices.len());
                 for &i in &indices {

@@ -103,6 +103,7 @@ fn config(steps: usize) -> TrainConfig {
         seed: 5,
         eval_batch_size: 8,
         cache_hidden: false,
+        pad_multiple: 0,
     }
 }
 
@@ -175,6 +176,41 @@ fn batched_distillation_equals_greedy_decoding() {
     .unwrap();
     assert_eq!((stats.cached, stats.generated), (6, 0));
     assert_eq!(first, again);
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn shape_padding_leaves_the_run_unchanged() {
+    let model = tiny_model();
+    let dir = temp_dir("pad");
+    let all = examples(&model, 16, &dir);
+    let (eval, train_set) = all.split_at(4);
+    let control = RunControl::default();
+    let run = |pad_multiple: usize| {
+        let config = TrainConfig {
+            pad_multiple,
+            ..config(3)
+        };
+        let out = dir.join(format!("pad{pad_multiple}"));
+        std::fs::create_dir_all(&out).unwrap();
+        finished(train::train(&model, train_set, eval, &config, &control, &out, "pad").unwrap())
+    };
+    let (exact, exact_state) = run(0);
+    let (padded, padded_state) = run(16);
+    for (a, b) in exact_state.history.iter().zip(&padded_state.history) {
+        assert!(
+            (a.loss - b.loss).abs() <= 1e-4 * a.loss.abs(),
+            "{a:?} vs {b:?}"
+        );
+    }
+    for (a, b) in weights(&exact).iter().zip(&weights(&padded)) {
+        let diff = a
+            .iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0f32, f32::max);
+        assert!(diff <= 1e-4, "weights differ by {diff}");
+    }
     std::fs::remove_dir_all(dir).unwrap();
 }
 
