@@ -244,18 +244,16 @@ fn run<B: FlashAttentionBackend>(
     let scale_preset = random_preset.or_else(|| {
         (gpu && command == Command::All && args.scale != "none").then(|| args.scale.clone())
     });
-    if let Some(preset) = scale_preset {
-        if matches!(command, Command::All | Command::E2e) {
-            let tree = MedusaTree::named_or_json(
-                args.tree.as_deref().unwrap_or("mc_sim_7b_63"),
-                args.heads,
-            )?;
-            let bar = Progress::new(None);
-            report.scale = Some(scale::run::<B>(
-                &preset, dtype, device, &tree, args.heads, &bar,
-            )?);
-            bar.finish_with_message("scale: done");
-        }
+    if let Some(preset) = scale_preset
+        && matches!(command, Command::All | Command::E2e)
+    {
+        let tree =
+            MedusaTree::named_or_json(args.tree.as_deref().unwrap_or("mc_sim_7b_63"), args.heads)?;
+        let bar = Progress::new(None);
+        report.scale = Some(scale::run::<B>(
+            &preset, dtype, device, &tree, args.heads, &bar,
+        )?);
+        bar.finish_with_message("scale: done");
     }
     report.notes = notes;
     report.write(&args.out)?;

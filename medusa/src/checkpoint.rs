@@ -171,7 +171,8 @@ pub fn load<B: Backend>(
         }
         None => HeadsMetadata::default(),
     };
-    let mut src = SafetensorsWeights::<B>::open_files(&[weights_path.clone()], dtype, device)?;
+    let mut src =
+        SafetensorsWeights::<B>::open_files(std::slice::from_ref(&weights_path), dtype, device)?;
     let shapes = src.tensor_shapes();
 
     // Infer K and L from the names ({h}.{l}.linear.weight, {h}.{L}.weight).

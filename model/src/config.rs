@@ -131,14 +131,14 @@ impl LlamaConfig {
                 "hidden_size, num_hidden_layers and num_attention_heads must be > 0".into(),
             );
         }
-        if self.num_attention_heads % self.num_kv_heads() != 0 {
+        if !self.num_attention_heads.is_multiple_of(self.num_kv_heads()) {
             return fail(format!(
                 "num_attention_heads ({}) is not a multiple of num_key_value_heads ({})",
                 self.num_attention_heads,
                 self.num_kv_heads()
             ));
         }
-        if self.head_dim() % 2 != 0 {
+        if !self.head_dim().is_multiple_of(2) {
             return fail(format!(
                 "head_dim ({}) must be even for RoPE",
                 self.head_dim()

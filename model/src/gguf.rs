@@ -294,7 +294,7 @@ impl GgufFile {
             .ok_or_else(|| err(format!("unsupported ggml type {}", t.ggml_type)))?;
         let n: usize = t.shape.iter().product();
         let (block, bytes) = ty.block();
-        if n % block != 0 {
+        if !n.is_multiple_of(block) {
             return Err(err(format!(
                 "{n} elements is not a multiple of block {block}"
             )));
