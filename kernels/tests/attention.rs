@@ -36,28 +36,9 @@ use kernels::{
 };
 use rand::{Rng, SeedableRng, rngs::StdRng};
 
-/// The CubeCL runtime the kernel tests run on: wgpu by default.
-#[cfg(not(feature = "cuda"))]
-mod runtime {
-    pub use burn::backend::wgpu::{WgpuDevice as Device, WgpuRuntime as Runtime};
-    /// Burn's bool element on wgpu.
-    pub type BoolElem = u32;
-    /// Burn's backend alias for this runtime (fused or not, following Burn's `fusion` feature).
-    pub type Alias = burn::backend::Wgpu;
-    pub const NAME: &str = "wgpu";
-}
+mod common;
 
-/// The CubeCL runtime the kernel tests run on: CUDA with `--features cuda`.
-#[cfg(feature = "cuda")]
-mod runtime {
-    pub use cubecl::cuda::{CudaDevice as Device, CudaRuntime as Runtime};
-    /// Burn's bool element on CUDA (`burn::backend::Cuda` uses `u8`).
-    pub type BoolElem = u8;
-    /// Burn's backend alias for this runtime (fused or not, following Burn's `fusion` feature).
-    pub type Alias = burn::backend::Cuda;
-    pub const NAME: &str = "cuda";
-}
-
+use common::{rel_l2, round_bf16, round_f16, round_f32, runtime, supports};
 use runtime::{BoolElem, Device, Runtime};
 
 /// The unfused CubeCL backend on the test runtime.
@@ -235,30 +216,6 @@ fn reference(case: &Case, x: &Inputs) -> Vec<f64> {
     out
 }
 
-fn rel_l2(out: &[f32], reference: &[f64]) -> f64 {
-    assert_eq!(out.len(), reference.len());
-    let mut num = 0.0;
-    let mut den = 0.0;
-    for (&o, &r) in out.iter().zip(reference) {
-        num += (o as f64 - r).powi(2);
-        den += r * r;
-    }
-    if num.is_nan() {
-        return f64::INFINITY;
-    }
-    (num / den).sqrt()
-}
-
-fn round_f32(x: f32) -> f32 {
-    x
-}
-fn round_f16(x: f32) -> f32 {
-    burn::tensor::f16::from_f32(x).to_f32()
-}
-fn round_bf16(x: f32) -> f32 {
-    burn::tensor::bf16::from_f32(x).to_f32()
-}
-
 fn rounding(dtype: DType) -> (fn(f32) -> f32, f64) {
     match dtype {
         DType::F32 => (round_f32, 1e-4),
@@ -399,23 +356,6 @@ fn check_tuned(case: &Case, dtype: DType, tuning: LaunchTuning) {
 
 fn check(case: &Case, dtype: DType) {
     check_backend::<Cube>(&Device::default(), case, dtype, Layout::default());
-}
-
-/// Whether the test device supports `dtype`. On wgpu a missing half type skips the test (with a
-/// note); on CUDA f16 and bf16 are required, so a missing one fails it.
-fn supports(dtype: DType) -> bool {
-    let client = Runtime::client(&Device::default());
-    let ty: cubecl::ir::StorageType = dtype.into();
-    let ok = client.properties().supports_type(ty);
-    if cfg!(feature = "cuda") {
-        assert!(ok, "the CUDA device does not support {dtype:?}");
-    } else if !ok {
-        println!(
-            "skipping: the {} device does not support {dtype:?}",
-            runtime::NAME
-        );
-    }
-    ok
 }
 
 // ---------------------------------------------------------------------------------------------

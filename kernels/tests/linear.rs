@@ -25,22 +25,9 @@ use kernels::{
 };
 use rand::{Rng, SeedableRng, rngs::StdRng};
 
-/// The CubeCL runtime the kernel tests run on: wgpu by default.
-#[cfg(not(feature = "cuda"))]
-mod runtime {
-    pub use burn::backend::wgpu::{WgpuDevice as Device, WgpuRuntime as Runtime};
-    pub type BoolElem = u32;
-    pub const NAME: &str = "wgpu";
-}
+mod common;
 
-/// The CubeCL runtime the kernel tests run on: CUDA with `--features cuda`.
-#[cfg(feature = "cuda")]
-mod runtime {
-    pub use cubecl::cuda::{CudaDevice as Device, CudaRuntime as Runtime};
-    pub type BoolElem = u8;
-    pub const NAME: &str = "cuda";
-}
-
+use common::{rel_l2, round_bf16, round_f16, round_f32, runtime, supports};
 use runtime::{BoolElem, Device, Runtime};
 
 /// The unfused CubeCL backend on the test runtime.
@@ -115,29 +102,6 @@ fn reference(case: &Case, inp: &Inputs) -> Vec<f64> {
     y
 }
 
-fn rel_l2(out: &[f32], reference: &[f64]) -> f64 {
-    assert_eq!(out.len(), reference.len());
-    let (mut num, mut den) = (0.0, 0.0);
-    for (&o, &r) in out.iter().zip(reference) {
-        num += (o as f64 - r).powi(2);
-        den += r * r;
-    }
-    if num.is_nan() {
-        return f64::INFINITY;
-    }
-    (num / den.max(f64::MIN_POSITIVE)).sqrt()
-}
-
-fn round_f32(x: f32) -> f32 {
-    x
-}
-fn round_f16(x: f32) -> f32 {
-    burn::tensor::f16::from_f32(x).to_f32()
-}
-fn round_bf16(x: f32) -> f32 {
-    burn::tensor::bf16::from_f32(x).to_f32()
-}
-
 fn rounding(dtype: DType) -> (fn(f32) -> f32, f64) {
     match dtype {
         DType::F32 => (round_f32, 1e-5),
@@ -145,24 +109,6 @@ fn rounding(dtype: DType) -> (fn(f32) -> f32, f64) {
         DType::BF16 => (round_bf16, 1e-2),
         other => panic!("no test tolerance for {other:?}"),
     }
-}
-
-/// Whether the test device supports `dtype`. On wgpu a missing half type skips the test (with a
-/// note); on CUDA f16 and bf16 are required, so a missing one fails it.
-fn supports(dtype: DType) -> bool {
-    let client = Runtime::client(&Device::default());
-    let ok = client
-        .properties()
-        .supports_type(cubecl::ir::StorageType::from(dtype));
-    if cfg!(feature = "cuda") {
-        assert!(ok, "the CUDA device does not support {dtype:?}");
-    } else if !ok {
-        println!(
-            "skipping: the {} device does not support {dtype:?}",
-            runtime::NAME
-        );
-    }
-    ok
 }
 
 fn tensor<B: Backend, const D: usize>(
