@@ -125,6 +125,10 @@ struct Args {
     /// Stop after this many steps with a checkpoint, to --resume later.
     #[arg(long)]
     stop_after: Option<usize>,
+    /// End training after this many seconds of training steps (then evaluate and write the
+    /// heads of the last step; the learning-rate schedule stays that of --steps/--epochs).
+    #[arg(long)]
+    max_train_seconds: Option<f64>,
     /// Evaluate on the held-out prompts every this many steps (0 = only at the end).
     #[arg(long, default_value_t = 0)]
     eval_every: usize,
@@ -342,6 +346,7 @@ fn run<B: FlashAttentionBackend>(
         stop_after: args.stop_after,
         resume: args.resume,
         progress: true,
+        time_limit: args.max_train_seconds,
     };
     let fingerprint = format!(
         "{key}|{}|{}|{}|{}|{}",
@@ -454,6 +459,8 @@ fn run<B: FlashAttentionBackend>(
         generation: gen_stats.clone(),
         generation_seconds: gen_stats.seconds,
         train_seconds: state.train_seconds,
+        steps_done: state.step,
+        time_limited: state.time_limited,
         eval_seconds: state.eval_seconds,
         total_seconds: start.elapsed().as_secs_f64(),
         history: state.history.clone(),

@@ -90,19 +90,23 @@ impl HeadBatch {
         self.rows.len()
     }
 
-    /// The same batch with the sequence length and the number of selected rows rounded up to
-    /// a multiple of `multiple` (0 or 1: unchanged). Extra rows read position 0 with mask 0, so
-    /// the loss is the same; what changes is that batches come in few distinct shapes.
+    /// The same batch with the sequence length rounded up to a multiple of `multiple` and the
+    /// number of selected rows up to a power of two (at least `multiple`; 0 or 1: unchanged).
+    /// Extra rows read position 0 with mask 0, so the loss is the same; what changes is that
+    /// batches come in few distinct shapes.
     ///
     /// Why: on CUDA every new shape costs kernel compilation and autotuning (seconds each), and
-    /// without buckets nearly every batch of variable-length examples has a new shape.
+    /// without buckets nearly every batch of variable-length examples has a new shape. The
+    /// backbone sees `[batch, len]` (a handful of length buckets); the heads see `[rows, ·]`,
+    /// whose count varies most, hence the coarser power-of-two buckets (at most 2x the work of
+    /// the heads, cheap next to a compilation).
     pub fn padded(self, multiple: usize) -> Self {
         if multiple <= 1 {
             return self;
         }
-        let round = |n: usize| n.div_ceil(multiple).max(1) * multiple;
-        let (len, n) = (round(self.len), self.num_rows());
-        let rows_out = round(n);
+        let len = self.len.div_ceil(multiple).max(1) * multiple;
+        let n = self.num_rows();
+        let rows_out = n.next_power_of_two().max(multiple);
         let mut tokens = vec![0i64; self.batch * len];
         for r in 0..self.batch {
             tokens[r * len..r * len + self.len]
@@ -284,6 +288,10 @@ mod tests {
         let exact = HeadBatch::new(&[&a, &b], &[2, 3]);
         let padded = exact.clone().padded(4);
         assert_eq!((padded.len, padded.num_rows()), (8, 8));
+        // Rows go to a power of two, at least the multiple.
+        assert_eq!(exact.clone().padded(16).num_rows(), 16);
+        let many = HeadBatch::new(&[&a, &b, &a, &b], &[2, 3]);
+        assert_eq!((many.num_rows(), many.padded(2).num_rows()), (12, 16));
         let (n, m) = (exact.num_rows(), padded.num_rows());
         for i in 0..n {
             let (e, p) = (exact.rows[i] as usize, padded.rows[i] as usize);

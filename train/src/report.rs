@@ -52,6 +52,9 @@ pub struct Report {
     /// Wall time: generation (this run), training steps, evaluation, and the whole program.
     pub generation_seconds: f64,
     pub train_seconds: f64,
+    /// Optimizer steps done (fewer than `config.steps` when the time limit ended training).
+    pub steps_done: usize,
+    pub time_limited: bool,
     pub eval_seconds: f64,
     pub total_seconds: f64,
     pub history: Vec<StepLog>,
@@ -121,11 +124,15 @@ impl Report {
             self.generation.cached,
             self.generation_seconds
         );
-        let _ = writeln!(
-            s,
-            "| training ({} steps) | {:.1} |",
-            c.steps, self.train_seconds
-        );
+        let steps = if self.time_limited {
+            format!(
+                "{} of {} planned steps: time limit reached",
+                self.steps_done, c.steps
+            )
+        } else {
+            format!("{} steps", self.steps_done)
+        };
+        let _ = writeln!(s, "| training ({steps}) | {:.1} |", self.train_seconds);
         let _ = writeln!(s, "| evaluation | {:.1} |", self.eval_seconds);
         let _ = writeln!(
             s,

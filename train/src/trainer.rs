@@ -94,6 +94,11 @@ pub struct RunControl {
     pub resume: bool,
     /// Show progress bars and log lines.
     pub progress: bool,
+    /// Stop training once this many seconds were spent in training steps (over all sessions of
+    /// the run), then evaluate and publish the heads as if the last step were the final one.
+    /// The learning-rate schedule is not shortened: the heads are those of step `s` of the
+    /// planned run. For bounded machines (a lent GPU with a call limit).
+    pub time_limit: Option<f64>,
 }
 
 /// One optimizer step.
@@ -157,6 +162,9 @@ pub struct TrainState {
     /// Wall time spent in training steps (not evaluation), over all sessions of the run.
     pub train_seconds: f64,
     pub eval_seconds: f64,
+    /// Training ended at `step` before the planned steps because of [`RunControl::time_limit`].
+    #[serde(default)]
+    pub time_limited: bool,
 }
 
 /// The end of [`train`].
@@ -279,6 +287,7 @@ pub fn train<B: FlashAttentionBackend>(
         evals: Vec::new(),
         train_seconds: 0.0,
         eval_seconds: 0.0,
+        time_limited: false,
     };
     if control.resume {
         if !ckpt.is_file() {
@@ -366,22 +375,41 @@ pub fn train<B: FlashAttentionBackend>(
         state.train_seconds += started.elapsed().as_secs_f64();
         bar.set_message(format!("loss {:.3}", log.loss));
         bar.inc(1);
-        if control.progress && (state.step.is_multiple_of(log_every) || state.step == 1) {
+        // The first steps are logged too: they show compilation/autotune costs.
+        if control.progress && (state.step.is_multiple_of(log_every) || state.step <= 3) {
             let heads_ce: Vec<String> = log.head_loss.iter().map(|l| format!("{l:.2}")).collect();
+            let seconds = started.elapsed().as_secs_f64();
             bar.suspend(|| {
                 println!(
-                    "step {:>5}/{}  lr {:.2e}  loss {:.4}  head CE [{}]",
+                    "step {:>5}/{}  lr {:.2e}  loss {:.4}  head CE [{}]  {seconds:.2} s  \
+                     ({:.0} s in training)",
                     log.step,
                     config.steps,
                     lr,
                     log.loss,
-                    heads_ce.join(", ")
+                    heads_ce.join(", "),
+                    state.train_seconds
                 )
             });
         }
         state.history.push(log);
 
-        let finished = state.step == config.steps;
+        let out_of_time = control
+            .time_limit
+            .is_some_and(|limit| state.train_seconds >= limit)
+            && state.step < config.steps;
+        if out_of_time {
+            state.time_limited = true;
+            if control.progress {
+                bar.suspend(|| {
+                    println!(
+                        "time limit reached after {:.0} s: training ends at step {} of {}",
+                        state.train_seconds, state.step, config.steps
+                    )
+                });
+            }
+        }
+        let finished = state.step == config.steps || out_of_time;
         if control.eval_every > 0 && state.step.is_multiple_of(control.eval_every) && !finished {
             let started = Instant::now();
             let result = evaluate(
@@ -410,6 +438,9 @@ pub fn train<B: FlashAttentionBackend>(
         if stop {
             bar.abandon();
             return Ok(Outcome::Stopped(state));
+        }
+        if finished {
+            break;
         }
     }
     bar.finish();
@@ -466,7 +497,7 @@ pub fn evaluate<B: FlashAttentionBackend>(
     eval.sort_by_key(|e| e.len());
     let bar = progress_bar(progress, eval.len() as u64, "eval");
     for chunk in eval.chunks(config.eval_batch_size.max(1)) {
-        let batch = HeadBatch::new(chunk, &offsets);
+        let batch = HeadBatch::new(chunk, &offsets).padded(config.pad_multiple);
         let n = batch.num_rows();
         if n == 0 {
             continue;

@@ -211,6 +211,40 @@ fn shape_padding_leaves_the_run_unchanged() {
             .fold(0f32, f32::max);
         assert!(diff <= 1e-4, "weights differ by {diff}");
     }
+    // Evaluation pads its batches too: same ranks, same targets.
+    let (e, p) = (
+        exact_state.evals.last().unwrap(),
+        padded_state.evals.last().unwrap(),
+    );
+    assert_eq!((&e.rank_counts, &e.targets), (&p.rank_counts, &p.targets));
+    for (a, b) in e.loss.iter().zip(&p.loss) {
+        assert!((a - b).abs() <= 1e-4 * a.abs(), "{e:?} vs {p:?}");
+    }
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn time_limit_ends_training_early_with_evaluated_heads() {
+    let model = tiny_model();
+    let dir = temp_dir("time");
+    let all = examples(&model, 12, &dir);
+    let (eval, train_set) = all.split_at(4);
+    let control = RunControl {
+        time_limit: Some(0.0),
+        checkpoint_every: 1,
+        ..Default::default()
+    };
+    let out = dir.join("out");
+    std::fs::create_dir_all(&out).unwrap();
+    let (_, state) =
+        finished(train::train(&model, train_set, eval, &config(5), &control, &out, "t").unwrap());
+    assert_eq!((state.step, state.history.len()), (1, 1));
+    assert!(state.time_limited);
+    assert_eq!(state.evals.len(), 1, "the heads are evaluated");
+    assert!(
+        !out.join(checkpoint::FILE).exists(),
+        "a finished run keeps no checkpoint"
+    );
     std::fs::remove_dir_all(dir).unwrap();
 }
 
