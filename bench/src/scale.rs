@@ -1,5 +1,5 @@
 //! Decoding at 8B scale on random weights with an exact preset config (no download): ms per
-//! token against the memory-bandwidth ceiling, the stock-Burn attention path beside ours, and
+//! token against the memory-bandwidth ceiling, stock Burn (its matmul and attention) beside ours, and
 //! the cost of one Medusa tree-verification step relative to a plain decode step.
 
 use anyhow::Result;
@@ -90,8 +90,8 @@ pub fn run<B: FlashAttentionBackend>(
     };
     let mut decode = Vec::new();
     for (label, kernels_on) in [
-        ("ours (CubeCL attention)", true),
-        ("stock Burn attention", false),
+        ("ours (CubeCL attention + linear kernels)", true),
+        ("stock Burn (matmul + attention)", false),
     ] {
         progress.set_message(format!("scale: decoding, {label}"));
         kernels::set_kernels_enabled(kernels_on);
