@@ -3,7 +3,7 @@
 
 use std::{
     collections::HashMap,
-    io::{BufRead, BufWriter, Write},
+    io::{BufRead, Write},
     path::{Path, PathBuf},
 };
 
@@ -195,19 +195,27 @@ impl ExampleCache {
     }
 
     /// Appends examples to the file and the in-memory map.
+    ///
+    /// The batch goes out in one write to a file opened for appending, so processes sharing a
+    /// cache (generation shards) do not interleave their lines.
     pub fn append(&mut self, examples: &[Example]) -> Result<()> {
-        let file = std::fs::OpenOptions::new()
+        let mut text = String::new();
+        for e in examples {
+            // Start on a fresh line in case a previous run was killed mid-line.
+            text.push('\n');
+            text += &serde_json::to_string(e)?;
+            text.push('\n');
+        }
+        let mut file = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(&self.path)
             .with_context(|| format!("writing {}", self.path.display()))?;
-        let mut out = BufWriter::new(file);
+        file.write_all(text.as_bytes())
+            .with_context(|| format!("writing {}", self.path.display()))?;
         for e in examples {
-            // Start on a fresh line in case a previous run was killed mid-line.
-            writeln!(out, "\n{}", serde_json::to_string(e)?)?;
             self.entries.insert(e.id.clone(), e.clone());
         }
-        out.flush()?;
         Ok(())
     }
 }

@@ -135,6 +135,11 @@ struct Args {
     /// Nodes of the decoding tree built from the measured accuracies (mc_sim_7b_63 has 63).
     #[arg(long, default_value_t = 63)]
     tree_nodes: usize,
+    /// Only generate responses, for shard I of N (e.g. 0/2 and 1/2 in two processes or on two
+    /// machines sharing the cache folder), then exit; a later run without this flag trains on
+    /// the filled cache. Shards split the prompts sorted by length, so they take equal work.
+    #[arg(long, value_parser = parse_shard)]
+    distill_shard: Option<(usize, usize)>,
     /// Folder of the generated-response cache (default: the project cache,
     /// ~/.cache/burn-decode/distill).
     #[arg(long)]
@@ -273,7 +278,17 @@ fn run<B: FlashAttentionBackend>(
         .clone()
         .unwrap_or_else(|| model::source::cache_dir().join("distill"));
     let mut cache = ExampleCache::open(&cache_dir, &key)?;
-    let all: Vec<(String, Vec<u32>)> = eval_prompts.iter().chain(&train_prompts).cloned().collect();
+    let mut all: Vec<(String, Vec<u32>)> =
+        eval_prompts.iter().chain(&train_prompts).cloned().collect();
+    if let Some((shard, shards)) = args.distill_shard {
+        all.sort_by(|a, b| a.1.len().cmp(&b.1.len()).then_with(|| a.0.cmp(&b.0)));
+        all = all
+            .into_iter()
+            .enumerate()
+            .filter(|(i, _)| i % shards == shard)
+            .map(|(_, p)| p)
+            .collect();
+    }
     println!(
         "self-distillation: {} prompts ({} held out), responses of up to {} tokens, {} \
          (cache {})",
@@ -297,6 +312,17 @@ fn run<B: FlashAttentionBackend>(
         !stderr().is_terminal(),
     )?;
     bar.finish();
+    if let Some((shard, shards)) = args.distill_shard {
+        println!(
+            "shard {shard}/{shards}: {} responses ({} generated in {:.1} s, {} from the cache) in {}",
+            gen_stats.prompts,
+            gen_stats.generated,
+            gen_stats.seconds,
+            gen_stats.cached,
+            cache.path().display()
+        );
+        return Ok(());
+    }
     let (eval, train_examples) = examples.split_at(eval_prompts.len());
     println!(
         "  {} responses ({} generated in {:.1} s, {} from the cache), {} tokens; {} ended with a stop token",
@@ -498,6 +524,23 @@ fn run<B: FlashAttentionBackend>(
     );
     println!("use them: {}", usage(&args.model, &args.out));
     Ok(())
+}
+
+/// `I/N` with `I < N`.
+fn parse_shard(s: &str) -> std::result::Result<(usize, usize), String> {
+    let (i, n) = s
+        .split_once('/')
+        .ok_or_else(|| format!("expected I/N (e.g. 0/2), got {s:?}"))?;
+    let (i, n): (usize, usize) = (
+        i.trim().parse().map_err(|e| format!("shard {i:?}: {e}"))?,
+        n.trim()
+            .parse()
+            .map_err(|e| format!("shard count {n:?}: {e}"))?,
+    );
+    if i >= n {
+        return Err(format!("shard {i} of {n}: I must be below N"));
+    }
+    Ok((i, n))
 }
 
 /// The command that decodes with the trained heads.
