@@ -140,6 +140,10 @@ struct Args {
     /// the filled cache. Shards split the prompts sorted by length, so they take equal work.
     #[arg(long, value_parser = parse_shard)]
     distill_shard: Option<(usize, usize)>,
+    /// Generate nothing: train on the sampled prompts whose responses are already in the cache
+    /// (e.g. filled on another machine), skipping the rest.
+    #[arg(long, conflicts_with = "distill_shard")]
+    cached_only: bool,
     /// Folder of the generated-response cache (default: the project cache,
     /// ~/.cache/burn-decode/distill).
     #[arg(long)]
@@ -248,8 +252,8 @@ fn run<B: FlashAttentionBackend>(
         }
         Ok(out)
     };
-    let eval_prompts = tokenize(&eval_records)?;
-    let train_prompts = tokenize(&train_records)?;
+    let mut eval_prompts = tokenize(&eval_records)?;
+    let mut train_prompts = tokenize(&train_records)?;
     if train_prompts.is_empty() {
         bail!(
             "no training prompt fits --max-seq-len {} with --response-tokens {}",
@@ -278,6 +282,23 @@ fn run<B: FlashAttentionBackend>(
         .clone()
         .unwrap_or_else(|| model::source::cache_dir().join("distill"));
     let mut cache = ExampleCache::open(&cache_dir, &key)?;
+    if args.cached_only {
+        let before = eval_prompts.len() + train_prompts.len();
+        eval_prompts.retain(|(id, p)| cache.get(id, p).is_some());
+        train_prompts.retain(|(id, p)| cache.get(id, p).is_some());
+        println!(
+            "--cached-only: {} of {before} sampled prompts have cached responses ({} held out)",
+            eval_prompts.len() + train_prompts.len(),
+            eval_prompts.len()
+        );
+        if train_prompts.is_empty() || eval_prompts.is_empty() {
+            bail!(
+                "--cached-only: the cache {} lacks responses for the training or the held-out \
+                 prompts; generate them first (without --cached-only)",
+                cache.path().display()
+            );
+        }
+    }
     let mut all: Vec<(String, Vec<u32>)> =
         eval_prompts.iter().chain(&train_prompts).cloned().collect();
     if let Some((shard, shards)) = args.distill_shard {
