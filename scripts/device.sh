@@ -15,6 +15,12 @@
 # back to back and chain every step of a session in the last one; a call carries at most 64 MiB
 # (chunk 40 MiB + one gzipped binary of ~12 MiB fits, two do not); the first minutes of any CUDA
 # run go to autotune and kernel compilation.
+#
+# Second session (2026-11-28): first use of each shape costs minutes, not seconds (train step 1:
+# 224 s, bench kernel section: 350 s for < 10 s of timed work, one e2e prompt: 133 s). Give each
+# bench part its own call (e2e first, then `e2e --model random:llama3-8b`, kernel last), and
+# fill the distillation cache beforehand (train --distill-shard I/N on any machine; carry
+# ~/.cache/burn-decode/distill/*.jsonl and pass --distill-cache).
 set -uo pipefail
 step=${1:?step}
 shift
