@@ -41,7 +41,12 @@ impl System {
             ),
             burn: locked_version(lock, "burn").unwrap_or_default(),
             cubecl: locked_version(lock, "cubecl").unwrap_or_default(),
-            git_commit: command("git", &["rev-parse", "--short", "HEAD"]),
+            // The commit the binary was built from (see build.rs); the checkout it runs in
+            // only when the build had no git.
+            git_commit: Some(env!("BENCH_BUILD_COMMIT"))
+                .filter(|c| !c.is_empty())
+                .map(String::from)
+                .or_else(|| command("git", &["rev-parse", "--short", "HEAD"])),
         }
     }
 }
