@@ -18,7 +18,8 @@
 #
 # Second session (2026-11-28): first use of each shape costs minutes, not seconds (train step 1:
 # 224 s, bench kernel section: 350 s for < 10 s of timed work, one e2e prompt: 133 s). Give each
-# bench part its own call (e2e first, then `e2e --model random:llama3-8b`, kernel last), and
+# bench part its own call (e2e first, then `e2e --model random:llama3-8b`, kernel last; `bench`
+# without a subcommand now runs them in that order too), and
 # fill the distillation cache beforehand (train --distill-shard I/N on any machine; carry
 # ~/.cache/burn-decode/distill/*.jsonl and pass --distill-cache).
 set -uo pipefail
