@@ -15,7 +15,11 @@ fn main() {
     println!("cargo:rustc-env=BENCH_BUILD_COMMIT={commit}");
     // Rebuild the stamp when HEAD moves (a commit, a checkout). Uncommitted edits are not
     // tracked: stamp release binaries from a clean tree.
+    // Only existing paths: for a missing one cargo reruns the script on every build.
+    println!("cargo:rerun-if-changed=build.rs");
     for path in ["../.git/HEAD", "../.git/refs/heads", "../.git/packed-refs"] {
-        println!("cargo:rerun-if-changed={path}");
+        if std::path::Path::new(path).exists() {
+            println!("cargo:rerun-if-changed={path}");
+        }
     }
 }

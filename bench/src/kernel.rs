@@ -51,6 +51,18 @@ impl Case {
         }
     }
 
+    /// `(batch, heads, kv_heads, q_len, kv_len, head_dim)`.
+    fn dims(&self) -> (usize, usize, usize, usize, usize, usize) {
+        (
+            self.batch,
+            self.heads,
+            self.kv_heads,
+            self.q_len,
+            self.kv_len,
+            self.head_dim,
+        )
+    }
+
     fn dtype(&self) -> DType {
         match self.dtype.as_str() {
             "bf16" => DType::BF16,
@@ -218,23 +230,12 @@ impl HostReference {
     const ROWS_PER_HEAD: usize = 64;
 
     fn new<B: Backend>(case: &Case, q: &Tensor<B, 4>, k: &Tensor<B, 4>, v: &Tensor<B, 4>) -> Self {
-        let host = |t: &Tensor<B, 4>| -> Vec<f32> {
-            t.clone()
-                .cast(DType::F32)
-                .into_data()
-                .convert::<f32>()
-                .to_vec()
-                .expect("f32 data")
-        };
-        let (q, k, v) = (host(q), host(k), host(v));
-        let (b, h, hkv, nq, nkv, d) = (
-            case.batch,
-            case.heads,
-            case.kv_heads,
-            case.q_len,
-            case.kv_len,
-            case.head_dim,
+        let (q, k, v) = (
+            host_f32(q.clone()),
+            host_f32(k.clone()),
+            host_f32(v.clone()),
         );
+        let (b, h, hkv, nq, nkv, d) = case.dims();
         let picked: Vec<usize> = if nq <= Self::ROWS_PER_HEAD {
             (0..nq).collect()
         } else {
@@ -290,12 +291,7 @@ impl HostReference {
     /// ‖out − ref‖ / ‖ref‖ over the sampled rows.
     fn rel_err<B: Backend>(&self, out: Tensor<B, 4>) -> f64 {
         let [_, h, nq, d] = self.dims;
-        let got: Vec<f32> = out
-            .cast(DType::F32)
-            .into_data()
-            .convert::<f32>()
-            .to_vec()
-            .expect("f32 data");
+        let got = host_f32(out);
         let (mut diff, mut norm) = (0f64, 0f64);
         for (r, &(bi, hi, i)) in self.rows.iter().enumerate() {
             let row = &got[((bi * h + hi) * nq + i) * d..][..d];
@@ -306,6 +302,15 @@ impl HostReference {
         }
         (diff / norm).sqrt()
     }
+}
+
+/// A tensor's values on the host, as f32 (exact for bf16/f16 inputs).
+fn host_f32<B: Backend>(t: Tensor<B, 4>) -> Vec<f32> {
+    t.cast(DType::F32)
+        .into_data()
+        .convert::<f32>()
+        .to_vec()
+        .expect("f32 data")
 }
 
 /// Runs every case with the three implementations.
@@ -320,15 +325,8 @@ pub fn run<B: FlashAttentionBackend>(
     for case in cases {
         progress.set_message(format!("kernel: {}", case.name));
         let dtype = case.dtype();
-        let (b, h, hkv, nq, nkv, d) = (
-            case.batch,
-            case.heads,
-            case.kv_heads,
-            case.q_len,
-            case.kv_len,
-            case.head_dim,
-        );
-        // Fresh normal draws, upcast reference from the very same rounded values.
+        let (b, h, hkv, nq, nkv, d) = case.dims();
+        // Fresh normal draws, rounded to the case's dtype.
         let draw = |shape: [usize; 4]| {
             Tensor::<B, 4>::random(shape, Distribution::Normal(0.0, 1.0), (device, DType::F32))
                 .cast(dtype)

@@ -66,6 +66,12 @@ pub struct DistillStats {
     pub seconds: f64,
 }
 
+/// The order prompts are generated in: by token length (so batches need little padding), then
+/// id. Shards (`train --distill-shard`) split this order so that they get equal work.
+pub fn generation_order(a: &(String, Vec<u32>), b: &(String, Vec<u32>)) -> std::cmp::Ordering {
+    a.1.len().cmp(&b.1.len()).then_with(|| a.0.cmp(&b.0))
+}
+
 /// Answers every prompt (`(id, chat-formatted tokens)`), taking what `cache` already holds and
 /// generating the rest in batches of similar prompt length. Returns the examples in the order
 /// of `prompts`. With `log`, prints a line at every tenth of the work (for logs without a
@@ -88,7 +94,7 @@ pub fn distill<B: FlashAttentionBackend>(
         .filter(|(id, p)| cache.get(id, p).is_none())
         .collect();
     stats.cached = prompts.len() - missing.len();
-    missing.sort_by(|a, b| a.1.len().cmp(&b.1.len()).then_with(|| a.0.cmp(&b.0)));
+    missing.sort_by(|a, b| generation_order(a, b));
     if config.temperature > 0.0 {
         B::seed(model.device(), config.seed);
     }

@@ -302,7 +302,7 @@ fn run<B: FlashAttentionBackend>(
     let mut all: Vec<(String, Vec<u32>)> =
         eval_prompts.iter().chain(&train_prompts).cloned().collect();
     if let Some((shard, shards)) = args.distill_shard {
-        all.sort_by(|a, b| a.1.len().cmp(&b.1.len()).then_with(|| a.0.cmp(&b.0)));
+        all.sort_by(train::distill::generation_order);
         all = all
             .into_iter()
             .enumerate()

@@ -54,8 +54,8 @@ pub struct TrainConfig {
     /// device) for later epochs. They are computed one example at a time, so their values do
     /// not depend on which examples share a batch.
     pub cache_hidden: bool,
-    /// Round each training batch's sequence length and row count up to a multiple of this
-    /// (see [`HeadBatch::padded`]; 0 = exact shapes). The loss does not change; on CUDA it
+    /// Round each batch's sequence length up to a multiple of this and its row count up to a
+    /// power of two (see [`HeadBatch::padded`]; 0 = exact shapes). The loss does not change; on CUDA it
     /// bounds how many distinct shapes get compiled and autotuned.
     #[serde(default)]
     pub pad_multiple: usize,
@@ -497,11 +497,12 @@ pub fn evaluate<B: FlashAttentionBackend>(
     eval.sort_by_key(|e| e.len());
     let bar = progress_bar(progress, eval.len() as u64, "eval");
     for chunk in eval.chunks(config.eval_batch_size.max(1)) {
-        let batch = HeadBatch::new(chunk, &offsets).padded(config.pad_multiple);
-        let n = batch.num_rows();
-        if n == 0 {
+        let batch = HeadBatch::new(chunk, &offsets);
+        if batch.num_rows() == 0 {
             continue;
         }
+        let batch = batch.padded(config.pad_multiple);
+        let n = batch.num_rows();
         let hidden = backbone_rows(model, &batch)?;
         let device = hidden.device();
         let mut ranks: Vec<Tensor<B, 1, Int>> = Vec::with_capacity(k + 1);
