@@ -36,6 +36,16 @@ for f in .device/bin/*.gz; do
   gunzip -c "$f" > "/root/bin/.$n" && chmod +x "/root/bin/.$n" && mv -f "/root/bin/.$n" "/root/bin/$n"
 done
 limit() { timeout -k 5 "${LIMIT:-560}" "$@"; }
+# CubeCL keeps compiled PTX and autotune results on disk when cubecl.toml (searched from the
+# working directory up) names a cache; the folder travels back as $OUT/cubecl-cache.tgz and, put
+# into .device/ and carried, spares the next machine the minutes of first-use compilation.
+cache=/root/cubecl-cache
+if [ ! -d $cache ] && [ -e .device/cubecl-cache.tgz ]; then
+  mkdir -p $cache && tar xzf .device/cubecl-cache.tgz -C $cache
+fi
+[ -e cubecl.toml ] || printf '[compilation]\ncache = { file = "%s" }\n\n[autotune]\ncache = { file = "%s" }\n' $cache $cache > cubecl.toml
+# Only foreground steps send it back (background ones write under /root/bg).
+save_cache() { [ -d $cache ] && [[ $OUT != /root/bg/* ]] && tar czf "$OUT/cubecl-cache.tgz" -C $cache . ; }
 case $step in
   tests)
     nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
@@ -59,5 +69,27 @@ case $step in
     limit /root/bin/bench "${heads[@]}" --out "$OUT/$name" "$@" > "$OUT/$name.log" 2>&1
     echo "bench exit $?"; grep -v "^\s*$" "$OUT/$name/report.md" | tail -60
     ;;
+  bg)
+    # bg NAME STEP ARGS...: STEP in its own process session (it outlives this call, the machine
+    # does not), on the GPU in $GPU (default 1), its results in /root/bg/NAME for `collect`.
+    name=${1:?name}; shift
+    mkdir -p /root/bg/$name && cp "$0" /root/bg/device.sh
+    CUDA_VISIBLE_DEVICES=${GPU:-1} OUT=/root/bg/$name setsid nohup bash /root/bg/device.sh "$@" \
+      > /root/bg/$name.out 2>&1 < /dev/null &
+    echo "started $name (pid $!) on GPU ${GPU:-1}"
+    ;;
+  wait)
+    # wait NAME...: until those background steps have written their exit line (or LIMIT).
+    end=$((SECONDS + ${LIMIT:-560}))
+    for name in "$@"; do
+      until grep -q " exit " /root/bg/$name.out 2>/dev/null || [ $SECONDS -ge $end ]; do sleep 5; done
+    done
+    ;;
+  collect)
+    for d in /root/bg/*/; do [ -d "$d" ] && cp -r "$d" "$OUT/"; done
+    cp /root/bg/*.out "$OUT/" 2>/dev/null
+    tail -n 30 /root/bg/*.out 2>/dev/null
+    ;;
   *) echo "unknown step $step"; exit 2 ;;
 esac
+save_cache

@@ -84,6 +84,17 @@ impl Summary {
     }
 }
 
+/// The categories of `results` in order of first appearance.
+pub fn categories(results: &[PromptResult]) -> Vec<String> {
+    let mut cats: Vec<String> = Vec::new();
+    for r in results {
+        if !cats.contains(&r.category) {
+            cats.push(r.category.clone());
+        }
+    }
+    cats
+}
+
 /// Settings of the end-to-end run.
 pub struct E2eSettings {
     pub max_new_tokens: usize,
@@ -93,6 +104,9 @@ pub struct E2eSettings {
 
 /// Decodes every prompt with both methods (after one untimed warm-up prompt that triggers
 /// kernel compilation and autotuning), `trials` times, keeping each prompt's fastest trial.
+/// `on_result` sees the results so far after each prompt (the caller writes a partial report,
+/// so a run cut short keeps what it measured).
+#[allow(clippy::too_many_arguments)]
 pub fn run<B: FlashAttentionBackend>(
     model: &Llama<B>,
     tokenizer: &Tokenizer,
@@ -101,6 +115,7 @@ pub fn run<B: FlashAttentionBackend>(
     prompts: &[Prompt],
     settings: &E2eSettings,
     progress: &crate::progress::Progress,
+    mut on_result: impl FnMut(&[PromptResult]) -> Result<()>,
 ) -> Result<Vec<PromptResult>> {
     let decoder = MedusaDecoder::new(model, heads, tree.clone())?;
     let stop = tokenizer.stop_tokens();
@@ -168,6 +183,7 @@ pub fn run<B: FlashAttentionBackend>(
             identical: first_mismatch.is_none(),
             first_mismatch,
         });
+        on_result(&results)?;
         progress.inc(1);
     }
     Ok(results)

@@ -211,7 +211,7 @@ fn run<B: FlashAttentionBackend>(
         _ => None,
     };
     if matches!(command, Command::All | Command::E2e) && random_preset.is_none() {
-        report.e2e = Some(run_e2e::<B>(
+        let e2e = run_e2e::<B>(
             args,
             device,
             dtype,
@@ -219,7 +219,12 @@ fn run<B: FlashAttentionBackend>(
             max_new_tokens,
             per_category,
             &mut notes,
-        )?);
+            &mut |partial| {
+                report.e2e = Some(partial.clone());
+                report.write(&args.out)
+            },
+        )?;
+        report.e2e = Some(e2e);
         report.notes = notes.clone();
         // Each finished section is written at once, so a run cut short keeps what it measured.
         report.write(&args.out)?;
@@ -280,6 +285,7 @@ fn run_e2e<B: FlashAttentionBackend>(
     max_new_tokens: usize,
     per_category: usize,
     notes: &mut Vec<String>,
+    write_partial: &mut dyn FnMut(&E2eReport) -> Result<()>,
 ) -> Result<E2eReport> {
     let dir = source.resolve()?;
     let options = LoadOptions::default().with_dtype(dtype);
@@ -346,34 +352,40 @@ fn run_e2e<B: FlashAttentionBackend>(
         prompt_max_tokens: args.prompt_max_tokens,
         trials: args.trials,
     };
-    let results = e2e::run::<B>(&model, &tokenizer, &heads, &tree, &chosen, &settings, &bar)?;
-    bar.finish_with_message("e2e: done");
-    let mut cats: Vec<String> = Vec::new();
-    for r in &results {
-        if !cats.contains(&r.category) {
-            cats.push(r.category.clone());
-        }
-    }
-    let per_category = cats
-        .iter()
-        .map(|c| {
-            Summary::of(
-                c,
-                &results
-                    .iter()
-                    .filter(|r| &r.category == c)
-                    .collect::<Vec<_>>(),
-            )
-        })
-        .collect();
-    Ok(E2eReport {
-        model: source.display_name(),
-        dtype: kernel::dtype_name(dtype).into(),
-        heads: heads_name,
-        tree: tree_name,
+    let model_name = source.display_name();
+    let dtype_name = kernel::dtype_name(dtype);
+    let summarize = |results: &[e2e::PromptResult]| E2eReport {
+        model: model_name.clone(),
+        dtype: dtype_name.into(),
+        heads: heads_name.clone(),
+        tree: tree_name.clone(),
         tree_nodes: tree.len(),
+        planned_prompts: chosen.len(),
         overall: Summary::of("all", &results.iter().collect::<Vec<_>>()),
-        per_category,
-        prompts: results,
-    })
+        per_category: e2e::categories(results)
+            .iter()
+            .map(|c| {
+                Summary::of(
+                    c,
+                    &results
+                        .iter()
+                        .filter(|r| &r.category == c)
+                        .collect::<Vec<_>>(),
+                )
+            })
+            .collect(),
+        prompts: results.to_vec(),
+    };
+    let results = e2e::run::<B>(
+        &model,
+        &tokenizer,
+        &heads,
+        &tree,
+        &chosen,
+        &settings,
+        &bar,
+        |partial| write_partial(&summarize(partial)),
+    )?;
+    bar.finish_with_message("e2e: done");
+    Ok(summarize(&results))
 }

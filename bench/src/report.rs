@@ -31,6 +31,8 @@ pub struct E2eReport {
     pub heads: String,
     pub tree: String,
     pub tree_nodes: usize,
+    /// Prompts the run set out to decode (more than `overall.prompts` in a partial report).
+    pub planned_prompts: usize,
     pub overall: Summary,
     pub per_category: Vec<Summary>,
     pub prompts: Vec<PromptResult>,
@@ -125,6 +127,13 @@ impl Report {
                 "Greedy decoding, batch 1, {} prompts; Medusa heads: {}; tree: {} ({} nodes).\n",
                 o.prompts, e.heads, e.tree, e.tree_nodes
             );
+            if o.prompts < e.planned_prompts {
+                let _ = writeln!(
+                    s,
+                    "**Partial: {} of {} prompts decoded when this report was written.**\n",
+                    o.prompts, e.planned_prompts
+                );
+            }
             let _ = writeln!(s, "### Baseline (autoregressive)\n");
             let _ = writeln!(
                 s,
