@@ -29,24 +29,34 @@ export BURN_DECODE_CACHE=/root/cache SMOLLM2_GGUF=/root/stage/SmolLM2-135M-Instr
 export BURN_DECODE_DEVICE=cuda
 OUT=${OUT:-/tmp/out}
 mkdir -p /root/bin "$OUT"
-for f in .device/bin/*.gz; do
+# Background steps use what their caller unpacked (two unpacking at once would clash).
+[ -n "${SKIP_UNPACK:-}" ] || for f in .device/bin/*.gz; do
   [ -e "$f" ] || continue
   n=$(basename "$f" .gz)
   # Unpack beside and rename: a binary still running from an earlier step is not overwritten.
-  gunzip -c "$f" > "/root/bin/.$n" && chmod +x "/root/bin/.$n" && mv -f "/root/bin/.$n" "/root/bin/$n"
+  gunzip -c "$f" > "/root/bin/.$n.$$" && chmod +x "/root/bin/.$n.$$" && mv -f "/root/bin/.$n.$$" "/root/bin/$n"
 done
 limit() { timeout -k 5 "${LIMIT:-560}" "$@"; }
 # CubeCL keeps compiled PTX and autotune results on disk when cubecl.toml (searched from the
 # working directory up) names a cache; the folder travels back as $OUT/cubecl-cache.tgz and, put
 # into .device/ and carried, spares the next machine the minutes of first-use compilation.
 cache=/root/cubecl-cache
-if [ ! -d $cache ] && [ -e .device/cubecl-cache.tgz ]; then
-  mkdir -p $cache && tar xzf .device/cubecl-cache.tgz -C $cache
+mkdir -p $cache
+if [ -z "$(ls -A $cache)" ] && [ -e .device/cubecl-cache.tgz ]; then
+  tar xzf .device/cubecl-cache.tgz -C $cache
 fi
 [ -e cubecl.toml ] || printf '[compilation]\ncache = { file = "%s" }\n\n[autotune]\ncache = { file = "%s" }\n' $cache $cache > cubecl.toml
 # Only foreground steps send it back (background ones write under /root/bg).
 save_cache() { [ -d $cache ] && [[ $OUT != /root/bg/* ]] && tar czf "$OUT/cubecl-cache.tgz" -C $cache . ; }
 case $step in
+  setup)
+    # Binaries unpacked above; the carried distillation cache goes where --distill-cache points.
+    if compgen -G ".device/distill/*.jsonl" > /dev/null; then
+      mkdir -p /root/distill && cp .device/distill/*.jsonl /root/distill/
+    fi
+    nvidia-smi --query-gpu=index,name,memory.total,driver_version --format=csv
+    ls -la /root/bin /root/distill 2>/dev/null
+    ;;
   tests)
     nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
     for t in attention linear; do
@@ -74,7 +84,7 @@ case $step in
     # does not), on the GPU in $GPU (default 1), its results in /root/bg/NAME for `collect`.
     name=${1:?name}; shift
     mkdir -p /root/bg/$name && cp "$0" /root/bg/device.sh
-    CUDA_VISIBLE_DEVICES=${GPU:-1} OUT=/root/bg/$name setsid nohup bash /root/bg/device.sh "$@" \
+    SKIP_UNPACK=1 CUDA_VISIBLE_DEVICES=${GPU:-1} OUT=/root/bg/$name setsid nohup bash /root/bg/device.sh "$@" \
       > /root/bg/$name.out 2>&1 < /dev/null &
     echo "started $name (pid $!) on GPU ${GPU:-1}"
     ;;
