@@ -227,12 +227,51 @@ impl Report {
                     100.0 * d.fraction_of_ceiling
                 );
             }
+            if !sc.linear.is_empty() {
+                let _ = writeln!(
+                    s,
+                    "\nEach projection shape alone (weights rotated over copies larger than L2; GB/s = weight bytes / median time; {:.0} GB/s measured above):\n",
+                    sc.bandwidth_gbps
+                );
+                let _ = writeln!(
+                    s,
+                    "| projection | rows | k × n | per forward | ours ms | ours GB/s | stock ms | stock GB/s |\n|---|---:|---|---:|---:|---:|---:|---:|"
+                );
+                for l in &sc.linear {
+                    let _ = writeln!(
+                        s,
+                        "| {} | {} | {} × {} | {} | {:.4} | {:.0} | {:.4} | {:.0} |",
+                        l.name,
+                        l.rows,
+                        l.k,
+                        l.n,
+                        l.per_forward,
+                        l.ours.median_ms,
+                        l.ours_gbps,
+                        l.stock.median_ms,
+                        l.stock_gbps
+                    );
+                }
+                let projections_ms: f64 = sc
+                    .linear
+                    .iter()
+                    .filter(|l| l.rows == 1)
+                    .map(|l| l.per_forward as f64 * l.ours.median_ms)
+                    .sum();
+                if let Some(ours) = sc.decode.first() {
+                    let _ = writeln!(
+                        s,
+                        "\nThe projections of one decode step, timed alone, add up to {:.2} ms of the {:.2} ms a token takes with our kernels; the rest is attention, norms, RoPE, the cache, sampling and dispatch.",
+                        projections_ms, ours.ms_per_token
+                    );
+                }
+            }
             let _ = writeln!(
                 s,
                 "\nOne Medusa verification step ({} tree nodes + LM head + argmax) takes {:.2} ms and the {}-head Medusa forward {:.2} ms, against {:.2} ms for one plain decode step: **{:.2}×** the cost of a decode step.",
                 sc.tree_nodes,
                 sc.tree_step.median_ms,
-                4,
+                sc.medusa_heads,
                 sc.medusa_heads_step.median_ms,
                 sc.decode_step.median_ms,
                 sc.tree_vs_decode

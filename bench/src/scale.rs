@@ -1,6 +1,7 @@
 //! Decoding at 8B scale on random weights with an exact preset config (no download): ms per
-//! token against the memory-bandwidth ceiling, stock Burn (its matmul and attention) beside ours, and
-//! the cost of one Medusa tree-verification step relative to a plain decode step.
+//! token against the memory-bandwidth ceiling, stock Burn (its matmul and attention) beside ours
+//! (with and without fused projections), the bandwidth each projection shape streams at, and the
+//! cost of one Medusa tree-verification step relative to a plain decode step.
 
 use anyhow::Result;
 use burn::tensor::{DType, Distribution, Int, Tensor, TensorData};
@@ -20,6 +21,23 @@ pub struct DecodeSpeed {
     pub fraction_of_ceiling: f64,
 }
 
+/// One projection shape of the model, timed alone: ours against Burn's `linear`.
+#[derive(Debug, Clone, Serialize)]
+pub struct LinearSpeed {
+    pub name: String,
+    /// Rows of `x` (1: a decode step; the tree's node count: a verification step).
+    pub rows: usize,
+    pub k: usize,
+    pub n: usize,
+    /// How many such products one forward runs (layers).
+    pub per_forward: usize,
+    pub ours: Timing,
+    pub stock: Timing,
+    /// Weight bytes over the median time.
+    pub ours_gbps: f64,
+    pub stock_gbps: f64,
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct ScaleResult {
     pub preset: String,
@@ -35,7 +53,10 @@ pub struct ScaleResult {
     pub decode_step: Timing,
     pub tree_step: Timing,
     pub tree_nodes: usize,
+    pub medusa_heads: usize,
     pub medusa_heads_step: Timing,
+    /// The projections alone, per shape.
+    pub linear: Vec<LinearSpeed>,
     /// (tree step + heads) / decode step.
     pub tree_vs_decode: f64,
 }
@@ -49,6 +70,67 @@ pub fn bandwidth<B: FlashAttentionBackend>(device: &B::Device) -> f64 {
         let _ = x.clone() * 1.0001;
     });
     (2 * n * 2) as f64 / (t.median_ms / 1e3) / 1e9
+}
+
+/// Times each projection shape of `config` with `rows` input rows, ours and Burn's. The weights
+/// rotate over enough copies (>= 256 MiB together) that a product never finds its matrix in L2
+/// (50 MiB on an H100), as in a real forward where each matrix is read once.
+fn linear_speeds<B: FlashAttentionBackend>(
+    config: &LlamaConfig,
+    dtype: DType,
+    rows: usize,
+    device: &B::Device,
+) -> Vec<LinearSpeed> {
+    let (h, d) = (config.hidden_size, config.head_dim());
+    let (nh, nkv) = (config.num_attention_heads, config.num_kv_heads());
+    let ffn = config.intermediate_size;
+    let layers = config.num_hidden_layers;
+    let shapes = [
+        ("q/k/v (fused)", h, (nh + 2 * nkv) * d, layers),
+        ("o", nh * d, h, layers),
+        ("gate/up (fused)", h, 2 * ffn, layers),
+        ("down", ffn, h, layers),
+        ("LM head", h, config.vocab_size, 1),
+    ];
+    let elem = dtype.size();
+    shapes
+        .into_iter()
+        .map(|(name, k, n, per_forward)| {
+            let bytes = k * n * elem;
+            let copies = (256usize << 20).div_ceil(bytes).clamp(2, 16);
+            let weights: Vec<Tensor<B, 2>> = (0..copies)
+                .map(|_| {
+                    Tensor::<B, 2>::random([k, n], Distribution::Default, (device, DType::F32))
+                        .cast(dtype)
+                })
+                .collect();
+            let x = Tensor::<B, 2>::random([rows, k], Distribution::Default, (device, DType::F32))
+                .cast(dtype);
+            let time = |on: bool| {
+                kernels::set_kernels_enabled(on);
+                let mut i = 0;
+                time_device::<B>(device, 3, 15, 2.0, || {
+                    let _ = kernels::linear(x.clone(), weights[i % copies].clone(), None);
+                    i += 1;
+                })
+            };
+            let ours = time(true);
+            let stock = time(false);
+            kernels::set_kernels_enabled(true);
+            let gbps = |t: &Timing| bytes as f64 / (t.median_ms / 1e3) / 1e9;
+            LinearSpeed {
+                name: name.into(),
+                rows,
+                k,
+                n,
+                per_forward,
+                ours_gbps: gbps(&ours),
+                stock_gbps: gbps(&stock),
+                ours,
+                stock,
+            }
+        })
+        .collect()
 }
 
 pub fn run<B: FlashAttentionBackend>(
@@ -89,14 +171,26 @@ pub fn run<B: FlashAttentionBackend>(
         ..Default::default()
     };
     let mut decode = Vec::new();
-    for (label, kernels_on) in [
-        ("ours (CubeCL attention + linear kernels)", true),
-        ("stock Burn (matmul + attention)", false),
+    // The same weights with q/k/v and gate/up as separate matrices: what fusing them gains.
+    let apart = Llama::<B>::random(
+        config.clone(),
+        7,
+        &options.clone().with_fuse_projections(false),
+        device,
+    )?;
+    for (label, kernels_on, model) in [
+        ("ours (CubeCL attention + linear kernels)", true, &model),
+        (
+            "ours, projections apart (q, k, v, gate, up unfused)",
+            true,
+            &apart,
+        ),
+        ("stock Burn (matmul + attention)", false, &model),
     ] {
         progress.set_message(format!("scale: decoding, {label}"));
         kernels::set_kernels_enabled(kernels_on);
-        generate(&model, &prompt, &gen_config, |_| {})?; // warm-up: compilation, autotune
-        let out = generate(&model, &prompt, &gen_config, |_| {})?;
+        generate(model, &prompt, &gen_config, |_| {})?; // warm-up: compilation, autotune
+        let out = generate(model, &prompt, &gen_config, |_| {})?;
         let per_token = out.decode.as_secs_f64() / (out.tokens.len() - 1) as f64;
         progress.set_message(format!(
             "scale: {label}: {:.2} ms/token ({:.1} tokens/s)",
@@ -111,6 +205,11 @@ pub fn run<B: FlashAttentionBackend>(
         });
     }
     kernels::set_kernels_enabled(true);
+    drop(apart);
+
+    progress.set_message("scale: projection shapes".to_string());
+    let mut linear = linear_speeds::<B>(&config, dtype, 1, device);
+    linear.extend(linear_speeds::<B>(&config, dtype, tree.len(), device));
 
     // One decode step vs one tree verification, both on a cache holding prompt + output.
     progress.set_message("scale: tree step vs decode step".to_string());
@@ -189,6 +288,8 @@ pub fn run<B: FlashAttentionBackend>(
         decode_step,
         tree_step,
         tree_nodes: n,
+        medusa_heads: num_heads,
         medusa_heads_step,
+        linear,
     })
 }

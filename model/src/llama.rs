@@ -1,5 +1,7 @@
 //! The Llama architecture as Burn modules, named after the Hugging Face checkpoint tensors
-//! (`model.layers.{i}.self_attn.q_proj.weight`, ...) so any weight can be checked by name.
+//! (`model.layers.{i}.self_attn.o_proj.weight`, ...) so any weight can be checked by name; the
+//! projections that share an input are grouped ([`Projections`]: `qkv_proj`, `gate_up_proj`),
+//! one fused matrix by default.
 
 use burn::{
     module::{Module, Param},
@@ -62,6 +64,81 @@ impl<B: LinearBackend> Proj<B> {
     }
 }
 
+/// Projections that read the same input (`q`, `k`, `v`; the MLP's `gate` and `up`), kept as one
+/// fused matrix or apart.
+///
+/// Fused (the default, see [`crate::LoadOptions::fuse_projections`]), the checkpoint's matrices
+/// are concatenated column-wise at load time into one `[in, Σ out]` weight, so a decode step
+/// streams them with one kernel launch instead of three (or two): at batch 1 every launch costs
+/// microseconds of dispatch, and a narrow matrix alone (Llama-3-8B's `k`/`v`: 1024 columns)
+/// cannot keep the whole GPU busy. The outputs are column ranges of one result (views, no copy).
+#[derive(Module, Debug)]
+pub struct Projections<B: Backend> {
+    /// One fused projection, or one per output in order.
+    pub parts: Vec<Proj<B>>,
+    /// Output width of each projection, in order.
+    pub widths: Vec<usize>,
+}
+
+impl<B: Backend> Projections<B> {
+    /// Loads the projections named by `prefixes` (each `[d_in, width]`), concatenated when
+    /// `fuse` is set.
+    pub fn load<W: WeightSource<B>>(
+        src: &mut W,
+        prefixes: &[String],
+        d_in: usize,
+        widths: &[usize],
+        bias: bool,
+        fuse: bool,
+    ) -> Result<Self> {
+        let mut parts = prefixes
+            .iter()
+            .zip(widths)
+            .map(|(prefix, &w)| Proj::load(src, prefix, d_in, w, bias))
+            .collect::<Result<Vec<_>>>()?;
+        if fuse && parts.len() > 1 {
+            let (weights, biases): (Vec<_>, Vec<_>) = parts
+                .drain(..)
+                .map(|p| (p.weight.val(), p.bias.map(|b| b.val())))
+                .unzip();
+            let bias = biases
+                .into_iter()
+                .collect::<Option<Vec<_>>>()
+                .map(|b| Param::from_tensor(Tensor::cat(b, 0)));
+            parts.push(Proj {
+                weight: Param::from_tensor(Tensor::cat(weights, 1)),
+                bias,
+            });
+        }
+        Ok(Self {
+            parts,
+            widths: widths.to_vec(),
+        })
+    }
+
+    pub fn is_fused(&self) -> bool {
+        self.parts.len() == 1 && self.widths.len() > 1
+    }
+}
+
+impl<B: LinearBackend> Projections<B> {
+    /// The projections of `x`, in order.
+    pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Vec<Tensor<B, D>> {
+        if !self.is_fused() {
+            return self.parts.iter().map(|p| p.forward(x.clone())).collect();
+        }
+        let y = self.parts[0].forward(x);
+        let mut start = 0;
+        self.widths
+            .iter()
+            .map(|&w| {
+                start += w;
+                y.clone().narrow(D - 1, start - w, w)
+            })
+            .collect()
+    }
+}
+
 /// RMSNorm as in `LlamaRMSNorm`: statistics in f32 whatever the activation dtype, then the gain.
 #[derive(Module, Debug)]
 pub struct RmsNorm<B: Backend> {
@@ -95,9 +172,8 @@ impl<B: Backend> RmsNorm<B> {
 /// Grouped-query self-attention with RoPE, reading and writing the layer's KV cache.
 #[derive(Module, Debug)]
 pub struct Attention<B: Backend> {
-    pub q_proj: Proj<B>,
-    pub k_proj: Proj<B>,
-    pub v_proj: Proj<B>,
+    /// `q_proj`, `k_proj`, `v_proj` (fused or apart).
+    pub qkv_proj: Projections<B>,
     pub o_proj: Proj<B>,
     pub n_heads: usize,
     pub n_kv_heads: usize,
@@ -116,10 +192,18 @@ impl<B: FlashAttentionBackend> Attention<B> {
         mask: AttentionMask<B>,
     ) -> Tensor<B, 3> {
         let [b, s, _] = x.dims();
-        let heads = |t: Tensor<B, 3>, n: usize| t.reshape([b, s, n, self.head_dim]).swap_dims(1, 2);
-        let q = heads(self.q_proj.forward(x.clone()), self.n_heads);
-        let k = heads(self.k_proj.forward(x.clone()), self.n_kv_heads);
-        let v = heads(self.v_proj.forward(x), self.n_kv_heads);
+        let (nh, nkv, d) = (self.n_heads, self.n_kv_heads, self.head_dim);
+        let [q, k, v]: [Tensor<B, 4>; 3] = if self.qkv_proj.is_fused() {
+            // Heads first, then the q/k/v ranges along the head axis: views of one result.
+            let qkv = self.qkv_proj.parts[0]
+                .forward(x)
+                .reshape([b, s, nh + 2 * nkv, d]);
+            [(0, nh), (nh, nkv), (nh + nkv, nkv)].map(|(at, n)| qkv.clone().narrow(2, at, n))
+        } else {
+            let mut out = self.qkv_proj.forward(x).into_iter();
+            [nh, nkv, nkv].map(|n| out.next().expect("three projections").reshape([b, s, n, d]))
+        };
+        let [q, k, v] = [q, k, v].map(|t| t.swap_dims(1, 2));
         let q = apply_rope(q, rope);
         let k = apply_rope(k, rope);
         let (k_all, v_all) = cache.write(start, k, v);
@@ -135,15 +219,19 @@ impl<B: FlashAttentionBackend> Attention<B> {
 /// SwiGLU feed-forward: `down(silu(gate(x)) * up(x))`.
 #[derive(Module, Debug)]
 pub struct Mlp<B: Backend> {
-    pub gate_proj: Proj<B>,
-    pub up_proj: Proj<B>,
+    /// `gate_proj` and `up_proj` (fused or apart).
+    pub gate_up_proj: Projections<B>,
     pub down_proj: Proj<B>,
 }
 
 impl<B: LinearBackend> Mlp<B> {
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        let gate = silu(self.gate_proj.forward(x.clone()));
-        self.down_proj.forward(gate * self.up_proj.forward(x))
+        let [gate, up]: [Tensor<B, 3>; 2] = self
+            .gate_up_proj
+            .forward(x)
+            .try_into()
+            .expect("two projections");
+        self.down_proj.forward(silu(gate) * up)
     }
 }
 
@@ -194,7 +282,9 @@ pub struct LlamaForCausalLm<B: Backend> {
 
 impl<B: Backend> LlamaForCausalLm<B> {
     /// Builds the module from a weight source, checking every tensor's shape against `config`.
-    pub fn load<W: WeightSource<B>>(config: &LlamaConfig, src: &mut W) -> Result<Self> {
+    ///
+    /// With `fuse`, the projections that share an input are concatenated (see [`Projections`]).
+    pub fn load<W: WeightSource<B>>(config: &LlamaConfig, src: &mut W, fuse: bool) -> Result<Self> {
         let (h, d) = (config.hidden_size, config.head_dim());
         let (nh, nkv) = (config.num_attention_heads, config.num_kv_heads());
         let eps = config.rms_norm_eps;
@@ -212,9 +302,14 @@ impl<B: Backend> LlamaForCausalLm<B> {
             layers.push(DecoderLayer {
                 input_layernorm: RmsNorm::load(src, &format!("{p}.input_layernorm"), h, eps)?,
                 self_attn: Attention {
-                    q_proj: Proj::load(src, &format!("{p}.self_attn.q_proj"), h, nh * d, ab)?,
-                    k_proj: Proj::load(src, &format!("{p}.self_attn.k_proj"), h, nkv * d, ab)?,
-                    v_proj: Proj::load(src, &format!("{p}.self_attn.v_proj"), h, nkv * d, ab)?,
+                    qkv_proj: Projections::load(
+                        src,
+                        &["q_proj", "k_proj", "v_proj"].map(|n| format!("{p}.self_attn.{n}")),
+                        h,
+                        &[nh * d, nkv * d, nkv * d],
+                        ab,
+                        fuse,
+                    )?,
                     o_proj: Proj::load(src, &format!("{p}.self_attn.o_proj"), nh * d, h, ab)?,
                     n_heads: nh,
                     n_kv_heads: nkv,
@@ -227,8 +322,14 @@ impl<B: Backend> LlamaForCausalLm<B> {
                     eps,
                 )?,
                 mlp: Mlp {
-                    gate_proj: Proj::load(src, &format!("{p}.mlp.gate_proj"), h, ffn, mb)?,
-                    up_proj: Proj::load(src, &format!("{p}.mlp.up_proj"), h, ffn, mb)?,
+                    gate_up_proj: Projections::load(
+                        src,
+                        &["gate_proj", "up_proj"].map(|n| format!("{p}.mlp.{n}")),
+                        h,
+                        &[ffn, ffn],
+                        mb,
+                        fuse,
+                    )?,
                     down_proj: Proj::load(src, &format!("{p}.mlp.down_proj"), ffn, h, mb)?,
                 },
             });

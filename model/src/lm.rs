@@ -26,6 +26,9 @@ pub struct LoadOptions {
     pub max_seq_len: usize,
     /// Fail on checkpoint tensors the model does not use.
     pub strict: bool,
+    /// Concatenate the projections that read the same input (q/k/v, gate/up) into one matrix
+    /// each at load time: fewer, wider kernels per decode step (see [`crate::llama::Projections`]).
+    pub fuse_projections: bool,
 }
 
 impl Default for LoadOptions {
@@ -34,6 +37,7 @@ impl Default for LoadOptions {
             dtype: DType::F32,
             max_seq_len: 4096,
             strict: true,
+            fuse_projections: true,
         }
     }
 }
@@ -45,6 +49,12 @@ impl LoadOptions {
     pub fn with_max_seq_len(self, max_seq_len: usize) -> Self {
         Self {
             max_seq_len,
+            ..self
+        }
+    }
+    pub fn with_fuse_projections(self, fuse_projections: bool) -> Self {
+        Self {
+            fuse_projections,
             ..self
         }
     }
@@ -91,7 +101,7 @@ impl<B: FlashAttentionBackend> Llama<B> {
         device: &B::Device,
     ) -> Result<Self> {
         config.validate()?;
-        let module = LlamaForCausalLm::load(&config, &mut weights)?;
+        let module = LlamaForCausalLm::load(&config, &mut weights, options.fuse_projections)?;
         weights.finish()?;
         let max_len = options.max_seq_len.min(config.max_position_embeddings);
         let rope = RopeTables::new(&config, max_len, options.dtype, device);
