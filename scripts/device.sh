@@ -22,6 +22,12 @@
 # without a subcommand now runs them in that order too), and
 # fill the distillation cache beforehand (train --distill-shard I/N on any machine; carry
 # ~/.cache/burn-decode/distill/*.jsonl and pass --distill-cache).
+#
+# Third session (2026-11-28, two H200s): CubeCL's PTX/autotune cache on disk (below) cut a repeat
+# 8B run from 330 s to 74 s; carry $OUT/cubecl-cache.tgz back as .device/cubecl-cache.tgz (the
+# full cache grew to 195 MB, over what a call brings back: take it from an early call). With two
+# GPUs, `bg` runs an independent step on the second card while the first works; only files under
+# $OUT come back, and a call returns a limited number of them (copy the reports flat into $OUT).
 set -uo pipefail
 step=${1:?step}
 shift

@@ -32,13 +32,7 @@ impl System {
                 .unwrap_or_else(|| "unknown".into()),
             cpu_cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
             device: device.to_string(),
-            gpu: command(
-                "nvidia-smi",
-                &[
-                    "--query-gpu=name,memory.total,driver_version",
-                    "--format=csv,noheader",
-                ],
-            ),
+            gpu: gpu(),
             burn: locked_version(lock, "burn").unwrap_or_default(),
             cubecl: locked_version(lock, "cubecl").unwrap_or_default(),
             // The commit the binary was built from (see build.rs); the checkout it runs in
@@ -49,6 +43,27 @@ impl System {
                 .or_else(|| command("git", &["rev-parse", "--short", "HEAD"])),
         }
     }
+}
+
+/// The card this process runs on: CUDA's device 0, which is the first of
+/// `CUDA_VISIBLE_DEVICES` when that is set (nvidia-smi ignores it and lists every card).
+fn gpu() -> Option<String> {
+    let visible = std::env::var("CUDA_VISIBLE_DEVICES")
+        .ok()
+        .and_then(|v| v.split(',').next().map(|s| s.trim().to_string()))
+        .filter(|s| !s.is_empty());
+    let id = visible.map(|v| format!("--id={v}"));
+    let mut args = vec![
+        "--query-gpu=name,memory.total,driver_version",
+        "--format=csv,noheader",
+    ];
+    args.extend(id.as_deref());
+    let out = command("nvidia-smi", &args)?;
+    let cards: Vec<&str> = out.lines().collect();
+    Some(match cards.len() {
+        1 => cards[0].to_string(),
+        n => format!("{} (device 0 of {n} in the machine)", cards[0]),
+    })
 }
 
 fn command(cmd: &str, args: &[&str]) -> Option<String> {

@@ -306,12 +306,13 @@ fn main() {
     let client = <Runtime as cubecl::Runtime>::client(&device);
     let hw = &client.properties().hardware;
     println!(
-        "{} device: SMs {:?}, shared {} B/cube, max vector {}, kernel for m <= {}",
+        "{} device: SMs {:?}, shared {} B/cube, max vector {}, kernel for m <= {} (f32), {} (f16/bf16)",
         runtime::NAME,
         hw.num_streaming_multiprocessors,
         hw.max_shared_memory_size,
         hw.max_vector_size,
-        kernels::linear_max_m(),
+        kernels::linear_max_m(DType::F32),
+        kernels::linear_max_m(DType::BF16),
     );
     let mut shapes: Vec<(usize, usize, usize)> = if args.quick {
         vec![(1, 1024, 1024), (1, 1024, 3584), (1, 3584, 1024)]

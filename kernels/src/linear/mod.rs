@@ -4,8 +4,8 @@
 //! With `m` rows the product does `2·m` flops per weight element, so for `m` up to a few dozen
 //! it is bound by streaming `W` from memory once. The entry point is [`linear`] (same contract
 //! as `burn::tensor::module::linear`), which flattens the leading dimensions of `x` into `m`
-//! rows, runs [`LinearBackend::linear_skinny`] for `1 <= m <= linear_max_m()` (64 by default)
-//! and Burn's `linear` otherwise.
+//! rows, runs [`LinearBackend::linear_skinny`] for `1 <= m <= linear_max_m(dtype)` (64 rows for
+//! f32, 8 for f16/bf16 by default: see [`HALF_MAX_M`]) and Burn's `linear` otherwise.
 //!
 //! Backends opt in through [`LinearBackend`]:
 //! - `CubeBackend<R, F, I, BT>` (any CubeCL runtime) runs the kernels of [`kernel`] for f32,
@@ -64,7 +64,7 @@ pub use launch::{LinearPlan, LinearProblem, LinearTuning, MAX_M, plan, plan_for,
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use burn::tensor::{
-    Tensor, TensorPrimitive,
+    DType, Tensor, TensorPrimitive,
     backend::Backend,
     ops::{FloatTensor, ModuleOps},
 };
@@ -88,31 +88,51 @@ pub trait LinearBackend: Backend {
 const UNSET: usize = usize::MAX;
 static MAX_ROWS: AtomicUsize = AtomicUsize::new(UNSET);
 
+/// Default row limit of the skinny kernel for f16/bf16 inputs (f32 takes [`MAX_M`]).
+///
+/// With many rows, half precision belongs on tensor cores: on an H200, a 64-row product with
+/// Llama-3-8B's fused gate/up matrix (4096 × 28672, bf16) took 2.05 ms in the skinny kernel and
+/// 0.25 ms in Burn's matmul, and a Medusa tree step (64 rows) cost 5.4 decode steps with the
+/// kernel against 1.6 without; at one row the kernel streams 2–4× faster than Burn's matmul.
+/// f32 keeps the kernel up to [`MAX_M`] rows: Burn's f32 matmul on CUDA runs in TF32, so a tree
+/// step through it does not reproduce the logits of a decode step (measured: greedy Medusa in
+/// f32 then diverged from plain decoding on 1 of 30 Spec-Bench prompts; with the kernel, 0).
+pub const HALF_MAX_M: usize = 8;
+
 /// Most rows (`m`, the product of the leading dimensions of `x`) for which [`linear`] takes the
-/// skinny kernel; larger products go to Burn's matmul. Defaults to [`MAX_M`] (64), and is read
-/// once from the environment: `BURN_DECODE_LINEAR_MAX_M=<n>` (clamped to `0..=64`), or
-/// `BURN_DECODE_LINEAR=reference` for 0 (never). [`crate::kernels_enabled`] being off
-/// (`BURN_DECODE_ATTENTION=reference`, the stock-Burn baseline) also turns the kernel off.
-pub fn linear_max_m() -> usize {
-    match MAX_ROWS.load(Ordering::Relaxed) {
+/// skinny kernel for inputs of `dtype`; larger products go to Burn's matmul. Defaults to
+/// [`MAX_M`] (64) for f32 and [`HALF_MAX_M`] (8) for f16/bf16. An explicit limit applies to
+/// every dtype: `BURN_DECODE_LINEAR_MAX_M=<n>` in the environment (clamped to `0..=64`, read
+/// once), `BURN_DECODE_LINEAR=reference` for 0 (never), or [`set_linear_max_m`].
+/// [`crate::kernels_enabled`] being off (`BURN_DECODE_ATTENTION=reference`, the stock-Burn
+/// baseline) also turns the kernel off.
+pub fn linear_max_m(dtype: DType) -> usize {
+    let explicit = match MAX_ROWS.load(Ordering::Relaxed) {
         UNSET => {
             let rows = if std::env::var("BURN_DECODE_LINEAR").as_deref() == Ok("reference") {
-                0
+                Some(0)
             } else {
                 std::env::var("BURN_DECODE_LINEAR_MAX_M")
                     .ok()
                     .and_then(|v| v.trim().parse::<usize>().ok())
-                    .unwrap_or(MAX_M)
-                    .min(MAX_M)
+                    .map(|v| v.min(MAX_M))
             };
-            MAX_ROWS.store(rows, Ordering::Relaxed);
+            // UNSET - 1 records "read, nothing set", so the environment is read once.
+            MAX_ROWS.store(rows.unwrap_or(UNSET - 1), Ordering::Relaxed);
             rows
         }
-        rows => rows,
-    }
+        rows if rows == UNSET - 1 => None,
+        rows => Some(rows),
+    };
+    explicit.unwrap_or(if dtype == DType::F32 {
+        MAX_M
+    } else {
+        HALF_MAX_M
+    })
 }
 
-/// Sets [`linear_max_m`] for the whole process (clamped to `0..=64`; 0 = never the kernel).
+/// Sets [`linear_max_m`] for the whole process and every dtype (clamped to `0..=64`; 0 = never
+/// the kernel).
 pub fn set_linear_max_m(rows: usize) {
     MAX_ROWS.store(rows.min(MAX_M), Ordering::Relaxed);
 }
@@ -126,7 +146,7 @@ pub fn set_linear_max_m(rows: usize) {
 /// - `bias`: `[out]`,
 /// - output: `[..., out]` in the dtype of `x`.
 ///
-/// The kernel runs when `1 <= m <= linear_max_m()` and [`crate::kernels_enabled`] is on;
+/// The kernel runs when `1 <= m <= linear_max_m(dtype)` and [`crate::kernels_enabled`] is on;
 /// otherwise, and on backends without a kernel, this is Burn's `linear`.
 ///
 /// # Panics
@@ -147,7 +167,7 @@ pub fn linear<B: LinearBackend, const D: usize>(
     if let Some(b) = &bias {
         assert_eq!(b.dims(), [n], "linear: bias must be [{n}]");
     }
-    if m == 0 || k == 0 || n == 0 || m > linear_max_m() || !crate::kernels_enabled() {
+    if m == 0 || k == 0 || n == 0 || m > linear_max_m(x.dtype()) || !crate::kernels_enabled() {
         return burn::tensor::module::linear(x, weight, bias);
     }
     let x2: Tensor<B, 2> = x.reshape([m, k]);
