@@ -4,9 +4,10 @@
 use std::time::Instant;
 
 use anyhow::Result;
+use burn::tensor::DType;
 use kernels::FlashAttentionBackend;
 use medusa::{AcceptMode, DecodeConfig, MedusaDecoder, MedusaHeads, MedusaTree};
-use model::{GenerationConfig, Llama, Message, Tokenizer, generate};
+use model::{GenerationConfig, Llama, Message, Tokenizer, generate, generate::last_logits};
 use serde::Serialize;
 
 use crate::prompts::Prompt;
@@ -28,6 +29,10 @@ pub struct PromptResult {
     pub identical: bool,
     /// First differing position when not identical.
     pub first_mismatch: Option<usize>,
+    /// At the first mismatch: the logit of the autoregressive token minus that of Medusa's,
+    /// from a fresh forward over the common prefix (outside the timing). Near zero (within the
+    /// dtype's rounding of the logits) means a near-tie that rounding tipped either way.
+    pub mismatch_logit_gap: Option<f32>,
 }
 
 /// Aggregate over a set of prompts.
@@ -169,6 +174,18 @@ pub fn run<B: FlashAttentionBackend>(
             .or_else(|| {
                 (ar_tokens.len() != md.tokens.len()).then(|| ar_tokens.len().min(md.tokens.len()))
             });
+        let mismatch_logit_gap = match first_mismatch {
+            Some(at) if at < ar_tokens.len() && at < md.tokens.len() => {
+                let prefix: Vec<u32> = ids.iter().chain(&ar_tokens[..at]).copied().collect();
+                let logits: Vec<f32> = last_logits(model.forward_full(&prefix)?)
+                    .cast(DType::F32)
+                    .into_data()
+                    .to_vec()
+                    .map_err(|e| anyhow::anyhow!("reading logits: {e:?}"))?;
+                Some(logits[ar_tokens[at] as usize] - logits[md.tokens[at] as usize])
+            }
+            _ => None,
+        };
         results.push(PromptResult {
             id: p.id.clone(),
             category: p.category.clone(),
@@ -182,6 +199,7 @@ pub fn run<B: FlashAttentionBackend>(
             head_accepts: md.head_accepts.clone(),
             identical: first_mismatch.is_none(),
             first_mismatch,
+            mismatch_logit_gap,
         });
         on_result(&results)?;
         progress.inc(1);

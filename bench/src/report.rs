@@ -173,9 +173,18 @@ impl Report {
                     .prompts
                     .iter()
                     .filter(|p| !p.identical)
-                    .map(|p| format!("#{} at token {}", p.id, p.first_mismatch.unwrap_or(0)))
+                    .map(|p| {
+                        let gap = p
+                            .mismatch_logit_gap
+                            .map_or(String::new(), |g| format!(" (logit gap {g:.3})"));
+                        format!("#{} at token {}{gap}", p.id, p.first_mismatch.unwrap_or(0))
+                    })
                     .collect();
                 let _ = writeln!(s, "\n**MISMATCHES**: {}", bad.join(", "));
+                let _ = writeln!(
+                    s,
+                    "\nLogit gap: the autoregressive token's logit minus Medusa's at the first difference, from a fresh forward over the common prefix; a gap near zero is a near-tie that the dtype's rounding decided differently in the two paths."
+                );
             }
             let _ = writeln!(s, "\n### Per category\n");
             let _ = writeln!(
