@@ -51,7 +51,13 @@ mkdir -p $cache
 if [ -z "$(ls -A $cache)" ] && [ -e .device/cubecl-cache.tgz ]; then
   tar xzf .device/cubecl-cache.tgz -C $cache
 fi
-[ -e cubecl.toml ] || printf '[compilation]\ncache = { file = "%s" }\n\n[autotune]\ncache = { file = "%s" }\n' $cache $cache > cubecl.toml
+# PROFILE=minimal|basic|medium|full also logs every kernel launch (with device time from
+# "basic" on) to $OUT/cubecl-profile.log: launches per decode step, and kernel time against
+# wall time. Keep such runs short (e.g. `bench e2e --model random:llama3-8b --max-new-tokens 4`).
+printf '[compilation]\ncache = { file = "%s" }\n\n[autotune]\ncache = { file = "%s" }\n' $cache $cache > cubecl.toml
+if [ -n "${PROFILE:-}" ]; then
+  printf '\n[profiling.logger]\nlevel = "%s"\nfile = "%s"\nappend = false\n' "$PROFILE" "$OUT/cubecl-profile.log" >> cubecl.toml
+fi
 # Only foreground steps send it back (background ones write under /root/bg).
 save_cache() { [ -d $cache ] && [[ $OUT != /root/bg/* ]] && tar czf "$OUT/cubecl-cache.tgz" -C $cache . ; }
 case $step in

@@ -42,7 +42,7 @@ struct Args {
     /// Model dtype; auto = bf16 on CUDA, f32 on the CPU.
     #[arg(long, global = true, value_enum, default_value_t = DtypeArg::Auto)]
     dtype: DtypeArg,
-    /// New tokens per prompt (default 128 on CUDA, 32 on the CPU).
+    /// New tokens per prompt (default 128 on CUDA, 32 on the CPU; the 8B-scale timing: 128).
     #[arg(long, global = true)]
     max_new_tokens: Option<usize>,
     /// Prompts longer than this (in tokens, chat template included) keep their last tokens.
@@ -244,7 +244,13 @@ fn run<B: FlashAttentionBackend>(
             MedusaTree::named_or_json(args.tree.as_deref().unwrap_or("mc_sim_7b_63"), args.heads)?;
         let bar = Progress::new(None);
         report.scale = Some(scale::run::<B>(
-            &preset, dtype, device, &tree, args.heads, &bar,
+            &preset,
+            dtype,
+            device,
+            &tree,
+            args.heads,
+            args.max_new_tokens.unwrap_or(128),
+            &bar,
         )?);
         bar.finish_with_message("scale: done");
         report.write(&args.out)?;

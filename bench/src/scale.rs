@@ -147,6 +147,7 @@ pub fn run<B: FlashAttentionBackend>(
     device: &B::Device,
     tree: &MedusaTree,
     num_heads: usize,
+    new_tokens: usize,
     progress: &crate::progress::Progress,
 ) -> Result<ScaleResult> {
     let config = LlamaConfig::preset(preset)?;
@@ -170,7 +171,8 @@ pub fn run<B: FlashAttentionBackend>(
         * elem;
     let ceiling = bandwidth_gbps * 1e9 / weight_bytes;
 
-    let (prompt_len, new_tokens) = (64, 128);
+    // The setting: a 64-token prompt, then `new_tokens` (128 by default).
+    let prompt_len = 64;
     let prompt: Vec<u32> = (0..prompt_len)
         .map(|i| (i * 7919 % config.vocab_size) as u32)
         .collect();
