@@ -59,7 +59,7 @@ if [ -n "${PROFILE:-}" ]; then
   printf '\n[profiling.logger]\nlevel = "%s"\nfile = "%s"\nappend = false\n' "$PROFILE" "$OUT/cubecl-profile.log" >> cubecl.toml
 fi
 # Only foreground steps send it back (background ones write under /root/bg).
-save_cache() { [ -d $cache ] && [[ $OUT != /root/bg/* ]] && tar czf "$OUT/cubecl-cache.tgz" -C $cache . ; }
+save_cache() { [[ $OUT != /root/bg/* ]] && tar czf "$OUT/cubecl-cache.tgz" -C $cache . ; }
 case $step in
   setup)
     # Binaries unpacked above; the carried distillation cache goes where --distill-cache points.

@@ -4,13 +4,12 @@
 use std::time::Instant;
 
 use anyhow::Result;
-use burn::tensor::DType;
 use kernels::FlashAttentionBackend;
 use medusa::{AcceptMode, DecodeConfig, MedusaDecoder, MedusaHeads, MedusaTree};
 use model::{GenerationConfig, Llama, Message, Tokenizer, generate, generate::last_logits};
 use serde::Serialize;
 
-use crate::prompts::Prompt;
+use crate::{kernel::host_f32, prompts::Prompt};
 
 /// Per-prompt numbers.
 #[derive(Debug, Clone, Serialize)]
@@ -177,11 +176,7 @@ pub fn run<B: FlashAttentionBackend>(
         let mismatch_logit_gap = match first_mismatch {
             Some(at) if at < ar_tokens.len() && at < md.tokens.len() => {
                 let prefix: Vec<u32> = ids.iter().chain(&ar_tokens[..at]).copied().collect();
-                let logits: Vec<f32> = last_logits(model.forward_full(&prefix)?)
-                    .cast(DType::F32)
-                    .into_data()
-                    .to_vec()
-                    .map_err(|e| anyhow::anyhow!("reading logits: {e:?}"))?;
+                let logits = host_f32(last_logits(model.forward_full(&prefix)?));
                 Some(logits[ar_tokens[at] as usize] - logits[md.tokens[at] as usize])
             }
             _ => None,

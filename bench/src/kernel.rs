@@ -305,7 +305,7 @@ impl HostReference {
 }
 
 /// A tensor's values on the host, as f32 (exact for bf16/f16 inputs).
-fn host_f32<B: Backend>(t: Tensor<B, 4>) -> Vec<f32> {
+pub fn host_f32<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
     t.cast(DType::F32)
         .into_data()
         .convert::<f32>()

@@ -4,7 +4,7 @@
 //! cost of one Medusa tree-verification step relative to a plain decode step.
 
 use anyhow::Result;
-use burn::tensor::{DType, Distribution, Int, Tensor, TensorData};
+use burn::tensor::{DType, Distribution, Int, Tensor, TensorData, backend::Backend};
 use kernels::FlashAttentionBackend;
 use medusa::{MedusaConfig, MedusaHeads, MedusaTree};
 use model::{GenerationConfig, Llama, LlamaConfig, LoadOptions, TreeInput, generate};
@@ -61,6 +61,15 @@ pub struct ScaleResult {
     pub tree_vs_decode: f64,
 }
 
+/// Uniform values in `[0, 1)` drawn in f32 on the device, rounded to `dtype`.
+fn random<B: Backend, const D: usize>(
+    shape: [usize; D],
+    dtype: DType,
+    device: &B::Device,
+) -> Tensor<B, D> {
+    Tensor::<B, D>::random(shape, Distribution::Default, (device, DType::F32)).cast(dtype)
+}
+
 /// Measures device copy bandwidth: an elementwise pass over 2 GiB of bf16 (read + write
 /// counted).
 ///
@@ -70,8 +79,7 @@ pub struct ScaleResult {
 /// sync adds about 1%, which lowers the measured bandwidth (and the ceiling) slightly.
 pub fn bandwidth<B: FlashAttentionBackend>(device: &B::Device) -> f64 {
     let n = 1usize << 30;
-    let x =
-        Tensor::<B, 1>::random([n], Distribution::Default, (device, DType::F32)).cast(DType::BF16);
+    let x = random::<B, 1>([n], DType::BF16, device);
     let t = time_device::<B>(device, 2, 10, 5.0, || {
         let y = x.clone() * 1.0001;
         B::sync(device).expect("device sync");
@@ -106,14 +114,9 @@ fn linear_speeds<B: FlashAttentionBackend>(
         .map(|(name, k, n, per_forward)| {
             let bytes = k * n * elem;
             let copies = (256usize << 20).div_ceil(bytes).clamp(2, 16);
-            let weights: Vec<Tensor<B, 2>> = (0..copies)
-                .map(|_| {
-                    Tensor::<B, 2>::random([k, n], Distribution::Default, (device, DType::F32))
-                        .cast(dtype)
-                })
-                .collect();
-            let x = Tensor::<B, 2>::random([rows, k], Distribution::Default, (device, DType::F32))
-                .cast(dtype);
+            let weights: Vec<Tensor<B, 2>> =
+                (0..copies).map(|_| random([k, n], dtype, device)).collect();
+            let x = random([rows, k], dtype, device);
             let time = |on: bool| {
                 kernels::set_kernels_enabled(on);
                 let mut i = 0;
@@ -271,12 +274,7 @@ pub fn run<B: FlashAttentionBackend>(
         },
         &model.module.lm_head,
     );
-    let h = Tensor::<B, 3>::random(
-        [1, 1, config.hidden_size],
-        Distribution::Default,
-        (device, DType::F32),
-    )
-    .cast(dtype);
+    let h = random([1, 1, config.hidden_size], dtype, device);
     let medusa_heads_step = time_device::<B>(device, 3, 15, 0.0, || {
         let logits = heads
             .forward(h.clone(), &model.module.lm_head)

@@ -85,7 +85,10 @@ pub trait LinearBackend: Backend {
     ) -> FloatTensor<Self>;
 }
 
+/// [`MAX_ROWS`] before the environment was read.
 const UNSET: usize = usize::MAX;
+/// [`MAX_ROWS`] once the environment was read and set no limit: the dtype's default applies.
+const BY_DTYPE: usize = usize::MAX - 1;
 static MAX_ROWS: AtomicUsize = AtomicUsize::new(UNSET);
 
 /// Default row limit of the skinny kernel for f16/bf16 inputs (f32 takes [`MAX_M`]).
@@ -117,11 +120,10 @@ pub fn linear_max_m(dtype: DType) -> usize {
                     .and_then(|v| v.trim().parse::<usize>().ok())
                     .map(|v| v.min(MAX_M))
             };
-            // UNSET - 1 records "read, nothing set", so the environment is read once.
-            MAX_ROWS.store(rows.unwrap_or(UNSET - 1), Ordering::Relaxed);
+            MAX_ROWS.store(rows.unwrap_or(BY_DTYPE), Ordering::Relaxed);
             rows
         }
-        rows if rows == UNSET - 1 => None,
+        BY_DTYPE => None,
         rows => Some(rows),
     };
     explicit.unwrap_or(if dtype == DType::F32 {
