@@ -51,6 +51,9 @@ pub struct ScaleResult {
     pub new_tokens: usize,
     pub decode: Vec<DecodeSpeed>,
     pub decode_step: Timing,
+    /// One decode forward without reading anything back: its `host_ms` against `median_ms`
+    /// says how much of a step the CPU spends dispatching.
+    pub decode_forward: Timing,
     pub tree_step: Timing,
     pub tree_nodes: usize,
     pub medusa_heads: usize,
@@ -240,6 +243,10 @@ pub fn run<B: FlashAttentionBackend>(
         let _ = model::generate::argmax(model::generate::last_logits(logits));
         cache.truncate(len);
     });
+    let decode_forward = time_device::<B>(device, 3, 15, 0.0, || {
+        let _ = model.forward(one.clone(), &mut cache).expect("decode step");
+        cache.truncate(len);
+    });
     let positions: Vec<i64> = tree
         .position_ids
         .iter()
@@ -294,6 +301,7 @@ pub fn run<B: FlashAttentionBackend>(
         decode,
         tree_vs_decode: (tree_step.median_ms + medusa_heads_step.median_ms) / decode_step.median_ms,
         decode_step,
+        decode_forward,
         tree_step,
         tree_nodes: n,
         medusa_heads: num_heads,

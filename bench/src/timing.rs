@@ -15,6 +15,10 @@ pub struct Timing {
     pub samples: usize,
     /// Calls per sample (several when one call is too short to time on its own).
     pub calls_per_sample: usize,
+    /// Median host time per call spent before the closing sync: what enqueueing the work costs
+    /// the CPU. Close to `median_ms`, the device waited for the host (dispatch-bound); far
+    /// below it, the device was the bottleneck. Meaningless when `f` itself syncs.
+    pub host_ms: f64,
 }
 
 /// Times `f` (which enqueues device work) on `device`: `warmup` untimed calls, then `samples`
@@ -37,18 +41,22 @@ pub fn time_device<B: Backend>(
     sync();
     let one = t.elapsed().as_secs_f64() * 1e3;
     let calls = ((min_sample_ms / one.max(1e-6)).ceil() as usize).clamp(1, 1000);
-    let mut per_call: Vec<f64> = (0..samples.max(1))
+    let (mut per_call, mut host): (Vec<f64>, Vec<f64>) = (0..samples.max(1))
         .map(|_| {
             let t = Instant::now();
             for _ in 0..calls {
                 f();
             }
+            let enqueued = t.elapsed().as_secs_f64();
             sync();
-            t.elapsed().as_secs_f64() * 1e3 / calls as f64
+            let per = |s: f64| s * 1e3 / calls as f64;
+            (per(t.elapsed().as_secs_f64()), per(enqueued))
         })
-        .collect();
+        .unzip();
     per_call.sort_by(f64::total_cmp);
+    host.sort_by(f64::total_cmp);
     Timing {
+        host_ms: host[host.len() / 2],
         median_ms: per_call[per_call.len() / 2],
         min_ms: per_call[0],
         max_ms: per_call[per_call.len() - 1],

@@ -23,10 +23,12 @@
 
 mod backends;
 pub mod cube;
+pub mod fused;
 pub mod linear;
 mod options;
 mod reference;
 
+pub use fused::{FusedOpsBackend, add_rms_norm, rms_norm, rope, swiglu};
 pub use linear::{LinearBackend, linear, linear_max_m, set_linear_max_m};
 pub use options::{AttentionMask, FlashAttentionOptions};
 pub use reference::{attention_reference, visibility_mask};
@@ -70,7 +72,7 @@ pub fn set_kernels_enabled(on: bool) {
 ///
 /// Implemented for every CubeCL backend (kernel path), `Fusion` over those, the CPU backends
 /// enabled by this crate's features, and `Autodiff` over any of them (reference path).
-pub trait FlashAttentionBackend: LinearBackend {
+pub trait FlashAttentionBackend: FusedOpsBackend {
     /// Backend-level attention; see [`flash_attention`] for the contract.
     ///
     /// `tree_mask`, when present, is a `[q_len, q_len]` boolean matrix where `true` means the new

@@ -1,0 +1,192 @@
+//! [`FusedOpsBackend`] for `Fusion<B>`: each op is registered as a custom operation in the
+//! fusion stream and runs the inner backend's kernel when the stream executes. With the kernels
+//! off, the reference runs as ordinary (fusable) tensor ops.
+
+use core::marker::PhantomData;
+
+use burn::tensor::{
+    Shape,
+    ops::{FloatTensor, IntTensor},
+};
+use burn_fusion::{
+    Fusion, FusionBackend, FusionRuntime,
+    stream::{Operation, OperationStreams},
+};
+use burn_ir::{CustomOpIr, HandleContainer, OperationIr, OperationOutput, TensorIr};
+
+use super::{FusedOpsBackend, reference};
+
+/// Which op a [`FusedOp`] runs, with its non-tensor arguments.
+#[derive(Clone, Copy, Debug)]
+enum Kind {
+    /// RMSNorm of rank `rank`, with a residual add when the op has two outputs.
+    RmsNorm {
+        rank: usize,
+        eps: f64,
+    },
+    SwiGlu {
+        rank: usize,
+    },
+    Rope {
+        rotated: usize,
+    },
+}
+
+#[derive(Clone, Debug)]
+struct FusedOp<B> {
+    desc: CustomOpIr,
+    kind: Kind,
+    _backend: PhantomData<B>,
+}
+
+/// Calls `$f::<D>` for the runtime rank `$rank` (the ops are generic over it).
+macro_rules! by_rank {
+    ($rank:expr, $f:ident ( $($arg:expr),* )) => {
+        match $rank {
+            1 => B::$f::<1>($($arg),*),
+            2 => B::$f::<2>($($arg),*),
+            3 => B::$f::<3>($($arg),*),
+            4 => B::$f::<4>($($arg),*),
+            5 => B::$f::<5>($($arg),*),
+            r => panic!("fused ops: rank {r} is not supported (1 to 5)"),
+        }
+    };
+}
+
+impl<B: FusionBackend + FusedOpsBackend> Operation<B::FusionRuntime> for FusedOp<B> {
+    fn execute(
+        &self,
+        handles: &mut HandleContainer<<B::FusionRuntime as FusionRuntime>::FusionHandle>,
+    ) {
+        let inputs = &self.desc.inputs;
+        let outputs = &self.desc.outputs;
+        let float = |h: &mut HandleContainer<_>, i: usize| h.get_float_tensor::<B>(&inputs[i]);
+        match self.kind {
+            Kind::RmsNorm { rank, eps } => {
+                let x = float(handles, 0);
+                let gamma = float(handles, 1);
+                let residual = (inputs.len() > 2).then(|| float(handles, 2));
+                let (sum, y) = by_rank!(rank, rms_norm(x, residual, gamma, eps));
+                if let Some(sum) = sum {
+                    handles.register_float_tensor::<B>(&outputs[1].id, sum);
+                }
+                handles.register_float_tensor::<B>(&outputs[0].id, y);
+            }
+            Kind::SwiGlu { rank } => {
+                let gate = float(handles, 0);
+                let up = float(handles, 1);
+                let y = by_rank!(rank, swiglu(gate, up));
+                handles.register_float_tensor::<B>(&outputs[0].id, y);
+            }
+            Kind::Rope { rotated } => {
+                let x = float(handles, 0);
+                let cos = float(handles, 1);
+                let sin = float(handles, 2);
+                let swap = handles.get_int_tensor::<B>(&inputs[3]);
+                let y = B::rope(x, cos, sin, swap, rotated);
+                handles.register_float_tensor::<B>(&outputs[0].id, y);
+            }
+        }
+    }
+}
+
+/// Registers `kind` on `inputs` with outputs of `shapes` (in the dtype of the first input).
+fn register<B: FusionBackend + FusedOpsBackend>(
+    name: &'static str,
+    kind: Kind,
+    inputs: Vec<FloatTensor<Fusion<B>>>,
+    int_input: Option<IntTensor<Fusion<B>>>,
+    shapes: Vec<Shape>,
+) -> Vec<FloatTensor<Fusion<B>>> {
+    let client = inputs[0].client.clone();
+    let dtype = inputs[0].dtype;
+    let mut streams = OperationStreams::default();
+    for t in &inputs {
+        streams.tensor(t);
+    }
+    if let Some(t) = &int_input {
+        streams.tensor(t);
+    }
+    let mut irs: Vec<TensorIr> = inputs.into_iter().map(|t| t.into_ir()).collect();
+    if let Some(t) = int_input {
+        irs.push(t.into_ir());
+    }
+    let outs: Vec<TensorIr> = shapes
+        .into_iter()
+        .map(|s| TensorIr::uninit(client.create_empty_handle(), s, dtype))
+        .collect();
+    let desc = CustomOpIr::new(name, &irs, &outs);
+    client.register(
+        streams,
+        OperationIr::Custom(desc.clone()),
+        FusedOp::<B> {
+            desc,
+            kind,
+            _backend: PhantomData,
+        },
+    )
+}
+
+impl<B: FusionBackend + FusedOpsBackend> FusedOpsBackend for Fusion<B> {
+    fn rms_norm<const D: usize>(
+        x: FloatTensor<Self>,
+        residual: Option<FloatTensor<Self>>,
+        gamma: FloatTensor<Self>,
+        eps: f64,
+    ) -> (Option<FloatTensor<Self>>, FloatTensor<Self>) {
+        if !crate::kernels_enabled() {
+            return reference::rms_norm_prim::<Self, D>(x, residual, gamma, eps);
+        }
+        let shape = x.shape.clone();
+        let with_sum = residual.is_some();
+        let mut inputs = vec![x, gamma];
+        inputs.extend(residual);
+        let shapes = vec![shape; if with_sum { 2 } else { 1 }];
+        let mut outs = register::<B>(
+            "kernels::rms_norm",
+            Kind::RmsNorm { rank: D, eps },
+            inputs,
+            None,
+            shapes,
+        )
+        .into_iter();
+        let y = outs.next().expect("normed output");
+        (outs.next(), y)
+    }
+
+    fn swiglu<const D: usize>(gate: FloatTensor<Self>, up: FloatTensor<Self>) -> FloatTensor<Self> {
+        if !crate::kernels_enabled() {
+            return reference::swiglu_prim::<Self, D>(gate, up);
+        }
+        let shape = gate.shape.clone();
+        register::<B>(
+            "kernels::swiglu",
+            Kind::SwiGlu { rank: D },
+            vec![gate, up],
+            None,
+            vec![shape],
+        )
+        .output()
+    }
+
+    fn rope(
+        x: FloatTensor<Self>,
+        cos: FloatTensor<Self>,
+        sin: FloatTensor<Self>,
+        swap: IntTensor<Self>,
+        rotated: usize,
+    ) -> FloatTensor<Self> {
+        if !crate::kernels_enabled() {
+            return reference::rope_prim::<Self>(x, cos, sin, swap, rotated);
+        }
+        let [b, s, h, d] = x.shape.dims::<4>();
+        register::<B>(
+            "kernels::rope",
+            Kind::Rope { rotated },
+            vec![x, cos, sin],
+            Some(swap),
+            vec![Shape::new([b, h, s, d])],
+        )
+        .output()
+    }
+}

@@ -1,0 +1,174 @@
+//! The CubeCL kernels of [`super`]: RMSNorm (optionally after a residual add), SwiGLU, and RoPE
+//! with the head-major transpose.
+//!
+//! Each mirrors the rounding of the tensor-op reference in [`super::reference`] step by step
+//! (every op of the reference rounds to the activation dtype; statistics are f32), so that the
+//! kernel and the reference agree to the last bit wherever the f32 arithmetic does. Inputs are
+//! read through their strides ([`offset`]), so views (a column range of a fused projection, a
+//! slice of a table) need no copy.
+
+use cubecl::prelude::*;
+
+/// Offset of element `col` of row `row` in `t`, where rows are the leading dimensions of `t`
+/// flattened in row-major order and `col` indexes the last one.
+#[cube]
+pub fn offset<E: CubePrimitive>(t: &Tensor<E>, row: usize, col: usize) -> usize {
+    let rank = t.rank();
+    let mut rem = row;
+    let mut off = col * t.stride(rank - 1);
+    let mut d = rank - 1;
+    while d > 0 {
+        d -= 1;
+        let s = t.shape(d);
+        off += (rem % s) * t.stride(d);
+        rem /= s;
+    }
+    off
+}
+
+/// The position of this thread in a one-thread-per-element launch whose cubes may be folded
+/// into two grid dimensions (see `launch::elementwise_count`).
+#[cube]
+fn element_pos() -> usize {
+    ((CUBE_POS_Y * CUBE_COUNT_X + CUBE_POS_X) * CUBE_DIM_X + UNIT_POS_X) as usize
+}
+
+/// RMSNorm of each row of `x` (`cols` wide), one cube per row:
+/// `y = round(round(h · 1/sqrt(mean(h²) + eps)) · γ)` with `h = x`, or, with `cfg_residual`,
+/// `h = round(x + residual)`, which is also written to `sum`.
+///
+/// The cube's threads stride over the row twice: once for `Σ h²` (f32, summed through shared
+/// memory as a tree, no plane operations), once to write the result.
+#[allow(clippy::too_many_arguments)]
+#[cube(launch_unchecked)]
+pub fn rms_norm_kernel<F: Float>(
+    x: &Tensor<F>,
+    residual: &Tensor<F>,
+    gamma: &Tensor<F>,
+    sum: &mut Tensor<F>,
+    out: &mut Tensor<F>,
+    rows: u32,
+    cols: u32,
+    eps: f32,
+    #[comptime] threads: usize,
+    #[comptime] with_residual: bool,
+    #[define(F)] _dtype: StorageType,
+) {
+    // The grid may be folded into two dimensions (more rows than one dimension takes).
+    let row = (CUBE_POS_Y * CUBE_COUNT_X + CUBE_POS_X) as usize;
+    if row >= rows as usize {
+        terminate!();
+    }
+    let t = UNIT_POS as usize;
+    let cols = cols as usize;
+    let mut partial = 0.0f32;
+    let mut c = t;
+    while c < cols {
+        let mut h = x[offset(x, row, c)];
+        if comptime!(with_residual) {
+            h = F::cast_from(
+                f32::cast_from(h) + f32::cast_from(residual[offset(residual, row, c)]),
+            );
+            sum[row * cols + c] = h;
+        }
+        let hf = f32::cast_from(h);
+        partial += hf * hf;
+        c += threads;
+    }
+    let mut red = SharedMemory::<f32>::new(threads);
+    red[t] = partial;
+    sync_cube();
+    let mut stride = comptime!(threads / 2).runtime();
+    while stride > 0 {
+        if t < stride {
+            red[t] = red[t] + red[t + stride];
+        }
+        sync_cube();
+        stride /= 2;
+    }
+    // As the reference: `(mean + eps).sqrt().recip()` in f32.
+    let inv = 1.0f32 / f32::sqrt(red[0] / f32::cast_from(cols) + eps);
+    let mut c = t;
+    while c < cols {
+        let h = if comptime!(with_residual) {
+            sum[row * cols + c]
+        } else {
+            x[offset(x, row, c)]
+        };
+        let normed = F::cast_from(f32::cast_from(h) * inv);
+        out[row * cols + c] =
+            F::cast_from(f32::cast_from(normed) * f32::cast_from(gamma[offset(gamma, 0, c)]));
+        c += threads;
+    }
+}
+
+/// `out = round(round(silu(g)) · u)` element-wise over `rows × cols`, with
+/// `silu(g) = round(g · round(sigmoid(g)))` as Burn composes it.
+#[cube(launch_unchecked)]
+pub fn swiglu_kernel<F: Float>(
+    gate: &Tensor<F>,
+    up: &Tensor<F>,
+    out: &mut Tensor<F>,
+    rows: u32,
+    cols: u32,
+    #[define(F)] _dtype: StorageType,
+) {
+    let pos = element_pos();
+    let cols = cols as usize;
+    if pos >= rows as usize * cols {
+        terminate!();
+    }
+    let row = pos / cols;
+    let col = pos % cols;
+    let g = f32::cast_from(gate[offset(gate, row, col)]);
+    let sig = F::cast_from(1.0f32 / (1.0f32 + f32::exp(-g)));
+    let act = F::cast_from(g * f32::cast_from(sig));
+    out[pos] = F::cast_from(f32::cast_from(act) * f32::cast_from(up[offset(up, row, col)]));
+}
+
+/// RoPE in the "rotate half" convention on `x: [batch, seq, heads, head_dim]` (any strides),
+/// written head-major to `out: [batch, heads, seq, head_dim]` (contiguous). Heads from
+/// `rotated` on are copied unrotated (the values of a fused q/k/v projection).
+///
+/// `y[i] = round(round(x[i] · cos[i]) + round(x[i ± d/2] · sin[i]))`, with `cos`/`sin`
+/// (`[seq, head_dim]`, any strides) the rows of each position and the sign of `rotate_half`
+/// folded into `sin`.
+#[allow(clippy::too_many_arguments)]
+#[cube(launch_unchecked)]
+pub fn rope_kernel<F: Float>(
+    x: &Tensor<F>,
+    cos: &Tensor<F>,
+    sin: &Tensor<F>,
+    out: &mut Tensor<F>,
+    batch: u32,
+    seq: u32,
+    heads: u32,
+    head_dim: u32,
+    rotated: u32,
+    #[define(F)] _dtype: StorageType,
+) {
+    let pos = element_pos();
+    let (seq, heads, d) = (seq as usize, heads as usize, head_dim as usize);
+    if pos >= batch as usize * seq * heads * d {
+        terminate!();
+    }
+    // `pos` walks the output: [batch, heads, seq, head_dim].
+    let i = pos % d;
+    let s = (pos / d) % seq;
+    let h = (pos / (d * seq)) % heads;
+    let b = pos / (d * seq * heads);
+    let row = (b * seq + s) * heads + h;
+    let xi = x[offset(x, row, i)];
+    if h < rotated as usize {
+        let half = d / 2;
+        let partner = if i < half { i + half } else { i - half };
+        let xp = f32::cast_from(x[offset(x, row, partner)]);
+        let c = f32::cast_from(cos[offset(cos, s, i)]);
+        let sn = f32::cast_from(sin[offset(sin, s, i)]);
+        let a = F::cast_from(f32::cast_from(xi) * c);
+        let p = F::cast_from(xp * sn);
+        out[pos] = F::cast_from(f32::cast_from(a) + f32::cast_from(p));
+    } else {
+        out[pos] = xi;
+    }
+}

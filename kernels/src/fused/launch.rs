@@ -1,0 +1,177 @@
+//! Host side of the fused ops on CubeCL tensors: checks, output buffers and launches.
+
+use burn::tensor::{DType, Shape};
+use burn_cubecl::{
+    CubeRuntime, kernel::cast, ops::numeric::empty_device_contiguous_dtype, tensor::CubeTensor,
+};
+use cubecl::prelude::*;
+
+use super::kernel::{rms_norm_kernel, rope_kernel, swiglu_kernel};
+
+/// Threads per cube of every launch here (the portable floor allows 256).
+const THREADS: usize = 256;
+/// Most cubes along one grid dimension on every runtime (wgpu's limit).
+const MAX_GRID: usize = 65_535;
+
+/// Whether the kernels take tensors of `dtype`.
+pub fn supported(dtype: DType) -> bool {
+    matches!(dtype, DType::F32 | DType::F16 | DType::BF16)
+}
+
+/// A new contiguous tensor of `shape` in `dtype` on `like`'s device.
+fn empty_like<R: CubeRuntime>(like: &CubeTensor<R>, shape: Shape, dtype: DType) -> CubeTensor<R> {
+    empty_device_contiguous_dtype::<R>(like.client.clone(), like.device.clone(), shape, dtype)
+}
+
+/// `t` in `dtype` (a cast when it differs: a table or gain kept in another precision).
+fn in_dtype<R: CubeRuntime>(t: CubeTensor<R>, dtype: DType) -> CubeTensor<R> {
+    if t.dtype == dtype { t } else { cast(t, dtype) }
+}
+
+/// One thread per element: a grid of `ceil(total / THREADS)` cubes, folded into two
+/// dimensions when it exceeds [`MAX_GRID`] (the kernels skip the tail).
+fn elementwise_count(total: usize) -> CubeCount {
+    let cubes = total.div_ceil(THREADS).max(1);
+    let x = cubes.min(MAX_GRID);
+    CubeCount::Static(x as u32, cubes.div_ceil(x) as u32, 1)
+}
+
+/// Threads of a row-per-cube launch: [`THREADS`], or the device's largest power of two below.
+fn threads_for<R: CubeRuntime>(t: &CubeTensor<R>) -> usize {
+    let n = THREADS
+        .min(t.client.properties().hardware.max_units_per_cube as usize)
+        .max(1);
+    1 << (usize::BITS - 1 - n.leading_zeros())
+}
+
+/// One cube per row, folded into two grid dimensions past [`MAX_GRID`] rows.
+fn row_count(rows: usize) -> CubeCount {
+    let x = rows.clamp(1, MAX_GRID);
+    CubeCount::Static(x as u32, rows.div_ceil(x) as u32, 1)
+}
+
+/// See [`super::FusedOpsBackend::rms_norm`].
+pub fn rms_norm<R: CubeRuntime>(
+    x: CubeTensor<R>,
+    residual: Option<CubeTensor<R>>,
+    gamma: CubeTensor<R>,
+    eps: f64,
+) -> (Option<CubeTensor<R>>, CubeTensor<R>) {
+    let dtype = x.dtype;
+    let shape = x.meta.shape().clone();
+    let dims = shape.to_vec();
+    let cols = *dims.last().expect("rms_norm: a tensor of rank >= 1");
+    let rows: usize = dims[..dims.len() - 1].iter().product();
+    let gamma = in_dtype(gamma, dtype);
+    let residual = residual.map(|r| {
+        assert_eq!(r.meta.shape().to_vec(), dims, "add_rms_norm: shapes differ");
+        in_dtype(r, dtype)
+    });
+    let out = empty_like(&x, shape.clone(), dtype);
+    let sum = residual
+        .as_ref()
+        .map(|_| empty_like(&x, shape.clone(), dtype));
+    if rows == 0 || cols == 0 {
+        return (sum, out);
+    }
+    let threads = threads_for(&x);
+    // Unused bindings (no residual) are bound to `x` / `out`; the kernel never touches them.
+    let residual_arg = residual.clone().unwrap_or_else(|| x.clone());
+    let sum_arg = sum.clone().unwrap_or_else(|| out.clone());
+    let client = x.client.clone();
+    assert!(
+        rows * cols < u32::MAX as usize,
+        "rms_norm: tensor too large"
+    );
+    unsafe {
+        rms_norm_kernel::launch_unchecked::<R>(
+            &client,
+            row_count(rows),
+            CubeDim::new_1d(threads as u32),
+            x.into_tensor_arg(),
+            residual_arg.into_tensor_arg(),
+            gamma.into_tensor_arg(),
+            sum_arg.into_tensor_arg(),
+            out.clone().into_tensor_arg(),
+            rows as u32,
+            cols as u32,
+            eps as f32,
+            threads,
+            residual.is_some(),
+            dtype.into(),
+        );
+    }
+    (sum, out)
+}
+
+/// See [`super::FusedOpsBackend::swiglu`].
+pub fn swiglu<R: CubeRuntime>(gate: CubeTensor<R>, up: CubeTensor<R>) -> CubeTensor<R> {
+    let dtype = gate.dtype;
+    let shape = gate.meta.shape().clone();
+    assert_eq!(
+        up.meta.shape().to_vec(),
+        shape.to_vec(),
+        "swiglu: shapes differ"
+    );
+    let up = in_dtype(up, dtype);
+    let cols = *shape.last().expect("swiglu: a tensor of rank >= 1");
+    let total: usize = shape.iter().product();
+    let out = empty_like(&gate, shape, dtype);
+    if total == 0 {
+        return out;
+    }
+    assert!(total < u32::MAX as usize, "swiglu: tensor too large");
+    let client = gate.client.clone();
+    unsafe {
+        swiglu_kernel::launch_unchecked::<R>(
+            &client,
+            elementwise_count(total),
+            CubeDim::new_1d(THREADS as u32),
+            gate.into_tensor_arg(),
+            up.into_tensor_arg(),
+            out.clone().into_tensor_arg(),
+            (total / cols) as u32,
+            cols as u32,
+            dtype.into(),
+        );
+    }
+    out
+}
+
+/// See [`super::FusedOpsBackend::rope`].
+pub fn rope<R: CubeRuntime>(
+    x: CubeTensor<R>,
+    cos: CubeTensor<R>,
+    sin: CubeTensor<R>,
+    rotated: usize,
+) -> CubeTensor<R> {
+    let dtype = x.dtype;
+    let [b, s, h, d] = x.meta.shape().dims::<4>();
+    let cos = in_dtype(cos, dtype);
+    let sin = in_dtype(sin, dtype);
+    let out = empty_like(&x, Shape::new([b, h, s, d]), dtype);
+    let total = b * s * h * d;
+    if total == 0 {
+        return out;
+    }
+    assert!(total < u32::MAX as usize, "rope: tensor too large");
+    let client = x.client.clone();
+    unsafe {
+        rope_kernel::launch_unchecked::<R>(
+            &client,
+            elementwise_count(total),
+            CubeDim::new_1d(THREADS as u32),
+            x.into_tensor_arg(),
+            cos.into_tensor_arg(),
+            sin.into_tensor_arg(),
+            out.clone().into_tensor_arg(),
+            b as u32,
+            s as u32,
+            h as u32,
+            d as u32,
+            rotated.min(h) as u32,
+            dtype.into(),
+        );
+    }
+    out
+}

@@ -1,0 +1,394 @@
+//! The fused decoder ops (RMSNorm with and without the residual add, SwiGLU, RoPE) against an
+//! independent f64 reference on the host, on three backends: the unfused CubeCL backend
+//! (kernels), Burn's alias for the runtime (kernels inside the fusion stream) and `Flex` (the
+//! tensor-op reference path).
+//!
+//! # Running
+//! - wgpu (default): `cargo test --release -p kernels --test fused`
+//! - CUDA: `cargo test --release -p kernels --features cuda --test fused`
+//!
+//! Inputs are fresh seeded draws (never zeros), rounded to the tested dtype before the f64
+//! reference sees them, and passed as views (column ranges of wider tensors, row slices of a
+//! table) where the model passes views. Tolerances: relative L2 error ≤ 1e-5 for f32, ≤ 1e-2 for
+//! f16/bf16.
+
+use burn::tensor::{DType, Int, Tensor, TensorData, backend::Backend};
+use burn_cubecl::CubeBackend;
+use kernels::FusedOpsBackend;
+use rand::{Rng, SeedableRng, rngs::StdRng};
+
+mod common;
+
+use common::{rel_l2, round_bf16, round_f16, round_f32, runtime, supports};
+use runtime::{BoolElem, Device, Runtime};
+
+type Cube = CubeBackend<Runtime, f32, i32, BoolElem>;
+type Flex = burn::backend::Flex;
+
+const DTYPES: [DType; 3] = [DType::F32, DType::F16, DType::BF16];
+
+fn rounding(dtype: DType) -> (fn(f32) -> f32, f64) {
+    match dtype {
+        DType::F32 => (round_f32, 1e-5),
+        DType::F16 => (round_f16, 1e-2),
+        DType::BF16 => (round_bf16, 1e-2),
+        other => panic!("no test tolerance for {other:?}"),
+    }
+}
+
+/// Uniform in [-1, 1), never zero.
+fn draw(rng: &mut StdRng, len: usize, round: fn(f32) -> f32) -> Vec<f32> {
+    (0..len)
+        .map(|_| {
+            let v: f32 = rng.random_range(-1.0f32..1.0);
+            round(if v.abs() < 1e-3 { 0.5 } else { v })
+        })
+        .collect()
+}
+
+fn tensor<B: Backend, const D: usize>(
+    data: &[f32],
+    shape: [usize; D],
+    dtype: DType,
+    device: &B::Device,
+) -> Tensor<B, D> {
+    Tensor::<B, D>::from_data(TensorData::new(data.to_vec(), shape), device).cast(dtype)
+}
+
+fn read<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
+    t.cast(DType::F32).into_data().to_vec::<f32>().unwrap()
+}
+
+fn assert_close(what: &str, got: &[f32], expected: &[f64], tol: f64) {
+    let err = rel_l2(got, expected);
+    assert!(err <= tol, "{what}: rel L2 error {err:e} > {tol:e}");
+}
+
+/// `data` (`rows × cols`) placed at columns `offset..offset + cols` of a `rows × (cols + pad)`
+/// tensor filled with NaN elsewhere, returned as that column view reshaped to `shape`.
+fn column_view<B: Backend, const D: usize>(
+    data: &[f32],
+    shape: [usize; D],
+    offset: usize,
+    pad: usize,
+    dtype: DType,
+    device: &B::Device,
+) -> Tensor<B, D> {
+    let cols = shape[D - 1];
+    let rows = data.len() / cols;
+    let wide = cols + pad;
+    let mut full = vec![f32::NAN; rows * wide];
+    for r in 0..rows {
+        full[r * wide + offset..r * wide + offset + cols]
+            .copy_from_slice(&data[r * cols..(r + 1) * cols]);
+    }
+    let mut wide_shape = shape;
+    wide_shape[D - 1] = wide;
+    tensor::<B, D>(&full, wide_shape, dtype, device).narrow(D - 1, offset, cols)
+}
+
+// ---------------------------------------------------------------------------------------------
+// RMSNorm
+
+fn rms_norm_case<B: FusedOpsBackend, const D: usize>(
+    device: &B::Device,
+    shape: [usize; D],
+    residual: bool,
+    dtype: DType,
+) {
+    let (round, tol) = rounding(dtype);
+    let cols = shape[D - 1];
+    let rows: usize = shape[..D - 1].iter().product();
+    let mut rng = StdRng::seed_from_u64((rows * 31 + cols) as u64 + residual as u64);
+    let x = draw(&mut rng, rows * cols, round);
+    let r = draw(&mut rng, rows * cols, round);
+    let gamma = draw(&mut rng, cols, round);
+    let eps = 1e-5;
+
+    // h rounded to the dtype as the add produces it; then the norm in f64.
+    let h: Vec<f32> = if residual {
+        x.iter().zip(&r).map(|(a, b)| round(a + b)).collect()
+    } else {
+        x.clone()
+    };
+    let mut expected = vec![0.0f64; rows * cols];
+    for row in 0..rows {
+        let hr = &h[row * cols..(row + 1) * cols];
+        let ms = hr.iter().map(|&v| (v as f64).powi(2)).sum::<f64>() / cols as f64;
+        let inv = 1.0 / (ms + eps).sqrt();
+        for c in 0..cols {
+            expected[row * cols + c] = hr[c] as f64 * inv * gamma[c] as f64;
+        }
+    }
+
+    let xt = column_view::<B, D>(&x, shape, 3, 5, dtype, device);
+    let gt = tensor::<B, 1>(&gamma, [cols], dtype, device);
+    let what = format!("rms_norm {shape:?} residual={residual} {dtype:?}");
+    if residual {
+        let rt = tensor::<B, D>(&r, shape, dtype, device);
+        let (sum, y) = kernels::add_rms_norm(xt, rt, gt, eps);
+        assert_eq!(y.dtype(), dtype);
+        let h64: Vec<f64> = h.iter().map(|&v| v as f64).collect();
+        assert_close(&format!("{what} (sum)"), &read(sum), &h64, tol);
+        assert_close(&what, &read(y), &expected, tol);
+    } else {
+        let y = kernels::rms_norm(xt, gt, eps);
+        assert_eq!(y.dtype(), dtype);
+        assert_close(&what, &read(y), &expected, tol);
+    }
+}
+
+fn rms_norm_grid<B: FusedOpsBackend>(device: &B::Device, dtype: DType) {
+    for residual in [false, true] {
+        rms_norm_case::<B, 2>(device, [1, 576], residual, dtype);
+        rms_norm_case::<B, 2>(device, [3, 1000], residual, dtype);
+        rms_norm_case::<B, 3>(device, [2, 5, 64], residual, dtype);
+        rms_norm_case::<B, 3>(device, [1, 1, 4096], residual, dtype);
+    }
+}
+
+#[test]
+fn rms_norm_kernel_matches_f64() {
+    let device = Device::default();
+    for dtype in DTYPES {
+        if supports(dtype) {
+            rms_norm_grid::<Cube>(&device, dtype);
+        }
+    }
+}
+
+#[test]
+fn rms_norm_fusion_matches_f64() {
+    let device = Device::default();
+    rms_norm_grid::<runtime::Alias>(&device, DType::F32);
+}
+
+#[test]
+fn rms_norm_reference_matches_f64() {
+    for dtype in DTYPES {
+        rms_norm_grid::<Flex>(&Default::default(), dtype);
+    }
+}
+
+/// More rows than one grid dimension takes (65 535 on wgpu): the launch folds the grid.
+#[test]
+fn rms_norm_many_rows() {
+    rms_norm_case::<Cube, 2>(&Device::default(), [70_000, 8], true, DType::F32);
+}
+
+// ---------------------------------------------------------------------------------------------
+// SwiGLU
+
+fn swiglu_case<B: FusedOpsBackend, const D: usize>(
+    device: &B::Device,
+    shape: [usize; D],
+    dtype: DType,
+) {
+    let (round, tol) = rounding(dtype);
+    let cols = shape[D - 1];
+    let total: usize = shape.iter().product();
+    let mut rng = StdRng::seed_from_u64(total as u64 * 7 + cols as u64);
+    // Gate values over a wider range than [-1, 1) so that silu's tails are exercised.
+    let gate: Vec<f32> = draw(&mut rng, total, round_f32)
+        .into_iter()
+        .map(|v| round(6.0 * v))
+        .collect();
+    let up = draw(&mut rng, total, round);
+    let expected: Vec<f64> = gate
+        .iter()
+        .zip(&up)
+        .map(|(&g, &u)| {
+            let g = g as f64;
+            g / (1.0 + (-g).exp()) * u as f64
+        })
+        .collect();
+    // gate and up as the two column halves of one fused projection's output.
+    let rows = total / cols;
+    let mut fused = vec![0.0f32; 2 * total];
+    for r in 0..rows {
+        fused[2 * r * cols..(2 * r + 1) * cols].copy_from_slice(&gate[r * cols..(r + 1) * cols]);
+        fused[(2 * r + 1) * cols..(2 * r + 2) * cols]
+            .copy_from_slice(&up[r * cols..(r + 1) * cols]);
+    }
+    let mut wide = shape;
+    wide[D - 1] = 2 * cols;
+    let both = tensor::<B, D>(&fused, wide, dtype, device);
+    let y = kernels::swiglu(
+        both.clone().narrow(D - 1, 0, cols),
+        both.narrow(D - 1, cols, cols),
+    );
+    assert_eq!(y.dims(), shape);
+    assert_close(
+        &format!("swiglu {shape:?} {dtype:?}"),
+        &read(y),
+        &expected,
+        tol,
+    );
+}
+
+fn swiglu_grid<B: FusedOpsBackend>(device: &B::Device, dtype: DType) {
+    swiglu_case::<B, 2>(device, [1, 1536], dtype);
+    swiglu_case::<B, 3>(device, [2, 3, 1000], dtype);
+    swiglu_case::<B, 1>(device, [17], dtype);
+}
+
+#[test]
+fn swiglu_kernel_matches_f64() {
+    let device = Device::default();
+    for dtype in DTYPES {
+        if supports(dtype) {
+            swiglu_grid::<Cube>(&device, dtype);
+        }
+    }
+}
+
+#[test]
+fn swiglu_fusion_matches_f64() {
+    swiglu_grid::<runtime::Alias>(&Device::default(), DType::F32);
+}
+
+#[test]
+fn swiglu_reference_matches_f64() {
+    for dtype in DTYPES {
+        swiglu_grid::<Flex>(&Default::default(), dtype);
+    }
+}
+
+/// More elements than 65 535 cubes of 256 threads: the launch folds the grid. (Separate
+/// contiguous tensors: one fused buffer this large would pass lavapipe's 128 MiB binding limit.)
+#[test]
+fn swiglu_large_grid() {
+    let device = Device::default();
+    let n = 16_800_000;
+    let gate: Vec<f32> = (0..n)
+        .map(|i| ((i % 1000) as f32 - 499.5) / 100.0)
+        .collect();
+    let up: Vec<f32> = (0..n).map(|i| ((i % 7) as f32 + 1.0) / 7.0).collect();
+    let expected: Vec<f64> = gate
+        .iter()
+        .zip(&up)
+        .map(|(&g, &u)| g as f64 / (1.0 + (-g as f64).exp()) * u as f64)
+        .collect();
+    let y = kernels::swiglu(
+        tensor::<Cube, 1>(&gate, [n], DType::F32, &device),
+        tensor::<Cube, 1>(&up, [n], DType::F32, &device),
+    );
+    assert_close("swiglu [16.8M] F32", &read(y), &expected, 1e-5);
+}
+
+// ---------------------------------------------------------------------------------------------
+// RoPE
+
+struct RopeCase {
+    batch: usize,
+    seq: usize,
+    heads: usize,
+    rotated: usize,
+    head_dim: usize,
+    /// First row of the `cos`/`sin` table the call reads (the table is a slice).
+    start: usize,
+}
+
+fn rope_case<B: FusedOpsBackend>(device: &B::Device, c: &RopeCase, dtype: DType) {
+    let (round, tol) = rounding(dtype);
+    let (b, s, h, d) = (c.batch, c.seq, c.heads, c.head_dim);
+    let table_len = c.start + s + 3;
+    let mut rng = StdRng::seed_from_u64((b * 1000 + s * 100 + h * 10 + d) as u64);
+    let x = draw(&mut rng, b * s * h * d, round);
+    let cos = draw(&mut rng, table_len * d, round);
+    let sin = draw(&mut rng, table_len * d, round);
+    let mut expected = vec![0.0f64; b * h * s * d];
+    for bi in 0..b {
+        for si in 0..s {
+            for hi in 0..h {
+                for i in 0..d {
+                    let xin = |j: usize| x[((bi * s + si) * h + hi) * d + j] as f64;
+                    let t = (c.start + si) * d + i;
+                    let partner = (i + d / 2) % d;
+                    expected[((bi * h + hi) * s + si) * d + i] = if hi < c.rotated {
+                        xin(i) * cos[t] as f64 + xin(partner) * sin[t] as f64
+                    } else {
+                        xin(i)
+                    };
+                }
+            }
+        }
+    }
+    // x as the model has it: a projection's output [b, s, h·d] viewed as [b, s, h, d], here a
+    // column range of a wider one.
+    let xt = column_view::<B, 3>(&x, [b, s, h * d], 0, 2 * d, dtype, device).reshape([b, s, h, d]);
+    let table = |v: &[f32]| {
+        tensor::<B, 2>(v, [table_len, d], dtype, device).slice([c.start..c.start + s, 0..d])
+    };
+    let swap: Vec<i64> = (0..d as i64)
+        .map(|i| (i + d as i64 / 2) % d as i64)
+        .collect();
+    let swap = Tensor::<B, 1, Int>::from_data(TensorData::new(swap, [d]), device);
+    let y = kernels::rope(xt, table(&cos), table(&sin), swap, c.rotated);
+    assert_eq!(y.dims(), [b, h, s, d]);
+    assert_close(
+        &format!(
+            "rope b{b} s{s} h{h} rotated {} d{d} start {} {dtype:?}",
+            c.rotated, c.start
+        ),
+        &read(y),
+        &expected,
+        tol,
+    );
+}
+
+fn rope_grid<B: FusedOpsBackend>(device: &B::Device, dtype: DType) {
+    let cases = [
+        // SmolLM2's fused q/k/v at decode: 9 + 3 rotated heads, 3 value heads.
+        RopeCase {
+            batch: 1,
+            seq: 1,
+            heads: 15,
+            rotated: 12,
+            head_dim: 64,
+            start: 7,
+        },
+        RopeCase {
+            batch: 2,
+            seq: 5,
+            heads: 4,
+            rotated: 3,
+            head_dim: 128,
+            start: 0,
+        },
+        // Every head rotated (q or k alone), a prefill of 17.
+        RopeCase {
+            batch: 1,
+            seq: 17,
+            heads: 3,
+            rotated: 3,
+            head_dim: 64,
+            start: 2,
+        },
+    ];
+    for c in &cases {
+        rope_case::<B>(device, c, dtype);
+    }
+}
+
+#[test]
+fn rope_kernel_matches_f64() {
+    let device = Device::default();
+    for dtype in DTYPES {
+        if supports(dtype) {
+            rope_grid::<Cube>(&device, dtype);
+        }
+    }
+}
+
+#[test]
+fn rope_fusion_matches_f64() {
+    rope_grid::<runtime::Alias>(&Device::default(), DType::F32);
+}
+
+#[test]
+fn rope_reference_matches_f64() {
+    for dtype in DTYPES {
+        rope_grid::<Flex>(&Default::default(), dtype);
+    }
+}
