@@ -5,10 +5,11 @@
 
 use burn::{
     module::{Module, Param},
-    tensor::{DType, Int, Tensor, activation::silu, backend::Backend, module::embedding},
+    tensor::{Int, Tensor, backend::Backend, module::embedding},
 };
 use kernels::{
-    AttentionMask, FlashAttentionBackend, FlashAttentionOptions, LinearBackend, flash_attention,
+    AttentionMask, FlashAttentionBackend, FlashAttentionOptions, FusedOpsBackend, LinearBackend,
+    flash_attention,
 };
 
 use crate::{
@@ -159,13 +160,22 @@ impl<B: Backend> RmsNorm<B> {
             eps,
         })
     }
+}
 
+impl<B: FusedOpsBackend> RmsNorm<B> {
+    /// One launch on CubeCL backends ([`kernels::rms_norm`]).
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
-        let dtype = x.dtype();
-        let x = x.cast(DType::F32);
-        let variance = x.clone().square().mean_dim(D - 1);
-        let normed = (x * (variance + self.eps).sqrt().recip()).cast(dtype);
-        normed * self.weight.val().unsqueeze()
+        kernels::rms_norm(x, self.weight.val(), self.eps)
+    }
+
+    /// `(x + residual, norm(x + residual))`: the residual add fused into the norm after it
+    /// ([`kernels::add_rms_norm`]).
+    pub fn forward_add<const D: usize>(
+        &self,
+        x: Tensor<B, D>,
+        residual: Tensor<B, D>,
+    ) -> (Tensor<B, D>, Tensor<B, D>) {
+        kernels::add_rms_norm(x, residual, self.weight.val(), self.eps)
     }
 }
 
@@ -194,18 +204,23 @@ impl<B: FlashAttentionBackend> Attention<B> {
         let [b, s, _] = x.dims();
         let (nh, nkv, d) = (self.n_heads, self.n_kv_heads, self.head_dim);
         let [q, k, v]: [Tensor<B, 4>; 3] = if self.qkv_proj.is_fused() {
-            // Heads first, then the q/k/v ranges along the head axis: views of one result.
+            // One RoPE launch over the fused result rotates q and k and moves the heads first;
+            // q, k and v are then head ranges of it (views).
             let qkv = self.qkv_proj.parts[0]
                 .forward(x)
                 .reshape([b, s, nh + 2 * nkv, d]);
-            [(0, nh), (nh, nkv), (nh + nkv, nkv)].map(|(at, n)| qkv.clone().narrow(2, at, n))
+            let qkv = apply_rope(qkv, rope, nh + nkv);
+            [(0, nh), (nh, nkv), (nh + nkv, nkv)].map(|(at, n)| qkv.clone().narrow(1, at, n))
         } else {
             let mut out = self.qkv_proj.forward(x).into_iter();
-            [nh, nkv, nkv].map(|n| out.next().expect("three projections").reshape([b, s, n, d]))
+            let [q, k, v] = [nh, nkv, nkv]
+                .map(|n| out.next().expect("three projections").reshape([b, s, n, d]));
+            [
+                apply_rope(q, rope, nh),
+                apply_rope(k, rope, nkv),
+                v.swap_dims(1, 2),
+            ]
         };
-        let [q, k, v] = [q, k, v].map(|t| t.swap_dims(1, 2));
-        let q = apply_rope(q, rope);
-        let k = apply_rope(k, rope);
         let (k_all, v_all) = cache.write(start, k, v);
         let options = FlashAttentionOptions::new(self.head_dim, start + s);
         let out = flash_attention(q, k_all, v_all, mask, options);
@@ -224,14 +239,14 @@ pub struct Mlp<B: Backend> {
     pub down_proj: Proj<B>,
 }
 
-impl<B: LinearBackend> Mlp<B> {
+impl<B: FusedOpsBackend> Mlp<B> {
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         let [gate, up]: [Tensor<B, 3>; 2] = self
             .gate_up_proj
             .forward(x)
             .try_into()
             .expect("two projections");
-        self.down_proj.forward(silu(gate) * up)
+        self.down_proj.forward(kernels::swiglu(gate, up))
     }
 }
 
@@ -245,19 +260,27 @@ pub struct DecoderLayer<B: Backend> {
 }
 
 impl<B: FlashAttentionBackend> DecoderLayer<B> {
+    /// The block on the residual stream `x + pending`, where `pending` is the previous block's
+    /// MLP output not yet added (`None` before the first block). Returns the stream after
+    /// attention and this block's MLP output, again not added: every residual add runs inside
+    /// the RMSNorm that follows it (one launch for both; see [`RmsNorm::forward_add`]), the last
+    /// one inside the final norm.
     pub fn forward(
         &self,
         x: Tensor<B, 3>,
+        pending: Option<Tensor<B, 3>>,
         rope: &RopeRows<B>,
         cache: &mut LayerCache<B>,
         start: usize,
         mask: AttentionMask<B>,
-    ) -> Tensor<B, 3> {
-        let h = x.clone()
-            + self
-                .self_attn
-                .forward(self.input_layernorm.forward(x), rope, cache, start, mask);
-        h.clone() + self.mlp.forward(self.post_attention_layernorm.forward(h))
+    ) -> (Tensor<B, 3>, Tensor<B, 3>) {
+        let (x, normed) = match pending {
+            Some(p) => self.input_layernorm.forward_add(x, p),
+            None => (x.clone(), self.input_layernorm.forward(x)),
+        };
+        let attn = self.self_attn.forward(normed, rope, cache, start, mask);
+        let (h, normed) = self.post_attention_layernorm.forward_add(x, attn);
+        (h, self.mlp.forward(normed))
     }
 }
 

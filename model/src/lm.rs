@@ -195,11 +195,18 @@ impl<B: FlashAttentionBackend> Llama<B> {
             )));
         }
         let mut x = self.module.embed(tokens);
+        let mut pending = None;
         for (i, layer) in self.module.model.layers.iter().enumerate() {
-            x = layer.forward(x, &rope, cache.layer_mut(i), start, mask.clone());
+            let (h, mlp) =
+                layer.forward(x, pending, &rope, cache.layer_mut(i), start, mask.clone());
+            (x, pending) = (h, Some(mlp));
         }
         cache.advance(n);
-        Ok(self.module.model.norm.forward(x))
+        let norm = &self.module.model.norm;
+        Ok(match pending {
+            Some(p) => norm.forward_add(x, p).1,
+            None => norm.forward(x),
+        })
     }
 
     /// Logits `[batch, n, vocab]` from hidden states.

@@ -2,6 +2,7 @@
 //! with Llama-3.1 frequency scaling.
 
 use burn::tensor::{DType, Int, Tensor, TensorData, backend::Backend};
+use kernels::FusedOpsBackend;
 
 use crate::config::LlamaConfig;
 
@@ -126,14 +127,23 @@ impl<B: Backend> RopeTables<B> {
     }
 }
 
-/// `x * cos + rotate_half(x) * sin` for `x: [batch, heads, seq, head_dim]`, where
-/// `rotate_half(x) = cat(-x2, x1)`, computed as `x * cos + x[.., swap] * sin_signed` (the same
-/// values: negation is exact), see [`RopeTables`].
-pub fn apply_rope<B: Backend>(x: Tensor<B, 4>, rows: &RopeRows<B>) -> Tensor<B, 4> {
-    let [_, _, s, d] = x.dims();
-    let cos = rows.cos.clone().reshape([1, 1, s, d]);
-    let sin = rows.sin_signed.clone().reshape([1, 1, s, d]);
-    x.clone() * cos + x.select(3, rows.swap.clone()) * sin
+/// `x * cos + rotate_half(x) * sin` for `x: [batch, seq, heads, head_dim]` (a projection's
+/// output split into heads), returned head-major `[batch, heads, seq, head_dim]`; only the first
+/// `rotated` heads are rotated, the rest copied (the values of a fused q/k/v projection).
+/// `rotate_half(x) = cat(-x2, x1)` is computed as `x * cos + x[.., swap] * sin_signed` (the same
+/// values: negation is exact), in one kernel launch on CubeCL backends ([`kernels::rope`]).
+pub fn apply_rope<B: FusedOpsBackend>(
+    x: Tensor<B, 4>,
+    rows: &RopeRows<B>,
+    rotated: usize,
+) -> Tensor<B, 4> {
+    kernels::rope(
+        x,
+        rows.cos.clone(),
+        rows.sin_signed.clone(),
+        rows.swap.clone(),
+        rotated,
+    )
 }
 
 #[cfg(test)]
@@ -205,7 +215,10 @@ mod tests {
                 )),
             ),
         ] {
-            let got: Vec<f32> = apply_rope(xt.clone(), &rows).into_data().to_vec().unwrap();
+            let got: Vec<f32> = apply_rope(xt.clone().swap_dims(1, 2), &rows, h)
+                .into_data()
+                .to_vec()
+                .unwrap();
             for hh in 0..h {
                 for t in 0..s {
                     let at = |i: usize| x[(hh * s + t) * d + i] as f64;
