@@ -286,6 +286,12 @@ impl Report {
             );
             let _ = writeln!(
                 s,
+                "\nOne kernel launch (a one-row RMSNorm, back to back) costs {:.1} µs ({:.1} µs of it on the calling thread).",
+                1e3 * sc.launch.median_ms,
+                1e3 * sc.launch.host_ms
+            );
+            let _ = writeln!(
+                s,
                 "\nOne Medusa verification step ({} tree nodes + LM head + argmax) takes {:.2} ms and the {}-head Medusa forward {:.2} ms, against {:.2} ms for one plain decode step: **{:.2}×** the cost of a decode step.",
                 sc.tree_nodes,
                 sc.tree_step.median_ms,

@@ -54,6 +54,9 @@ pub struct ScaleResult {
     /// One decode forward without reading anything back: its `host_ms` against `median_ms`
     /// says how much of a step the CPU spends dispatching.
     pub decode_forward: Timing,
+    /// One RMSNorm of a single row (microseconds of device work) called back to back: what one
+    /// kernel launch costs through Burn and CubeCL on this machine.
+    pub launch: Timing,
     pub tree_step: Timing,
     pub tree_nodes: usize,
     pub medusa_heads: usize,
@@ -247,6 +250,11 @@ pub fn run<B: FlashAttentionBackend>(
         let _ = model.forward(one.clone(), &mut cache).expect("decode step");
         cache.truncate(len);
     });
+    let row = random::<B, 2>([1, config.hidden_size], dtype, device);
+    let gain = random::<B, 1>([config.hidden_size], dtype, device);
+    let launch = time_device::<B>(device, 3, 15, 5.0, || {
+        let _ = kernels::rms_norm(row.clone(), gain.clone(), 1e-5);
+    });
     let positions: Vec<i64> = tree
         .position_ids
         .iter()
@@ -302,6 +310,7 @@ pub fn run<B: FlashAttentionBackend>(
         tree_vs_decode: (tree_step.median_ms + medusa_heads_step.median_ms) / decode_step.median_ms,
         decode_step,
         decode_forward,
+        launch,
         tree_step,
         tree_nodes: n,
         medusa_heads: num_heads,
