@@ -392,3 +392,66 @@ fn rope_reference_matches_f64() {
         rope_grid::<Flex>(&Default::default(), dtype);
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// KV-cache append
+
+fn cache_write_case<B: FusedOpsBackend>(device: &B::Device, dtype: DType) {
+    let (round, _) = rounding(dtype);
+    let (b, h, cap, d, n, start) = (2usize, 3usize, 10usize, 64usize, 3usize, 4usize);
+    let mut rng = StdRng::seed_from_u64(99);
+    let kc0 = draw(&mut rng, b * h * cap * d, round);
+    let vc0 = draw(&mut rng, b * h * cap * d, round);
+    // New keys/values as head ranges of a [b, 2h + 1, n, d] tensor (as rope's output is cut).
+    let all = draw(&mut rng, b * (2 * h + 1) * n * d, round);
+    let kc = tensor::<B, 4>(&kc0, [b, h, cap, d], dtype, device);
+    let vc = tensor::<B, 4>(&vc0, [b, h, cap, d], dtype, device);
+    let kept = kc.clone();
+    let all_t = tensor::<B, 4>(&all, [b, 2 * h + 1, n, d], dtype, device);
+    let k = all_t.clone().narrow(1, 1, h);
+    let v = all_t.narrow(1, 1 + h, h);
+    let (kc, vc) = kernels::cache_write(kc, vc, k, v, start);
+    let expect = |cache: &[f32], head0: usize| -> Vec<f64> {
+        let mut e: Vec<f64> = cache.iter().map(|&x| x as f64).collect();
+        for bi in 0..b {
+            for hi in 0..h {
+                for t in 0..n {
+                    for i in 0..d {
+                        e[((bi * h + hi) * cap + start + t) * d + i] =
+                            all[((bi * (2 * h + 1) + head0 + hi) * n + t) * d + i] as f64;
+                    }
+                }
+            }
+        }
+        e
+    };
+    // Copies are exact: the error must be zero.
+    assert_close("cache_write k", &read(kc), &expect(&kc0, 1), 0.0);
+    assert_close("cache_write v", &read(vc), &expect(&vc0, 1 + h), 0.0);
+    // A clone taken before the write still holds the old values (no write through a shared
+    // buffer).
+    let old: Vec<f64> = kc0.iter().map(|&x| x as f64).collect();
+    assert_close("cache_write: untouched clone", &read(kept), &old, 0.0);
+}
+
+#[test]
+fn cache_write_kernel_is_exact() {
+    let device = Device::default();
+    for dtype in DTYPES {
+        if supports(dtype) {
+            cache_write_case::<Cube>(&device, dtype);
+        }
+    }
+}
+
+#[test]
+fn cache_write_fusion_is_exact() {
+    cache_write_case::<runtime::Alias>(&Device::default(), DType::F32);
+}
+
+#[test]
+fn cache_write_reference_is_exact() {
+    for dtype in DTYPES {
+        cache_write_case::<Flex>(&Default::default(), dtype);
+    }
+}

@@ -6,6 +6,7 @@
 //! "commit the accepted path" is a gather of a few rows into the end of the prefix.
 
 use burn::tensor::{DType, Int, Tensor, TensorData, backend::Backend};
+use kernels::FusedOpsBackend;
 
 /// Keys and values of one layer.
 #[derive(Debug, Clone)]
@@ -16,32 +17,30 @@ pub struct LayerCache<B: Backend> {
     v: Option<Tensor<B, 4>>,
 }
 
-impl<B: Backend> LayerCache<B> {
+impl<B: FusedOpsBackend> LayerCache<B> {
     /// Writes `k`/`v` (`[batch, n_kv, n, head_dim]`) at rows `start..start + n` and returns the
-    /// full buffers for attention.
+    /// full buffers for attention (one launch for both on CubeCL backends:
+    /// [`kernels::cache_write`]).
     pub fn write(
         &mut self,
         start: usize,
         k: Tensor<B, 4>,
         v: Tensor<B, 4>,
     ) -> (Tensor<B, 4>, Tensor<B, 4>) {
-        let [b, h, n, d] = k.dims();
-        let range = [0..b, 0..h, start..start + n, 0..d];
-        let kc = self
-            .k
-            .take()
-            .expect("cache buffer present")
-            .slice_assign(range.clone(), k);
-        let vc = self
-            .v
-            .take()
-            .expect("cache buffer present")
-            .slice_assign(range, v);
+        let (kc, vc) = kernels::cache_write(
+            self.k.take().expect("cache buffer present"),
+            self.v.take().expect("cache buffer present"),
+            k,
+            v,
+            start,
+        );
         self.k = Some(kc.clone());
         self.v = Some(vc.clone());
         (kc, vc)
     }
+}
 
+impl<B: Backend> LayerCache<B> {
     /// The full key buffer.
     pub fn keys(&self) -> Tensor<B, 4> {
         self.k.clone().expect("cache buffer present")

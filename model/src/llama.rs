@@ -224,9 +224,15 @@ impl<B: FlashAttentionBackend> Attention<B> {
         let (k_all, v_all) = cache.write(start, k, v);
         let options = FlashAttentionOptions::new(self.head_dim, start + s);
         let out = flash_attention(q, k_all, v_all, mask, options);
-        let out = out
-            .swap_dims(1, 2)
-            .reshape([b, s, self.n_heads * self.head_dim]);
+        // `[b, heads, s, d]` to `[b, s, heads * d]`. With one new token the two layouts hold the
+        // same bytes in the same order: a plain reshape, where the swap's strided view would
+        // cost a copy kernel per layer (seen in a CubeCL profile of the decode step).
+        let out = if s == 1 {
+            out.reshape([b, 1, self.n_heads * self.head_dim])
+        } else {
+            out.swap_dims(1, 2)
+                .reshape([b, s, self.n_heads * self.head_dim])
+        };
         self.o_proj.forward(out)
     }
 }

@@ -30,6 +30,9 @@ enum Kind {
     Rope {
         rotated: usize,
     },
+    CacheWrite {
+        start: usize,
+    },
 }
 
 #[derive(Clone, Debug)]
@@ -85,6 +88,12 @@ impl<B: FusionBackend + FusedOpsBackend> Operation<B::FusionRuntime> for FusedOp
                 let swap = handles.get_int_tensor::<B>(&inputs[3]);
                 let y = B::rope(x, cos, sin, swap, rotated);
                 handles.register_float_tensor::<B>(&outputs[0].id, y);
+            }
+            Kind::CacheWrite { start } => {
+                let [kc, vc, k, v] = [0, 1, 2, 3].map(|i| float(handles, i));
+                let (kc, vc) = B::cache_write(kc, vc, k, v, start);
+                handles.register_float_tensor::<B>(&outputs[0].id, kc);
+                handles.register_float_tensor::<B>(&outputs[1].id, vc);
             }
         }
     }
@@ -188,5 +197,27 @@ impl<B: FusionBackend + FusedOpsBackend> FusedOpsBackend for Fusion<B> {
             vec![Shape::new([b, h, s, d])],
         )
         .output()
+    }
+
+    fn cache_write(
+        k_cache: FloatTensor<Self>,
+        v_cache: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        start: usize,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        if !crate::kernels_enabled() {
+            return reference::cache_write_prim::<Self>(k_cache, v_cache, k, v, start);
+        }
+        let shape = k_cache.shape.clone();
+        let [kc, vc] = register::<B>(
+            "kernels::cache_write",
+            Kind::CacheWrite { start },
+            vec![k_cache, v_cache, k, v],
+            None,
+            vec![shape.clone(), shape],
+        )
+        .outputs();
+        (kc, vc)
     }
 }

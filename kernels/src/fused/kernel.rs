@@ -172,3 +172,43 @@ pub fn rope_kernel<F: Float>(
         out[pos] = xi;
     }
 }
+
+/// Writes the new keys and values `k`, `v` (`[batch, heads, n, head_dim]`, any strides) into
+/// rows `start..start + n` of the caches `k_cache`, `v_cache` (`[batch, heads, capacity,
+/// head_dim]`), one thread per element of `k` (it copies the same element of `v`).
+#[allow(clippy::too_many_arguments)]
+#[cube(launch_unchecked)]
+pub fn cache_write_kernel<F: Float>(
+    k: &Tensor<F>,
+    v: &Tensor<F>,
+    k_cache: &mut Tensor<F>,
+    v_cache: &mut Tensor<F>,
+    rows: u32,
+    n: u32,
+    head_dim: u32,
+    start: u32,
+    #[define(F)] _dtype: StorageType,
+) {
+    let pos = element_pos();
+    let (n, d) = (n as usize, head_dim as usize);
+    if pos >= rows as usize * d {
+        terminate!();
+    }
+    // `row` walks `[batch, heads, n]`.
+    let row = pos / d;
+    let col = pos % d;
+    let heads = k_cache.shape(1);
+    let bh = row / n;
+    let t = start as usize + row % n;
+    let (bi, hi) = (bh / heads, bh % heads);
+    let dst_k = bi * k_cache.stride(0)
+        + hi * k_cache.stride(1)
+        + t * k_cache.stride(2)
+        + col * k_cache.stride(3);
+    let dst_v = bi * v_cache.stride(0)
+        + hi * v_cache.stride(1)
+        + t * v_cache.stride(2)
+        + col * v_cache.stride(3);
+    k_cache[dst_k] = k[offset(k, row, col)];
+    v_cache[dst_v] = v[offset(v, row, col)];
+}

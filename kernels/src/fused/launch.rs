@@ -6,7 +6,7 @@ use burn_cubecl::{
 };
 use cubecl::prelude::*;
 
-use super::kernel::{rms_norm_kernel, rope_kernel, swiglu_kernel};
+use super::kernel::{cache_write_kernel, rms_norm_kernel, rope_kernel, swiglu_kernel};
 
 /// Threads per cube of every launch here (the portable floor allows 256).
 const THREADS: usize = 256;
@@ -174,4 +174,52 @@ pub fn rope<R: CubeRuntime>(
         );
     }
     out
+}
+
+/// See [`super::FusedOpsBackend::cache_write`]. The caches are written in place when this call
+/// holds their only reference, as Burn's `slice_assign` does; otherwise they are copied first.
+pub fn cache_write<R: CubeRuntime>(
+    k_cache: CubeTensor<R>,
+    v_cache: CubeTensor<R>,
+    k: CubeTensor<R>,
+    v: CubeTensor<R>,
+    start: usize,
+) -> (CubeTensor<R>, CubeTensor<R>) {
+    let dtype = k_cache.dtype;
+    let [b, h, n, d] = k.meta.shape().dims::<4>();
+    let exclusive = |t: CubeTensor<R>| {
+        if t.can_mut() && t.is_nonoverlapping() {
+            t
+        } else {
+            t.copy()
+        }
+    };
+    let (k_cache, v_cache) = (exclusive(k_cache), exclusive(v_cache));
+    let (k, v) = (in_dtype(k, dtype), in_dtype(v, dtype));
+    let total = b * h * n * d;
+    if total == 0 {
+        return (k_cache, v_cache);
+    }
+    assert!(
+        k_cache.meta.shape().iter().product::<usize>() < u32::MAX as usize,
+        "cache_write: cache too large"
+    );
+    let client = k.client.clone();
+    unsafe {
+        cache_write_kernel::launch_unchecked::<R>(
+            &client,
+            elementwise_count(total),
+            CubeDim::new_1d(THREADS as u32),
+            k.into_tensor_arg(),
+            v.into_tensor_arg(),
+            k_cache.clone().into_tensor_arg(),
+            v_cache.clone().into_tensor_arg(),
+            (b * h * n) as u32,
+            n as u32,
+            d as u32,
+            start as u32,
+            dtype.into(),
+        );
+    }
+    (k_cache, v_cache)
 }

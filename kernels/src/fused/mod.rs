@@ -63,6 +63,17 @@ pub trait FusedOpsBackend: LinearBackend {
     ) -> FloatTensor<Self> {
         reference::rope_prim::<Self>(x, cos, sin, swap, rotated)
     }
+
+    /// See [`cache_write`].
+    fn cache_write(
+        k_cache: FloatTensor<Self>,
+        v_cache: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        start: usize,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        reference::cache_write_prim::<Self>(k_cache, v_cache, k, v, start)
+    }
 }
 
 /// RMSNorm over the last dimension as `LlamaRMSNorm` computes it: statistics in f32,
@@ -162,6 +173,43 @@ pub fn rope<B: FusedOpsBackend>(
     ))
 }
 
+/// Appends new keys and values to a preallocated KV cache: `k`, `v` (`[batch, heads, n,
+/// head_dim]`, any strides, e.g. head ranges of [`rope`]'s output) go to rows
+/// `start..start + n` of `k_cache`, `v_cache` (`[batch, heads, capacity, head_dim]`), which are
+/// returned. One launch for both caches on CubeCL backends, writing in place when the caches
+/// are uniquely owned (pass them by value and drop other clones), as `slice_assign` does.
+///
+/// # Panics
+/// On inconsistent shapes or `start + n > capacity`.
+pub fn cache_write<B: FusedOpsBackend>(
+    k_cache: Tensor<B, 4>,
+    v_cache: Tensor<B, 4>,
+    k: Tensor<B, 4>,
+    v: Tensor<B, 4>,
+    start: usize,
+) -> (Tensor<B, 4>, Tensor<B, 4>) {
+    let [b, h, cap, d] = k_cache.dims();
+    let [kb, kh, n, kd] = k.dims();
+    assert_eq!(
+        v_cache.dims(),
+        [b, h, cap, d],
+        "cache_write: k and v caches differ"
+    );
+    assert_eq!(v.dims(), k.dims(), "cache_write: k and v differ");
+    assert!(
+        (kb, kh, kd) == (b, h, d) && start + n <= cap,
+        "cache_write: [{kb}, {kh}, {n}, {kd}] at row {start} does not fit a [{b}, {h}, {cap}, {d}] cache"
+    );
+    let (kc, vc) = B::cache_write(
+        k_cache.into_primitive().tensor(),
+        v_cache.into_primitive().tensor(),
+        k.into_primitive().tensor(),
+        v.into_primitive().tensor(),
+        start,
+    );
+    (wrap(kc), wrap(vc))
+}
+
 fn check_gamma(x: &[usize], gamma: &[usize; 1]) {
     let last = x[x.len() - 1];
     assert_eq!(
@@ -214,6 +262,19 @@ where
             return reference::rope_prim::<Self>(x, cos, sin, swap, rotated);
         }
         launch::rope(x, cos, sin, rotated)
+    }
+
+    fn cache_write(
+        k_cache: FloatTensor<Self>,
+        v_cache: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        start: usize,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        if !crate::kernels_enabled() || !launch::supported(k_cache.dtype) {
+            return reference::cache_write_prim::<Self>(k_cache, v_cache, k, v, start);
+        }
+        launch::cache_write(k_cache, v_cache, k, v, start)
     }
 }
 

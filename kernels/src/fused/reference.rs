@@ -60,6 +60,36 @@ pub fn rope<B: Backend>(
     Tensor::cat(vec![rotate(x.narrow(1, 0, rotated)), kept], 1)
 }
 
+/// `k`, `v` (`[batch, heads, n, head_dim]`) written into rows `start..start + n` of the caches
+/// (`[batch, heads, capacity, head_dim]`) with `slice_assign` (in place when the caches are
+/// uniquely owned).
+pub fn cache_write<B: Backend>(
+    k_cache: Tensor<B, 4>,
+    v_cache: Tensor<B, 4>,
+    k: Tensor<B, 4>,
+    v: Tensor<B, 4>,
+    start: usize,
+) -> (Tensor<B, 4>, Tensor<B, 4>) {
+    let [b, h, n, d] = k.dims();
+    let range = [0..b, 0..h, start..start + n, 0..d];
+    (
+        k_cache.slice_assign(range.clone(), k),
+        v_cache.slice_assign(range, v),
+    )
+}
+
+/// [`cache_write`] on backend primitives.
+pub(crate) fn cache_write_prim<B: Backend>(
+    k_cache: FloatTensor<B>,
+    v_cache: FloatTensor<B>,
+    k: FloatTensor<B>,
+    v: FloatTensor<B>,
+    start: usize,
+) -> (FloatTensor<B>, FloatTensor<B>) {
+    let (kc, vc) = cache_write::<B>(wrap(k_cache), wrap(v_cache), wrap(k), wrap(v), start);
+    (unwrap(kc), unwrap(vc))
+}
+
 /// [`rms_norm`] on backend primitives of rank `D`.
 pub(crate) fn rms_norm_prim<B: Backend, const D: usize>(
     x: FloatTensor<B>,
