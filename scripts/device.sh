@@ -28,6 +28,10 @@
 # full cache grew to 195 MB, over what a call brings back: take it from an early call). With two
 # GPUs, `bg` runs an independent step on the second card while the first works; only files under
 # $OUT come back, and a call returns a limited number of them (copy the reports flat into $OUT).
+#
+# Fourth session (2026-11-28): carry the model chunk with the CubeCL cache first (part02 + cache
+# + bench fit one call), so the first step already finds warm caches; training then took 85 s
+# (73 s of steps). Binaries run outside this script need its exports (SMOLLM2_GGUF, ...).
 set -uo pipefail
 step=${1:?step}
 shift

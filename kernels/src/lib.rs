@@ -18,6 +18,10 @@
 //!   with Burn tensor ops. The kernels have no backward pass, so autodiff always takes the
 //!   reference path and gets exact gradients.
 //!
+//! Beside attention: [`linear`] (a skinny matrix product for decode steps and Medusa trees) and
+//! the fused decoder ops of [`fused`] (RMSNorm with the residual add, SwiGLU, RoPE, the KV-cache
+//! append), each one kernel launch, because a batch-1 decode step is dominated by launches.
+//!
 //! The crate knows nothing about any model: shapes are `[batch, heads, seq, head_dim]`, with
 //! grouped-query attention expressed by `k`/`v` having fewer heads than `q`.
 
