@@ -15,11 +15,13 @@
 use burn::tensor::{DType, Int, Tensor, TensorData, backend::Backend};
 use burn_cubecl::CubeBackend;
 use kernels::FusedOpsBackend;
-use rand::{Rng, SeedableRng, rngs::StdRng};
+use rand::{SeedableRng, rngs::StdRng};
 
 mod common;
 
-use common::{rel_l2, round_bf16, round_f16, round_f32, runtime, supports};
+use common::{
+    assert_close, draw, read, round_bf16, round_f16, round_f32, runtime, supports, tensor,
+};
 use runtime::{BoolElem, Device, Runtime};
 
 type Cube = CubeBackend<Runtime, f32, i32, BoolElem>;
@@ -34,34 +36,6 @@ fn rounding(dtype: DType) -> (fn(f32) -> f32, f64) {
         DType::BF16 => (round_bf16, 1e-2),
         other => panic!("no test tolerance for {other:?}"),
     }
-}
-
-/// Uniform in [-1, 1), never zero.
-fn draw(rng: &mut StdRng, len: usize, round: fn(f32) -> f32) -> Vec<f32> {
-    (0..len)
-        .map(|_| {
-            let v: f32 = rng.random_range(-1.0f32..1.0);
-            round(if v.abs() < 1e-3 { 0.5 } else { v })
-        })
-        .collect()
-}
-
-fn tensor<B: Backend, const D: usize>(
-    data: &[f32],
-    shape: [usize; D],
-    dtype: DType,
-    device: &B::Device,
-) -> Tensor<B, D> {
-    Tensor::<B, D>::from_data(TensorData::new(data.to_vec(), shape), device).cast(dtype)
-}
-
-fn read<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
-    t.cast(DType::F32).into_data().to_vec::<f32>().unwrap()
-}
-
-fn assert_close(what: &str, got: &[f32], expected: &[f64], tol: f64) {
-    let err = rel_l2(got, expected);
-    assert!(err <= tol, "{what}: rel L2 error {err:e} > {tol:e}");
 }
 
 /// `data` (`rows × cols`) placed at columns `offset..offset + cols` of a `rows × (cols + pad)`

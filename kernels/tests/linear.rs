@@ -16,18 +16,20 @@
 
 use std::time::Instant;
 
-use burn::tensor::{DType, Tensor, TensorData, TensorPrimitive, backend::Backend};
+use burn::tensor::{DType, Tensor, TensorPrimitive, backend::Backend};
 use burn_cubecl::CubeBackend;
 use cubecl::Runtime as _;
 use kernels::{
     LinearBackend,
     linear::{LinearTuning, MAX_M, launch, plan_for},
 };
-use rand::{Rng, SeedableRng, rngs::StdRng};
+use rand::{SeedableRng, rngs::StdRng};
 
 mod common;
 
-use common::{rel_l2, round_bf16, round_f16, round_f32, runtime, supports};
+use common::{
+    assert_close, draw, read, rel_l2, round_bf16, round_f16, round_f32, runtime, supports, tensor,
+};
 use runtime::{BoolElem, Device, Runtime};
 
 /// The unfused CubeCL backend on the test runtime.
@@ -58,17 +60,6 @@ struct Inputs {
     x: Vec<f32>,
     w: Vec<f32>,
     b: Option<Vec<f32>>,
-}
-
-/// Uniform in [-1, 1) but never exactly zero (and non-zero after rounding to f16/bf16).
-fn draw(rng: &mut StdRng, len: usize, round: fn(f32) -> f32) -> Vec<f32> {
-    (0..len)
-        .map(|_| {
-            let v: f32 = rng.random_range(-1.0f32..1.0);
-            let v = if v.abs() < 1e-3 { 0.5 } else { v };
-            round(v)
-        })
-        .collect()
 }
 
 fn make_inputs(case: &Case, round: fn(f32) -> f32) -> Inputs {
@@ -109,24 +100,6 @@ fn rounding(dtype: DType) -> (fn(f32) -> f32, f64) {
         DType::BF16 => (round_bf16, 1e-2),
         other => panic!("no test tolerance for {other:?}"),
     }
-}
-
-fn tensor<B: Backend, const D: usize>(
-    data: &[f32],
-    shape: [usize; D],
-    dtype: DType,
-    device: &B::Device,
-) -> Tensor<B, D> {
-    Tensor::<B, D>::from_data(TensorData::new(data.to_vec(), shape), device).cast(dtype)
-}
-
-fn read<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
-    t.cast(DType::F32).into_data().to_vec::<f32>().unwrap()
-}
-
-fn assert_close(what: &str, got: &[f32], expected: &[f64], tol: f64) {
-    let err = rel_l2(got, expected);
-    assert!(err <= tol, "{what}: rel L2 error {err:e} > {tol:e}");
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -4,8 +4,9 @@
 // Each test binary compiles this module and uses only part of it.
 #![allow(dead_code)]
 
-use burn::tensor::DType;
+use burn::tensor::{DType, Tensor, TensorData, backend::Backend};
 use cubecl::Runtime as _;
+use rand::{Rng, rngs::StdRng};
 
 /// The CubeCL runtime the kernel tests run on: wgpu by default.
 #[cfg(not(feature = "cuda"))]
@@ -71,4 +72,37 @@ pub fn supports(dtype: DType) -> bool {
         );
     }
     ok
+}
+
+/// Uniform in [-1, 1) but never exactly zero (and non-zero after rounding to f16/bf16), rounded
+/// with `round` to the tested dtype.
+pub fn draw(rng: &mut StdRng, len: usize, round: fn(f32) -> f32) -> Vec<f32> {
+    (0..len)
+        .map(|_| {
+            let v: f32 = rng.random_range(-1.0f32..1.0);
+            let v = if v.abs() < 1e-3 { 0.5 } else { v };
+            round(v)
+        })
+        .collect()
+}
+
+/// Host values as a device tensor of `shape` in `dtype`.
+pub fn tensor<B: Backend, const D: usize>(
+    data: &[f32],
+    shape: [usize; D],
+    dtype: DType,
+    device: &B::Device,
+) -> Tensor<B, D> {
+    Tensor::<B, D>::from_data(TensorData::new(data.to_vec(), shape), device).cast(dtype)
+}
+
+/// A device tensor's values as f32 on the host.
+pub fn read<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
+    t.cast(DType::F32).into_data().to_vec::<f32>().unwrap()
+}
+
+/// Fails with `what` when the relative L2 error of `got` against `expected` exceeds `tol`.
+pub fn assert_close(what: &str, got: &[f32], expected: &[f64], tol: f64) {
+    let err = rel_l2(got, expected);
+    assert!(err <= tol, "{what}: rel L2 error {err:e} > {tol:e}");
 }
