@@ -4,12 +4,16 @@
 mod e2e;
 mod fidelity;
 mod kernel;
+#[cfg(feature = "cuda")]
+mod launch;
 mod progress;
 mod prompts;
 mod report;
 mod scale;
 mod system;
 mod timing;
+#[cfg(feature = "cuda")]
+mod tune;
 
 use std::path::PathBuf;
 
@@ -98,6 +102,10 @@ enum Command {
     E2e,
     /// The model on this backend (f32 and bf16) against transformers' outputs.
     Fidelity,
+    /// Where the host time of one kernel launch goes (CUDA only).
+    Launch,
+    /// Sweep the skinny linear kernel's plan knobs on the 8B decode shapes (CUDA only).
+    Tune,
 }
 
 #[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -128,6 +136,29 @@ fn main() -> Result<()> {
         },
         b => b,
     };
+    #[cfg(feature = "cuda")]
+    if let Some(probe @ (Command::Launch | Command::Tune)) = args.command {
+        if backend == BackendArg::Cpu {
+            bail!("the launch and tune probes need a CubeCL runtime (CUDA)");
+        }
+        type Cuda = cubecl::cuda::CudaRuntime;
+        let device = Default::default();
+        let gpu = system::System::collect("cuda").gpu.unwrap_or_default();
+        let (name, md, json) = if probe == Command::Launch {
+            let costs = launch::anatomy::<Cuda>(&device, 2000, 7);
+            let md = launch::markdown(&costs, &gpu);
+            ("launch", md, serde_json::to_string_pretty(&costs)?)
+        } else {
+            let rows = tune::sweep::<Cuda>(&device);
+            let md = tune::markdown(&rows, &gpu);
+            ("tune", md, serde_json::to_string_pretty(&rows)?)
+        };
+        std::fs::create_dir_all(&args.out)?;
+        std::fs::write(args.out.join(format!("{name}.md")), &md)?;
+        std::fs::write(args.out.join(format!("{name}.json")), json)?;
+        println!("{md}");
+        return Ok(());
+    }
     match backend {
         BackendArg::Cpu => {
             run::<burn::backend::Flex>(&args, &Default::default(), "cpu (burn-flex)", false)

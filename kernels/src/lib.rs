@@ -25,6 +25,7 @@
 //! The crate knows nothing about any model: shapes are `[batch, heads, seq, head_dim]`, with
 //! grouped-query attention expressed by `k`/`v` having fewer heads than `q`.
 
+mod args;
 mod backends;
 pub mod cube;
 pub mod fused;

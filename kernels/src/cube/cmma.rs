@@ -36,7 +36,7 @@
 
 use cubecl::{cmma, prelude::*};
 
-use super::kernel::NEG;
+use super::kernel::{NEG, QkvStrides};
 
 /// Scores below this are masked ones (`NEG` plus rounding).
 const NEG_THRESHOLD: f32 = -1.0e29;
@@ -131,7 +131,7 @@ impl CmmaConfig {
 #[allow(clippy::too_many_arguments)]
 #[cube]
 fn visible(
-    mask: &Tensor<u32>,
+    mask: &Array<u32>,
     j: usize,
     i: usize,
     chunk_end: usize,
@@ -163,13 +163,14 @@ fn visible(
 #[allow(clippy::too_many_arguments)]
 #[cube(launch_unchecked)]
 pub fn attention_cmma_kernel<F: Float, N: Size>(
-    q: &Tensor<Vector<F, N>>,
-    k: &Tensor<Vector<F, N>>,
-    v: &Tensor<Vector<F, N>>,
-    mask: &Tensor<u32>,
-    out: &mut Tensor<Vector<F, N>>,
-    part_o: &mut Tensor<Vector<f32, N>>,
-    part_ml: &mut Tensor<f32>,
+    q: &Array<Vector<F, N>>,
+    k: &Array<Vector<F, N>>,
+    v: &Array<Vector<F, N>>,
+    mask: &Array<u32>,
+    out: &mut Array<Vector<F, N>>,
+    part_o: &mut Array<Vector<f32, N>>,
+    part_ml: &mut Array<f32>,
+    strides: QkvStrides,
     scale: f32,
     kv_len: u32,
     q_len: u32,
@@ -234,7 +235,11 @@ pub fn attention_cmma_kernel<F: Float, N: Size>(
             if rho < rows {
                 let i = rho / group;
                 let head = kv_head * group + rho % group;
-                let idx = (batch * q.stride(0) + head * q.stride(1) + i * q.stride(2)) / vs + dv;
+                let idx = (batch * strides.q_batch as usize
+                    + head * strides.q_head as usize
+                    + i * strides.q_row as usize)
+                    / vs
+                    + dv;
                 val = q[idx];
             }
             q_s[r * qsv + dv] = val;
@@ -329,10 +334,10 @@ pub fn attention_cmma_kernel<F: Float, N: Size>(
         kv_end
     };
 
-    let k_batch = batch * k.stride(0) + kv_head * k.stride(1);
-    let v_batch = batch * v.stride(0) + kv_head * v.stride(1);
-    let k_row_stride = k.stride(2);
-    let v_row_stride = v.stride(2);
+    let k_batch = batch * strides.k_batch as usize + kv_head * strides.k_head as usize;
+    let v_batch = batch * strides.v_batch as usize + kv_head * strides.v_head as usize;
+    let k_row_stride = strides.k_row as usize;
+    let v_row_stride = strides.v_row as usize;
 
     // Softmax phase: two units per row, each taking every other key of the tile.
     let sm_row = warp * FRAG + lane / 2;

@@ -60,6 +60,21 @@ impl AttentionConfig {
     }
 }
 
+/// Strides, in elements, of the batch, head and row axes of q, k and v (the head dimension is
+/// unit-stride). Scalars rather than tensor metadata: see [`crate::args`].
+#[derive(CubeType, CubeLaunch, Clone, Copy)]
+pub struct QkvStrides {
+    pub q_batch: u32,
+    pub q_head: u32,
+    pub q_row: u32,
+    pub k_batch: u32,
+    pub k_head: u32,
+    pub k_row: u32,
+    pub v_batch: u32,
+    pub v_head: u32,
+    pub v_row: u32,
+}
+
 /// Sum of the lanes of a vector.
 #[cube]
 fn vector_sum<N: Size>(v: Vector<f32, N>) -> f32 {
@@ -88,13 +103,14 @@ fn vector_sum<N: Size>(v: Vector<f32, N>) -> f32 {
 #[allow(clippy::too_many_arguments)]
 #[cube(launch_unchecked)]
 pub fn attention_kernel<F: Float, N: Size>(
-    q: &Tensor<Vector<F, N>>,
-    k: &Tensor<Vector<F, N>>,
-    v: &Tensor<Vector<F, N>>,
-    mask: &Tensor<u32>,
-    out: &mut Tensor<Vector<F, N>>,
-    part_o: &mut Tensor<Vector<f32, N>>,
-    part_ml: &mut Tensor<f32>,
+    q: &Array<Vector<F, N>>,
+    k: &Array<Vector<F, N>>,
+    v: &Array<Vector<F, N>>,
+    mask: &Array<u32>,
+    out: &mut Array<Vector<F, N>>,
+    part_o: &mut Array<Vector<f32, N>>,
+    part_ml: &mut Array<f32>,
+    strides: QkvStrides,
     scale: f32,
     kv_len: u32,
     q_len: u32,
@@ -146,7 +162,11 @@ pub fn attention_kernel<F: Float, N: Size>(
             if rho < rows {
                 let i = rho / group;
                 let head = kv_head * group + rho % group;
-                let idx = (batch * q.stride(0) + head * q.stride(1) + i * q.stride(2)) / vs + dv;
+                let idx = (batch * strides.q_batch as usize
+                    + head * strides.q_head as usize
+                    + i * strides.q_row as usize)
+                    / vs
+                    + dv;
                 val = q[idx];
             }
             q_s[e] = val;
@@ -179,10 +199,10 @@ pub fn attention_kernel<F: Float, N: Size>(
     let o_lane = t % cfg.lanes;
     let o_query = (row0 + o_row) / group;
 
-    let k_batch = batch * k.stride(0) + kv_head * k.stride(1);
-    let v_batch = batch * v.stride(0) + kv_head * v.stride(1);
-    let k_row_stride = k.stride(2);
-    let v_row_stride = v.stride(2);
+    let k_batch = batch * strides.k_batch as usize + kv_head * strides.k_head as usize;
+    let v_batch = batch * strides.v_batch as usize + kv_head * strides.v_head as usize;
+    let k_row_stride = strides.k_row as usize;
+    let v_row_stride = strides.v_row as usize;
 
     let mut m_run = f32::new(NEG);
     let mut l_run = 0.0f32;
@@ -369,9 +389,9 @@ pub fn attention_kernel<F: Float, N: Size>(
 #[allow(clippy::too_many_arguments)]
 #[cube(launch_unchecked)]
 pub fn combine_kernel<F: Float, N: Size>(
-    part_o: &Tensor<Vector<f32, N>>,
-    part_ml: &Tensor<f32>,
-    out: &mut Tensor<Vector<F, N>>,
+    part_o: &Array<Vector<f32, N>>,
+    part_ml: &Array<f32>,
+    out: &mut Array<Vector<F, N>>,
     splits: u32,
     bh_count: u32,
     q_len: u32,

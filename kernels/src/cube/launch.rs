@@ -8,8 +8,9 @@ use burn_cubecl::{
 use cubecl::{calculate_cube_count_elemwise, prelude::*};
 
 use super::cmma::{CmmaConfig, FRAG, PLANE, attention_cmma_kernel};
-use super::kernel::{AttentionConfig, attention_kernel, combine_kernel};
+use super::kernel::{AttentionConfig, QkvStridesLaunch, attention_kernel, combine_kernel};
 use crate::FlashAttentionOptions;
+use crate::args::{array_arg, unused_arg};
 
 /// Shared memory a launch may use. 32 KiB is the portable floor (wgpu/Vulkan guarantee, Metal,
 /// lavapipe); 48 KiB is the most a CUDA block gets without opting in to dynamic shared memory.
@@ -486,57 +487,68 @@ pub fn attention<R: CubeRuntime>(
         Launch::Simt(p) => (p.row_blocks, p.splits, p.chunk_len),
     };
 
-    let mask = match tree_mask {
-        Some(m) => into_contiguous(m),
-        None => empty_device_contiguous_dtype::<R>(
-            client.clone(),
-            device.clone(),
-            Shape::new([1]),
-            DType::U32,
-        ),
-    };
-    assert!(
-        matches!(
-            mask.dtype,
-            DType::U32 | DType::Bool(burn::tensor::BoolStore::U32)
-        ),
-        "flash_attention: the tree mask must be converted to u32 first (got {:?})",
-        mask.dtype
-    );
+    let mask = tree_mask.map(into_contiguous);
+    if let Some(mask) = &mask {
+        assert!(
+            matches!(
+                mask.dtype,
+                DType::U32 | DType::Bool(burn::tensor::BoolStore::U32)
+            ),
+            "flash_attention: the tree mask must be converted to u32 first (got {:?})",
+            mask.dtype
+        );
+    }
 
+    // Without a KV split (or a tree mask) those parameters are switched off at compile time
+    // and bound to `out`.
     let rows = problem.group * q_len;
     let (part_o, part_ml) = if splits > 1 {
         let n_rows = splits * problem.batch_kv_heads * rows;
-        (
+        let f32_buffer = |len: usize| {
             empty_device_contiguous_dtype::<R>(
                 client.clone(),
                 device.clone(),
-                Shape::new([n_rows * head_dim]),
-                DType::F32,
-            ),
-            empty_device_contiguous_dtype::<R>(
-                client.clone(),
-                device.clone(),
-                Shape::new([n_rows * 2]),
-                DType::F32,
-            ),
-        )
-    } else {
-        let dummy = |n| {
-            empty_device_contiguous_dtype::<R>(
-                client.clone(),
-                device.clone(),
-                Shape::new([n]),
+                Shape::new([len]),
                 DType::F32,
             )
         };
-        (dummy(vector_size), dummy(2))
+        (
+            Some(f32_buffer(n_rows * head_dim)),
+            Some(f32_buffer(n_rows * 2)),
+        )
+    } else {
+        (None, None)
+    };
+    let arg_or_unused = |t: &Option<CubeTensor<R>>| match t {
+        Some(t) => array_arg(t.clone()),
+        None => unused_arg(&out),
+    };
+    let stride = |t: &CubeTensor<R>, axis: usize| {
+        u32::try_from(t.meta.strides()[axis]).expect("flash_attention: stride exceeds 32 bits")
+    };
+    let strides = || {
+        QkvStridesLaunch::new(
+            stride(&q, 0),
+            stride(&q, 1),
+            stride(&q, 2),
+            stride(&k, 0),
+            stride(&k, 1),
+            stride(&k, 2),
+            stride(&v, 0),
+            stride(&v, 1),
+            stride(&v, 2),
+        )
     };
 
     let cube_count = CubeCount::Static(
         row_blocks as u32,
         problem.batch_kv_heads as u32,
         splits as u32,
+    );
+    let qkv_args = (
+        array_arg(q.clone()),
+        array_arg(k.clone()),
+        array_arg(v.clone()),
     );
     match launch {
         Launch::Cmma(plan) => unsafe {
@@ -545,13 +557,14 @@ pub fn attention<R: CubeRuntime>(
                 cube_count,
                 CubeDim::new_2d(PLANE as u32, plan.config.warps as u32),
                 vector_size,
-                q.into_tensor_arg(),
-                k.into_tensor_arg(),
-                v.into_tensor_arg(),
-                mask.into_tensor_arg(),
-                out.clone().into_tensor_arg(),
-                part_o.clone().into_tensor_arg(),
-                part_ml.clone().into_tensor_arg(),
+                qkv_args.0,
+                qkv_args.1,
+                qkv_args.2,
+                arg_or_unused(&mask),
+                array_arg(out.clone()),
+                arg_or_unused(&part_o),
+                arg_or_unused(&part_ml),
+                strides(),
                 options.scale,
                 kv_len as u32,
                 q_len as u32,
@@ -568,13 +581,14 @@ pub fn attention<R: CubeRuntime>(
                 cube_count,
                 CubeDim::new_1d(plan.config.threads as u32),
                 vector_size,
-                q.into_tensor_arg(),
-                k.into_tensor_arg(),
-                v.into_tensor_arg(),
-                mask.into_tensor_arg(),
-                out.clone().into_tensor_arg(),
-                part_o.clone().into_tensor_arg(),
-                part_ml.clone().into_tensor_arg(),
+                qkv_args.0,
+                qkv_args.1,
+                qkv_args.2,
+                arg_or_unused(&mask),
+                array_arg(out.clone()),
+                arg_or_unused(&part_o),
+                arg_or_unused(&part_ml),
+                strides(),
                 options.scale,
                 kv_len as u32,
                 q_len as u32,
@@ -598,9 +612,9 @@ pub fn attention<R: CubeRuntime>(
                 cube_count,
                 cube_dim,
                 vector_size,
-                part_o.into_tensor_arg(),
-                part_ml.into_tensor_arg(),
-                out.clone().into_tensor_arg(),
+                arg_or_unused(&part_o),
+                arg_or_unused(&part_ml),
+                array_arg(out.clone()),
                 splits as u32,
                 problem.batch_kv_heads as u32,
                 q_len as u32,

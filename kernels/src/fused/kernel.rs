@@ -4,27 +4,13 @@
 //! Each mirrors the rounding of the tensor-op reference in [`super::reference`] step by step
 //! (every op of the reference rounds to the activation dtype; statistics are f32), so that the
 //! kernel and the reference agree to the last bit wherever the f32 arithmetic does. Inputs are
-//! read through their strides ([`offset`]), so views (a column range of a fused projection, a
-//! slice of a table) need no copy.
+//! flat arrays read through a [`Strided`] layout passed as scalars (see [`crate::args`]), so
+//! views (a column range of a fused projection, a slice of a table) need no copy; outputs are
+//! contiguous.
 
 use cubecl::prelude::*;
 
-/// Offset of element `col` of row `row` in `t`, where rows are the leading dimensions of `t`
-/// flattened in row-major order and `col` indexes the last one.
-#[cube]
-pub fn offset<E: CubePrimitive>(t: &Tensor<E>, row: usize, col: usize) -> usize {
-    let rank = t.rank();
-    let mut rem = row;
-    let mut off = col * t.stride(rank - 1);
-    let mut d = rank - 1;
-    while d > 0 {
-        d -= 1;
-        let s = t.shape(d);
-        off += (rem % s) * t.stride(d);
-        rem /= s;
-    }
-    off
-}
+use crate::args::Strided;
 
 /// The position of this thread in a one-thread-per-element launch whose cubes may be folded
 /// into two grid dimensions (see `launch::elementwise_count`).
@@ -42,11 +28,14 @@ fn element_pos() -> usize {
 #[allow(clippy::too_many_arguments)]
 #[cube(launch_unchecked)]
 pub fn rms_norm_kernel<F: Float>(
-    x: &Tensor<F>,
-    residual: &Tensor<F>,
-    gamma: &Tensor<F>,
-    sum: &mut Tensor<F>,
-    out: &mut Tensor<F>,
+    x: &Array<F>,
+    x_at: Strided,
+    residual: &Array<F>,
+    residual_at: Strided,
+    gamma: &Array<F>,
+    gamma_at: Strided,
+    sum: &mut Array<F>,
+    out: &mut Array<F>,
     rows: u32,
     cols: u32,
     eps: f32,
@@ -64,10 +53,10 @@ pub fn rms_norm_kernel<F: Float>(
     let mut partial = 0.0f32;
     let mut c = t;
     while c < cols {
-        let mut h = x[offset(x, row, c)];
+        let mut h = x[x_at.offset(row, c)];
         if comptime!(with_residual) {
             h = F::cast_from(
-                f32::cast_from(h) + f32::cast_from(residual[offset(residual, row, c)]),
+                f32::cast_from(h) + f32::cast_from(residual[residual_at.offset(row, c)]),
             );
             sum[row * cols + c] = h;
         }
@@ -93,11 +82,11 @@ pub fn rms_norm_kernel<F: Float>(
         let h = if comptime!(with_residual) {
             sum[row * cols + c]
         } else {
-            x[offset(x, row, c)]
+            x[x_at.offset(row, c)]
         };
         let normed = F::cast_from(f32::cast_from(h) * inv);
         out[row * cols + c] =
-            F::cast_from(f32::cast_from(normed) * f32::cast_from(gamma[offset(gamma, 0, c)]));
+            F::cast_from(f32::cast_from(normed) * f32::cast_from(gamma[gamma_at.offset(0, c)]));
         c += threads;
     }
 }
@@ -106,9 +95,11 @@ pub fn rms_norm_kernel<F: Float>(
 /// `silu(g) = round(g · round(sigmoid(g)))` as Burn composes it.
 #[cube(launch_unchecked)]
 pub fn swiglu_kernel<F: Float>(
-    gate: &Tensor<F>,
-    up: &Tensor<F>,
-    out: &mut Tensor<F>,
+    gate: &Array<F>,
+    gate_at: Strided,
+    up: &Array<F>,
+    up_at: Strided,
+    out: &mut Array<F>,
     rows: u32,
     cols: u32,
     #[define(F)] _dtype: StorageType,
@@ -120,10 +111,10 @@ pub fn swiglu_kernel<F: Float>(
     }
     let row = pos / cols;
     let col = pos % cols;
-    let g = f32::cast_from(gate[offset(gate, row, col)]);
+    let g = f32::cast_from(gate[gate_at.offset(row, col)]);
     let sig = F::cast_from(1.0f32 / (1.0f32 + f32::exp(-g)));
     let act = F::cast_from(g * f32::cast_from(sig));
-    out[pos] = F::cast_from(f32::cast_from(act) * f32::cast_from(up[offset(up, row, col)]));
+    out[pos] = F::cast_from(f32::cast_from(act) * f32::cast_from(up[up_at.offset(row, col)]));
 }
 
 /// RoPE in the "rotate half" convention on `x: [batch, seq, heads, head_dim]` (any strides),
@@ -136,10 +127,13 @@ pub fn swiglu_kernel<F: Float>(
 #[allow(clippy::too_many_arguments)]
 #[cube(launch_unchecked)]
 pub fn rope_kernel<F: Float>(
-    x: &Tensor<F>,
-    cos: &Tensor<F>,
-    sin: &Tensor<F>,
-    out: &mut Tensor<F>,
+    x: &Array<F>,
+    x_at: Strided,
+    cos: &Array<F>,
+    cos_at: Strided,
+    sin: &Array<F>,
+    sin_at: Strided,
+    out: &mut Array<F>,
     batch: u32,
     seq: u32,
     heads: u32,
@@ -158,13 +152,13 @@ pub fn rope_kernel<F: Float>(
     let h = (pos / (d * seq)) % heads;
     let b = pos / (d * seq * heads);
     let row = (b * seq + s) * heads + h;
-    let xi = x[offset(x, row, i)];
+    let xi = x[x_at.offset(row, i)];
     if h < rotated as usize {
         let half = d / 2;
         let partner = if i < half { i + half } else { i - half };
-        let xp = f32::cast_from(x[offset(x, row, partner)]);
-        let c = f32::cast_from(cos[offset(cos, s, i)]);
-        let sn = f32::cast_from(sin[offset(sin, s, i)]);
+        let xp = f32::cast_from(x[x_at.offset(row, partner)]);
+        let c = f32::cast_from(cos[cos_at.offset(s, i)]);
+        let sn = f32::cast_from(sin[sin_at.offset(s, i)]);
         let a = F::cast_from(f32::cast_from(xi) * c);
         let p = F::cast_from(xp * sn);
         out[pos] = F::cast_from(f32::cast_from(a) + f32::cast_from(p));
@@ -179,13 +173,18 @@ pub fn rope_kernel<F: Float>(
 #[allow(clippy::too_many_arguments)]
 #[cube(launch_unchecked)]
 pub fn cache_write_kernel<F: Float>(
-    k: &Tensor<F>,
-    v: &Tensor<F>,
-    k_cache: &mut Tensor<F>,
-    v_cache: &mut Tensor<F>,
+    k: &Array<F>,
+    k_at: Strided,
+    v: &Array<F>,
+    v_at: Strided,
+    k_cache: &mut Array<F>,
+    k_cache_at: Strided,
+    v_cache: &mut Array<F>,
+    v_cache_at: Strided,
     rows: u32,
     n: u32,
     head_dim: u32,
+    capacity: u32,
     start: u32,
     #[define(F)] _dtype: StorageType,
 ) {
@@ -194,21 +193,11 @@ pub fn cache_write_kernel<F: Float>(
     if pos >= rows as usize * d {
         terminate!();
     }
-    // `row` walks `[batch, heads, n]`.
+    // `row` walks `[batch, heads, n]`; `dst` is the same (batch, head) at cache row `t`.
     let row = pos / d;
     let col = pos % d;
-    let heads = k_cache.shape(1);
-    let bh = row / n;
     let t = start as usize + row % n;
-    let (bi, hi) = (bh / heads, bh % heads);
-    let dst_k = bi * k_cache.stride(0)
-        + hi * k_cache.stride(1)
-        + t * k_cache.stride(2)
-        + col * k_cache.stride(3);
-    let dst_v = bi * v_cache.stride(0)
-        + hi * v_cache.stride(1)
-        + t * v_cache.stride(2)
-        + col * v_cache.stride(3);
-    k_cache[dst_k] = k[offset(k, row, col)];
-    v_cache[dst_v] = v[offset(v, row, col)];
+    let dst = (row / n) * capacity as usize + t;
+    k_cache[k_cache_at.offset(dst, col)] = k[k_at.offset(row, col)];
+    v_cache[v_cache_at.offset(dst, col)] = v[v_at.offset(row, col)];
 }

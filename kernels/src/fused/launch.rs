@@ -7,6 +7,7 @@ use burn_cubecl::{
 use cubecl::prelude::*;
 
 use super::kernel::{cache_write_kernel, rms_norm_kernel, rope_kernel, swiglu_kernel};
+use crate::args::{array_arg, strided_arg};
 
 /// Threads per cube of every launch here (the portable floor allows 256).
 const THREADS: usize = 256;
@@ -76,9 +77,11 @@ pub fn rms_norm<R: CubeRuntime>(
     }
     let threads = threads_for(&x);
     // Unused bindings (no residual) are bound to `x` / `out`; the kernel never touches them.
-    let residual_arg = residual.clone().unwrap_or_else(|| x.clone());
-    let sum_arg = sum.clone().unwrap_or_else(|| out.clone());
+    let (residual_arg, residual_at) = strided_arg(residual.clone().unwrap_or_else(|| x.clone()));
+    let sum_arg = array_arg(sum.clone().unwrap_or_else(|| out.clone()));
     let client = x.client.clone();
+    let (x_arg, x_at) = strided_arg(x);
+    let (gamma_arg, gamma_at) = strided_arg(gamma);
     assert!(
         rows * cols < u32::MAX as usize,
         "rms_norm: tensor too large"
@@ -88,11 +91,14 @@ pub fn rms_norm<R: CubeRuntime>(
             &client,
             row_count(rows),
             CubeDim::new_1d(threads as u32),
-            x.into_tensor_arg(),
-            residual_arg.into_tensor_arg(),
-            gamma.into_tensor_arg(),
-            sum_arg.into_tensor_arg(),
-            out.clone().into_tensor_arg(),
+            x_arg,
+            x_at,
+            residual_arg,
+            residual_at,
+            gamma_arg,
+            gamma_at,
+            sum_arg,
+            array_arg(out.clone()),
             rows as u32,
             cols as u32,
             eps as f32,
@@ -122,14 +128,18 @@ pub fn swiglu<R: CubeRuntime>(gate: CubeTensor<R>, up: CubeTensor<R>) -> CubeTen
     }
     assert!(total < u32::MAX as usize, "swiglu: tensor too large");
     let client = gate.client.clone();
+    let (gate_arg, gate_at) = strided_arg(gate);
+    let (up_arg, up_at) = strided_arg(up);
     unsafe {
         swiglu_kernel::launch_unchecked::<R>(
             &client,
             elementwise_count(total),
             CubeDim::new_1d(THREADS as u32),
-            gate.into_tensor_arg(),
-            up.into_tensor_arg(),
-            out.clone().into_tensor_arg(),
+            gate_arg,
+            gate_at,
+            up_arg,
+            up_at,
+            array_arg(out.clone()),
             (total / cols) as u32,
             cols as u32,
             dtype.into(),
@@ -156,15 +166,21 @@ pub fn rope<R: CubeRuntime>(
     }
     assert!(total < u32::MAX as usize, "rope: tensor too large");
     let client = x.client.clone();
+    let (x_arg, x_at) = strided_arg(x);
+    let (cos_arg, cos_at) = strided_arg(cos);
+    let (sin_arg, sin_at) = strided_arg(sin);
     unsafe {
         rope_kernel::launch_unchecked::<R>(
             &client,
             elementwise_count(total),
             CubeDim::new_1d(THREADS as u32),
-            x.into_tensor_arg(),
-            cos.into_tensor_arg(),
-            sin.into_tensor_arg(),
-            out.clone().into_tensor_arg(),
+            x_arg,
+            x_at,
+            cos_arg,
+            cos_at,
+            sin_arg,
+            sin_at,
+            array_arg(out.clone()),
             b as u32,
             s as u32,
             h as u32,
@@ -204,19 +220,34 @@ pub fn cache_write<R: CubeRuntime>(
         k_cache.meta.shape().iter().product::<usize>() < u32::MAX as usize,
         "cache_write: cache too large"
     );
+    let capacity = k_cache.meta.shape()[2];
+    assert_eq!(
+        v_cache.meta.shape()[2],
+        capacity,
+        "cache_write: key and value caches differ in length"
+    );
     let client = k.client.clone();
+    let (k_arg, k_at) = strided_arg(k);
+    let (v_arg, v_at) = strided_arg(v);
+    let (k_cache_arg, k_cache_at) = strided_arg(k_cache.clone());
+    let (v_cache_arg, v_cache_at) = strided_arg(v_cache.clone());
     unsafe {
         cache_write_kernel::launch_unchecked::<R>(
             &client,
             elementwise_count(total),
             CubeDim::new_1d(THREADS as u32),
-            k.into_tensor_arg(),
-            v.into_tensor_arg(),
-            k_cache.clone().into_tensor_arg(),
-            v_cache.clone().into_tensor_arg(),
+            k_arg,
+            k_at,
+            v_arg,
+            v_at,
+            k_cache_arg,
+            k_cache_at,
+            v_cache_arg,
+            v_cache_at,
             (b * h * n) as u32,
             n as u32,
             d as u32,
+            capacity as u32,
             start as u32,
             dtype.into(),
         );

@@ -99,11 +99,14 @@ pub struct ReduceConfig {
 #[allow(clippy::too_many_arguments, clippy::manual_div_ceil)]
 #[cube(launch_unchecked)]
 pub fn linear_kernel<F: Float, N: Size>(
-    x: &Tensor<F>,
-    w: &Tensor<Vector<F, N>>,
-    bias: &Tensor<Vector<F, N>>,
-    out: &mut Tensor<Vector<F, N>>,
-    partial: &mut Tensor<Vector<f32, N>>,
+    x: &Array<F>,
+    w: &Array<Vector<F, N>>,
+    bias: &Array<Vector<F, N>>,
+    out: &mut Array<Vector<F, N>>,
+    partial: &mut Array<Vector<f32, N>>,
+    x_row_stride: u32,
+    x_col_stride: u32,
+    w_row_vectors: u32,
     m: u32,
     k: u32,
     n_vec: u32,
@@ -140,10 +143,10 @@ pub fn linear_kernel<F: Float, N: Size>(
     } else {
         k
     };
-    let x_row_stride = x.stride(0);
-    let x_col_stride = x.stride(1);
+    let x_row_stride = x_row_stride as usize;
+    let x_col_stride = x_col_stride as usize;
     // Row stride of the weights in vectors (the host checked it is a multiple of `V`).
-    let w_row = w.stride(0) / cfg.vector_size;
+    let w_row = w_row_vectors as usize;
     let row0 = rg * rm;
 
     let mut x_s = SharedMemory::<f32>::new(comptime!(cfg.block_k * cfg.x_stride()));
@@ -256,9 +259,9 @@ pub fn linear_kernel<F: Float, N: Size>(
 #[allow(clippy::too_many_arguments)]
 #[cube(launch_unchecked)]
 pub fn split_reduce_kernel<F: Float, N: Size>(
-    partial: &Tensor<Vector<f32, N>>,
-    bias: &Tensor<Vector<F, N>>,
-    out: &mut Tensor<Vector<F, N>>,
+    partial: &Array<Vector<f32, N>>,
+    bias: &Array<Vector<F, N>>,
+    out: &mut Array<Vector<F, N>>,
     splits: u32,
     total: u32,
     n_vec: u32,

@@ -10,6 +10,7 @@ use burn_cubecl::{
 use cubecl::prelude::*;
 
 use super::kernel::{LinearConfig, ReduceConfig, linear_kernel, split_reduce_kernel};
+use crate::args::{array_arg, unused_arg};
 
 /// Most rows of `x` the kernel takes (a 64-node Medusa tree). [`crate::linear`] sends larger
 /// products to Burn's matmul.
@@ -399,24 +400,22 @@ pub fn linear<R: CubeRuntime>(
     let plan = plan(&problem, multiprocessors, max_threads, shared_limit, tuning);
     let n_vec = n / vector_size;
 
-    let f32_buffer = |len: usize| {
+    // The f32 partial sums of a K split; without one (and without a bias) the kernel's
+    // parameter is switched off at compile time and bound to `out`.
+    let partial = (plan.splits > 1).then(|| {
         empty_device_contiguous_dtype::<R>(
             client.clone(),
             device.clone(),
-            Shape::new([len]),
+            Shape::new([plan.splits * m * n]),
             DType::F32,
         )
+    });
+    let bias_arg = || match &bias {
+        Some(b) => array_arg(b.clone()),
+        None => unused_arg(&out),
     };
-    let partial = if plan.splits > 1 {
-        f32_buffer(plan.splits * m * n)
-    } else {
-        f32_buffer(vector_size)
-    };
-    // Bound to the kernel when there is no bias (never read: `cfg.bias` is false).
-    let bias_arg = match &bias {
-        Some(b) => b.clone(),
-        None => out.clone(),
-    };
+    let (x_row_stride, x_col_stride) = (x.meta.strides()[0], x.meta.strides()[1]);
+    let w_row_vectors = w.meta.strides()[0] / vector_size;
 
     let cfg = plan.config;
     unsafe {
@@ -425,11 +424,17 @@ pub fn linear<R: CubeRuntime>(
             CubeCount::Static(plan.col_tiles as u32, plan.splits as u32, 1),
             CubeDim::new_1d(cfg.threads() as u32),
             vector_size,
-            x.into_tensor_arg(),
-            w.into_tensor_arg(),
-            bias_arg.clone().into_tensor_arg(),
-            out.clone().into_tensor_arg(),
-            partial.clone().into_tensor_arg(),
+            array_arg(x),
+            array_arg(w),
+            bias_arg(),
+            array_arg(out.clone()),
+            match &partial {
+                Some(p) => array_arg(p.clone()),
+                None => unused_arg(&out),
+            },
+            x_row_stride as u32,
+            x_col_stride as u32,
+            w_row_vectors as u32,
             m as u32,
             k as u32,
             n_vec as u32,
@@ -439,7 +444,7 @@ pub fn linear<R: CubeRuntime>(
         );
     }
 
-    if let Some(reduce) = plan.reduce {
+    if let (Some(reduce), Some(partial)) = (plan.reduce, partial) {
         let total = m * n_vec;
         let cubes = total.div_ceil(reduce.lanes);
         unsafe {
@@ -448,9 +453,9 @@ pub fn linear<R: CubeRuntime>(
                 CubeCount::Static(cubes as u32, 1, 1),
                 CubeDim::new_1d((reduce.lanes * reduce.split_lanes) as u32),
                 vector_size,
-                partial.into_tensor_arg(),
-                bias_arg.into_tensor_arg(),
-                out.clone().into_tensor_arg(),
+                array_arg(partial),
+                bias_arg(),
+                array_arg(out.clone()),
                 plan.splits as u32,
                 total as u32,
                 n_vec as u32,
