@@ -22,8 +22,16 @@ const TARGET_THREADS: usize = 256;
 /// Threads along the columns at most: one 32-wide plane reads `32 * 16` contiguous bytes of a
 /// weight row.
 const MAX_LANES: usize = 32;
+/// Threads per cube, and lanes at most, when a thread's accumulators are few (`RM * V <= 16`:
+/// a decode step's single row). Measured on an H200 (`cargo run -p bench -- tune`, the
+/// Llama-3-8B decode shapes in bf16): 512-thread cubes of 16 lanes streamed the weights
+/// 1.1-2.0x faster than 256-thread cubes of 32 lanes (q/k/v 44.6 -> 23.6 µs, o 28.8 -> 23.0,
+/// gate/up 99.8 -> 88.8, down 101 -> 51): twice the loads in flight per SM, and twice the
+/// column tiles, so half the K split.
+const WIDE_THREADS: usize = 512;
+const WIDE_MAX_LANES: usize = 16;
 /// Shared memory for the staged `x` tile (the portable floor is 32 KiB; the k-group reduction
-/// buffer takes at most another `4 * 256 * 8` bytes).
+/// buffer takes at most another 16 KiB: 512 threads × 8 f32, and is budgeted first).
 const X_SHARED_BYTES: usize = 16 * 1024;
 /// Cubes per multiprocessor the K split aims for. Two 256-thread cubes per SM, each thread with
 /// `U = 8` 16-byte loads in flight, keep ~64 KiB of reads in flight per SM (an H100 SM needs
@@ -117,27 +125,36 @@ pub fn plan(
     assert!(p.vector_size >= 1 && p.n.is_multiple_of(p.vector_size));
     let v = p.vector_size;
     let n_vec = p.n / v;
+    let row_groups = p.m.div_ceil(MAX_ROWS_PER_THREAD);
+    let rows_per_thread = p.m.div_ceil(row_groups);
+    let few_accumulators = rows_per_thread * v <= 16;
     let threads = prev_power_of_two(
         tuning
             .threads
-            .unwrap_or(TARGET_THREADS)
+            .unwrap_or(if few_accumulators {
+                WIDE_THREADS
+            } else {
+                TARGET_THREADS
+            })
             .min(max_threads)
             .max(1),
     );
-    let row_groups = p.m.div_ceil(MAX_ROWS_PER_THREAD);
-    let rows_per_thread = p.m.div_ceil(row_groups);
     assert!(
         row_groups <= threads,
         "linear: {} rows need more threads per cube than the device has",
         p.m
     );
+    let lanes_cap = match tuning.lanes {
+        None if few_accumulators => WIDE_MAX_LANES,
+        _ => MAX_LANES,
+    };
     let lanes_max = n_vec
         .next_power_of_two()
-        .min(MAX_LANES)
+        .min(lanes_cap)
         .min(prev_power_of_two(threads / row_groups));
     let unroll = tuning
         .unroll
-        .unwrap_or(if rows_per_thread * v <= 16 { 8 } else { 4 })
+        .unwrap_or(if few_accumulators { 8 } else { 4 })
         .max(1);
 
     // Grid size the K split aims for, and the split the partial sums may cost.
@@ -551,7 +568,7 @@ mod tests {
                                 let plan = plan(&p, sms, max_threads, shared, &tuning);
                                 let c = plan.config;
                                 let ctx = format!("{p:?} {tuning:?} {plan:?}");
-                                assert!(c.threads() <= max_threads.min(256), "{ctx}");
+                                assert!(c.threads() <= max_threads.min(512), "{ctx}");
                                 assert!(c.threads() >= 1, "{ctx}");
                                 assert!(c.rows_padded() >= m, "{ctx}");
                                 assert!(c.rows_per_thread <= MAX_ROWS_PER_THREAD, "{ctx}");
@@ -600,20 +617,24 @@ mod tests {
                 &LinearTuning::default(),
             )
         };
-        // q/o projection: 16 column tiles of 256 columns, K split 16 ways (256 rows each).
-        let p = h100(1, 4096, 4096);
+        // One row: 512-thread cubes of 16 lanes x 32 k groups (see `WIDE_THREADS`).
+        // q/k/v: 48 column tiles of 128 columns, K split 6 ways (768 rows each).
+        let p = h100(1, 4096, 6144);
         assert_eq!(p.config.vector_size, 8);
         assert_eq!(
             (p.config.lanes, p.config.k_groups, p.config.unroll),
-            (32, 8, 8)
+            (16, 32, 8)
         );
-        assert_eq!((p.col_tiles, p.splits, p.k_chunk), (16, 16, 256));
-        // gate/up: 56 tiles x 5 splits.
-        let p = h100(1, 4096, 14336);
-        assert_eq!((p.col_tiles, p.splits), (56, 5));
-        // down: 16 tiles x 16 splits of 896 rows.
+        assert_eq!((p.col_tiles, p.splits, p.k_chunk), (48, 6, 768));
+        // o: 32 tiles x 8 splits of 512 rows.
+        let p = h100(1, 4096, 4096);
+        assert_eq!((p.col_tiles, p.splits, p.k_chunk), (32, 8, 512));
+        // gate/up (fused): 224 tiles x 2 splits.
+        let p = h100(1, 4096, 28672);
+        assert_eq!((p.col_tiles, p.splits), (224, 2));
+        // down: 32 tiles x 8 splits of 1792 rows.
         let p = h100(1, 14336, 4096);
-        assert_eq!((p.col_tiles, p.splits, p.k_chunk), (16, 16, 896));
+        assert_eq!((p.col_tiles, p.splits, p.k_chunk), (32, 8, 1792));
         for (m, k, n) in [
             (1, 4096, 1024),
             (1, 4096, 4096),
@@ -623,8 +644,13 @@ mod tests {
             (64, 4096, 4096),
         ] {
             let p = h100(m, k, n);
-            assert!(p.cubes() >= 132 && p.cubes() <= 1200, "{m}x{k}x{n}: {p:?}");
-            assert!(p.config.threads() == 256, "{p:?}");
+            // Enough threads for every SM (two 256-thread cubes' worth, give or take a tile).
+            assert!(
+                p.cubes() * p.config.threads() >= 128 * 256 && p.cubes() <= 1200,
+                "{m}x{k}x{n}: {p:?}"
+            );
+            let threads = if m == 1 { 512 } else { 256 };
+            assert!(p.config.threads() == threads, "{p:?}");
         }
         // A Medusa tree of 64 rows: 8 row groups of 8 rows on 8 lanes, 4 k groups, and a K split
         // kept to 4 (the f32 partials of 64 rows would otherwise outweigh the weights).
