@@ -311,6 +311,25 @@ fn forced_splits() {
     }
 }
 
+/// Rows of `x` split across cubes (grid z): forced, uneven last blocks, with and without bias.
+#[test]
+fn row_blocks() {
+    for (case, blocks) in [
+        (Case::new(64, 130, 200, true), 8),
+        (Case::new(64, 576, 96, false), 3),
+        (Case::new(17, 300, 72, true), 3),
+        (Case::new(33, 1000, 40, false), 2),
+        (Case::new(9, 64, 7, true), 2),
+    ] {
+        let tuning = LinearTuning {
+            row_blocks: Some(blocks),
+            ..Default::default()
+        };
+        check_kernel(case, DType::F32, Layout::Contiguous, tuning);
+        check_kernel(case, DType::F32, Layout::XTransposed, tuning);
+    }
+}
+
 /// Other thread layouts, unrolls, vector widths and a tiny shared-memory budget.
 #[test]
 fn tuned_layouts() {

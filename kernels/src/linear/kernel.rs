@@ -85,7 +85,8 @@ pub struct ReduceConfig {
 /// `y[r, c] = Σ_k x[r, k] · w[k, c] (+ bias[c])` for `r < m`, over the K rows
 /// `[split * k_chunk, min((split + 1) * k_chunk, k))`.
 ///
-/// Grid: `x` = column tile of `TX * V` columns, `y` = K split. Thread `t` of the cube is
+/// Grid: `x` = column tile of `TX * V` columns, `y` = K split, `z` = block of `RG * RM` rows of
+/// `x` (one unless the host splits the rows across cubes). Thread `t` of the cube is
 /// `(lane, row group, k group) = (t % TX, t / TX % RG, t / (TX * RG))`; it owns the output
 /// vector `col = tile * TX + lane` for the rows `rg * RM .. rg * RM + RM`, and the weight rows
 /// `tile_start + kg + KG * j` of every tile; the `KG` partial sums of a column are added by a
@@ -130,6 +131,9 @@ pub fn linear_kernel<F: Float, N: Size>(
     let kg = t / base_threads;
     let col = CUBE_POS_X as usize * lanes + lane;
     let split = CUBE_POS_Y as usize;
+    // First row of `x` this cube's row block takes (grid z; one block unless the host split
+    // the rows).
+    let row_base = CUBE_POS_Z as usize * comptime!(cfg.rows_padded());
 
     let m = m as usize;
     let k = k as usize;
@@ -172,8 +176,10 @@ pub fn linear_kernel<F: Float, N: Size>(
                 let r = e / bk;
                 let kk = e % bk;
                 let mut val = 0.0f32;
-                if r < m && kk < tile_len {
-                    val = f32::cast_from(x[r * x_row_stride + (tile + kk) * x_col_stride]);
+                if row_base + r < m && kk < tile_len {
+                    val = f32::cast_from(
+                        x[(row_base + r) * x_row_stride + (tile + kk) * x_col_stride],
+                    );
                 }
                 x_s[kk * x_stride + r] = val;
             }
@@ -235,7 +241,7 @@ pub fn linear_kernel<F: Float, N: Size>(
     if kg == 0 && col_ok {
         #[unroll]
         for i in 0..rm {
-            let r = row0 + i;
+            let r = row_base + row0 + i;
             if r < m {
                 if comptime!(cfg.partial) {
                     partial[(split * m + r) * n_vec + col] = acc[i];

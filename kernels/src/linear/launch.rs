@@ -64,6 +64,9 @@ pub struct LinearTuning {
     pub lanes: Option<usize>,
     /// Pretend the device has at most this much shared memory per cube (bytes).
     pub shared_memory: Option<usize>,
+    /// Force the rows of `x` into this many blocks of cubes (grid z; clamped to
+    /// `1..=ceil(m / 8)`).
+    pub row_blocks: Option<usize>,
 }
 
 /// A skinny product `[m, k] x [k, n]` as the planner sees it.
@@ -93,12 +96,14 @@ pub struct LinearPlan {
     pub k_chunk: usize,
     /// Configuration of the reduction pass when `splits > 1`.
     pub reduce: Option<ReduceConfig>,
+    /// Blocks of `config.rows_padded()` rows of `x` (grid z), each its own cubes.
+    pub row_blocks: usize,
 }
 
 impl LinearPlan {
     /// Cubes of the main kernel.
     pub fn cubes(&self) -> usize {
-        self.col_tiles * self.splits
+        self.col_tiles * self.splits * self.row_blocks
     }
 }
 
@@ -122,11 +127,44 @@ pub fn plan(
     tuning: &LinearTuning,
 ) -> LinearPlan {
     assert!(p.m >= 1, "linear: empty x");
+    let whole = plan_block(p, p.m, multiprocessors, max_threads, shared_limit, tuning);
+    // Many rows and few cubes (a 64-node tree through a small matrix: the f32 partials cap the
+    // K split): give each block of rows its own cubes instead, at one K split. Each block reads
+    // the weights again, from L2 when the matrix fits there.
+    let target = multiprocessors.max(1) * tuning.cubes_per_sm.unwrap_or(DEFAULT_CUBES_PER_SM);
+    let max_blocks = p.m.div_ceil(MAX_ROWS_PER_THREAD);
+    let blocks = match tuning.row_blocks {
+        Some(b) => b.clamp(1, max_blocks),
+        None if 2 * whole.cubes() >= target => 1,
+        None => target.div_ceil(whole.cubes()).min(max_blocks),
+    };
+    if blocks <= 1 {
+        return whole;
+    }
+    let rows = p.m.div_ceil(blocks);
+    let tuning = LinearTuning {
+        splits: Some(1),
+        ..*tuning
+    };
+    let mut block = plan_block(p, rows, multiprocessors, max_threads, shared_limit, &tuning);
+    block.row_blocks = p.m.div_ceil(rows);
+    block
+}
+
+/// [`plan`] for cubes that each take `rows` of the `p.m` rows.
+fn plan_block(
+    p: &LinearProblem,
+    rows: usize,
+    multiprocessors: usize,
+    max_threads: usize,
+    shared_limit: usize,
+    tuning: &LinearTuning,
+) -> LinearPlan {
     assert!(p.vector_size >= 1 && p.n.is_multiple_of(p.vector_size));
     let v = p.vector_size;
     let n_vec = p.n / v;
-    let row_groups = p.m.div_ceil(MAX_ROWS_PER_THREAD);
-    let rows_per_thread = p.m.div_ceil(row_groups);
+    let row_groups = rows.div_ceil(MAX_ROWS_PER_THREAD);
+    let rows_per_thread = rows.div_ceil(row_groups);
     let few_accumulators = rows_per_thread * v <= 16;
     let threads = prev_power_of_two(
         tuning
@@ -141,8 +179,7 @@ pub fn plan(
     );
     assert!(
         row_groups <= threads,
-        "linear: {} rows need more threads per cube than the device has",
-        p.m
+        "linear: {rows} rows need more threads per cube than the device has"
     );
     let lanes_cap = match tuning.lanes {
         None if few_accumulators => WIDE_MAX_LANES,
@@ -244,6 +281,7 @@ pub fn plan(
         splits,
         k_chunk,
         reduce,
+        row_blocks: 1,
     }
 }
 
@@ -438,7 +476,11 @@ pub fn linear<R: CubeRuntime>(
     unsafe {
         linear_kernel::launch_unchecked::<R>(
             &client,
-            CubeCount::Static(plan.col_tiles as u32, plan.splits as u32, 1),
+            CubeCount::Static(
+                plan.col_tiles as u32,
+                plan.splits as u32,
+                plan.row_blocks as u32,
+            ),
             CubeDim::new_1d(cfg.threads() as u32),
             vector_size,
             array_arg(x),
@@ -570,7 +612,9 @@ mod tests {
                                 let ctx = format!("{p:?} {tuning:?} {plan:?}");
                                 assert!(c.threads() <= max_threads.min(512), "{ctx}");
                                 assert!(c.threads() >= 1, "{ctx}");
-                                assert!(c.rows_padded() >= m, "{ctx}");
+                                assert!(c.rows_padded() * plan.row_blocks >= m, "{ctx}");
+                                assert!((plan.row_blocks - 1) * c.rows_padded() < m, "{ctx}");
+                                assert!(plan.row_blocks == 1 || plan.splits == 1, "{ctx}");
                                 assert!(c.rows_per_thread <= MAX_ROWS_PER_THREAD, "{ctx}");
                                 assert!(c.lanes.is_power_of_two() && c.lanes <= MAX_LANES, "{ctx}");
                                 assert!(c.k_groups.is_power_of_two(), "{ctx}");
@@ -660,6 +704,17 @@ mod tests {
             (c.lanes, c.row_groups, c.rows_per_thread, c.k_groups),
             (8, 8, 8, 4)
         );
-        assert_eq!((p.col_tiles, p.splits), (64, 4));
+        assert_eq!((p.col_tiles, p.splits, p.row_blocks), (64, 4, 1));
+        // The same tree through SmolLM2's q/k/v in f32 (576 x 960): the partials cap the K split
+        // at 1, so the rows go to 8 blocks of 8 instead of 30 cubes for the whole device.
+        let p = plan(
+            &problem(64, 576, 960, 4),
+            132,
+            1024,
+            227 * 1024,
+            &LinearTuning::default(),
+        );
+        assert_eq!((p.row_blocks, p.config.rows_padded(), p.splits), (8, 8, 1));
+        assert!(p.cubes() >= 132, "{p:?}");
     }
 }
