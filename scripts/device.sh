@@ -32,6 +32,10 @@
 # Fourth session (2026-11-28): carry the model chunk with the CubeCL cache first (part02 + cache
 # + bench fit one call), so the first step already finds warm caches; training then took 85 s
 # (73 s of steps). Binaries run outside this script need its exports (SMOLLM2_GGUF, ...).
+#
+# Fifth session (2026-11-28, one H200): `bench launch` and `bench tune` need no model (seconds
+# each); a pause over 30 s between calls lost the machine and with it /root (model, heads), so
+# the chunk calls, training and the e2e runs that need trained heads go back to back.
 set -uo pipefail
 step=${1:?step}
 shift

@@ -128,9 +128,10 @@ fn main() -> Result<()> {
     let args = Args::parse();
     let backend = match args.backend {
         BackendArg::Auto => match model::device::detect() {
-            // Measured on an H200: one kernel launch costs 18 µs through the plain backend and
-            // 81 µs as a custom op in Burn's fusion stream, and a batch-1 decode step is little
-            // else (Llama-3-8B: 11.1-11.5 vs 13.0-15.1 ms/token; SmolLM2 bf16: 84 vs 62 tok/s).
+            // Measured on an H200: one kernel launch cost 18 µs through the plain backend (8 µs
+            // since the kernels take arrays) and 81 µs as a custom op in Burn's fusion stream,
+            // and a batch-1 decode step is mostly launches (Llama-3-8B: 11.1-11.5 vs 13.0-15.1
+            // ms/token; SmolLM2 bf16: 84 vs 62 tok/s).
             DeviceKind::Cuda => BackendArg::CudaUnfused,
             DeviceKind::Cpu => BackendArg::Cpu,
         },

@@ -3,7 +3,8 @@
 //!
 //! At batch 1 a decode step is dispatch-bound, not bandwidth-bound: on an H200, a Llama-3-8B
 //! step kept the host busy enqueueing for 96–97% of its duration (fused or unfused Burn
-//! backend), and one kernel launch costs ~20 µs (measured by the bench's launch probe).
+//! backend), and one kernel launch cost ~20 µs (measured by the bench's launch probe; ~8 µs
+//! since the kernels take arrays rather than tensor metadata, see [`crate::args`]).
 //! Written as Burn tensor ops on the plain backend, one RMSNorm is ~9 launches (cast, square,
 //! mean, add, sqrt, recip, mul, cast, mul), RoPE on q and k ~8, SwiGLU ~4, the cache write 2;
 //! here each is one launch, reading its inputs through their strides (a column range of a

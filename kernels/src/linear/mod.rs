@@ -17,20 +17,25 @@
 //!
 //! **Coalesced weight stream.** A cube owns a tile of `TX · V` output columns. Each thread
 //! reads `V` consecutive columns of a weight row with one vector load (`V = 16 bytes / element`,
-//! i.e. 8 for bf16/f16 and 4 for f32 on CUDA; 4 at most on wgpu), and the `TX = 32` lanes of a
-//! plane read 512 contiguous bytes of that row. The weights go straight from global memory to
-//! registers: every thread issues `U` (8, or 4 with many rows) independent loads before it uses
-//! any of them, so with two 256-thread cubes per SM about 64 KiB are in flight per SM, well
-//! above what HBM latency × bandwidth needs (~25 KiB per H100 SM).
+//! i.e. 8 for bf16/f16 and 4 for f32 on CUDA; 4 at most on wgpu), and the `TX` lanes (16 for a
+//! single row of `x`, up to 32 otherwise) read `TX · 16` contiguous bytes of that row. The
+//! weights go straight from global memory to registers: every thread issues `U` (8, or 4 with
+//! many rows) independent loads before it uses any of them. For one row the cubes have 512
+//! threads, two per SM: ~128 KiB of loads in flight per SM. That was measured, not derived: on
+//! an H200 (`cargo run -p bench -- tune`) 256-thread cubes of 32 lanes streamed the Llama-3-8B
+//! decode shapes at 1.1–2.4 TB/s, 512-thread cubes of 16 lanes at 1.5–2.7 TB/s.
 //!
-//! **K split.** A cube has 256 threads: `TX` lanes × `RG` row groups × `KG` k groups. The `KG`
+//! **K split.** A cube's threads are `TX` lanes × `RG` row groups × `KG` k groups. The `KG`
 //! groups take interleaved weight rows (at any moment a cube reads a contiguous band of
 //! `KG · U` rows) and are summed through shared memory at the end. When the column tiles alone
-//! cannot fill the device (1×4096 @ 4096×4096 has only 16 tiles of 256 columns), K is also split
+//! cannot fill the device (1×4096 @ 4096×4096 has only 32 tiles of 128 columns), K is also split
 //! across cubes (grid y) so that about 2 cubes run per SM: each split writes f32 partial sums
-//! and [`kernel::split_reduce_kernel`] adds them, the bias, and casts. On an H100 (132 SMs) the
-//! Llama-3-8B decode shapes become 16×16 cubes (4096→4096, 256 rows each), 56×5 (4096→14336)
-//! and 16×16 (14336→4096, 896 rows each); the partial sums add under 2% to the weight traffic.
+//! and [`kernel::split_reduce_kernel`] adds them, the bias, and casts. On an H100/H200 (132 SMs)
+//! the Llama-3-8B decode shapes become 48×6 cubes (q/k/v, 4096→6144), 32×8 (o), 224×2 (gate/up,
+//! 4096→28672) and 32×8 (down, 14336→4096, 1792 rows each); the partial sums add under 2% to
+//! the weight traffic. When even that leaves the device half idle (many rows through a small
+//! matrix, where the partials cap the split), the rows are cut into blocks with cubes of their
+//! own instead (grid z; each block reads the weights again, from L2 when they fit there).
 //!
 //! **Rows of `x`.** `x` is tiny: it is staged per tile of `BK` K-rows in shared memory as f32,
 //! laid out `[k][row]` (row stride made odd against bank conflicts), so all lanes of a plane read
@@ -45,8 +50,9 @@
 //! power of two that divides `n`, the weights' row stride and the buffer offsets (so a column
 //! slice of a wider weight works; an odd `n` runs with `V = 1`). `x` may have any strides.
 //!
-//! **Portability.** No plane operations; reductions go through shared memory (at most 24 KiB per
-//! cube), cubes have at most 256 threads, and the tile sizes come from the device's properties
+//! **Portability.** No plane operations; reductions go through shared memory (at most 32 KiB per
+//! cube, and never more than the device offers), cubes have at most 512 threads (256 unless a
+//! thread's accumulators are few), and the tile sizes come from the device's properties
 //! (multiprocessor count, shared memory, units per cube, vector width), so the same kernel runs
 //! on CUDA, wgpu/Vulkan (lavapipe included) and the other CubeCL runtimes.
 //!
