@@ -20,14 +20,14 @@ use serde::Serialize;
 
 #[cube(launch_unchecked)]
 fn add_one_array(x: &Array<f32>, out: &mut Array<f32>) {
-    if (ABSOLUTE_POS as usize) < out.len() {
-        out[ABSOLUTE_POS as usize] = x[ABSOLUTE_POS as usize] + 1.0;
+    if ABSOLUTE_POS < out.len() {
+        out[ABSOLUTE_POS] = x[ABSOLUTE_POS] + 1.0;
     }
 }
 
 #[cube(launch_unchecked)]
 fn add_one_tensor(x: &Tensor<f32>, out: &mut Tensor<f32>) {
-    let i = ABSOLUTE_POS as usize;
+    let i = ABSOLUTE_POS;
     if i < out.shape(0) {
         out[i * out.stride(0)] = x[i * x.stride(0)] + 1.0;
     }

@@ -102,7 +102,8 @@ enum Command {
     E2e,
     /// The model on this backend (f32 and bf16) against transformers' outputs.
     Fidelity,
-    /// Where the host time of one kernel launch goes (CUDA only).
+    /// Where the host time of one kernel launch goes (CUDA only; its second half holds ~15 GB
+    /// of buffers, the size of Llama-3-8B's bf16 weights).
     Launch,
     /// Sweep the skinny linear kernel's plan knobs on the 8B decode shapes (CUDA only).
     Tune,
