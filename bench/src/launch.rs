@@ -2,7 +2,7 @@
 //!
 //! A batch-1 decode step at 8B scale is ~460 small launches, and the step measured ~24 µs per
 //! launch of host time (docs/benchmarks/2026-11-28-h200x2-fused-ops). This probe splits that cost
-//! by launching the same trivial kernel (64 threads, one cube) back to back in variants that
+//! by launching the same trivial kernel (nine cubes of 64 threads) back to back in variants that
 //! differ in one thing each:
 //! - `array`: arguments as CubeCL arrays, whose only metadata (lengths) travels with the launch;
 //! - `tensor`: the same kernel reading shapes and strides, which CubeCL uploads to the device
@@ -220,8 +220,8 @@ fn variants<R: CubeRuntime>(
 /// The costs as a Markdown table.
 pub fn markdown(costs: &[LaunchCost], device: &str) -> String {
     let mut s = format!(
-        "## Launch anatomy ({device})\n\nOne cube of 64 threads on 576 f32 values, launched back \
-         to back; host = the calling thread's time per launch, total = until the device \
+        "## Launch anatomy ({device})\n\nNine cubes of 64 threads on 576 f32 values, launched \
+         back to back; host = the calling thread's time per launch, total = until the device \
          finished.\n\n| variant | host µs | total µs |\n|---|---:|---:|\n"
     );
     for c in costs {

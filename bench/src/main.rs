@@ -138,6 +138,10 @@ fn main() -> Result<()> {
         },
         b => b,
     };
+    #[cfg(not(feature = "cuda"))]
+    if matches!(args.command, Some(Command::Launch | Command::Tune)) {
+        bail!("the launch and tune probes need CUDA (build with the `cuda` feature)");
+    }
     #[cfg(feature = "cuda")]
     if let Some(probe @ (Command::Launch | Command::Tune)) = args.command {
         if backend == BackendArg::Cpu {

@@ -30,7 +30,7 @@ pub(crate) fn unused_arg<R: CubeRuntime>(like: &CubeTensor<R>) -> ArrayArg<R> {
 /// A tensor seen as rows × columns: the last axis is the column, the leading axes flattened in
 /// row-major order are the row. Leading axes are merged where their strides allow, so any
 /// layout with at most three independent leading axes fits (the decoder's tensors have at most
-/// three); see [`Strided::of`].
+/// three); see [`RowLayout::of`].
 #[derive(CubeType, CubeLaunch, Clone, Copy)]
 pub struct Strided {
     /// Sizes of the middle two leading axes (the outermost one needs none).
@@ -113,7 +113,7 @@ impl RowLayout {
 }
 
 /// `t` as an array argument with its [`Strided`] layout; a layout that does not fit is copied
-/// to a contiguous tensor first.
+/// to a contiguous tensor first (inputs only: see [`strided_out_arg`]).
 pub(crate) fn strided_arg<R: CubeRuntime>(t: CubeTensor<R>) -> (ArrayArg<R>, StridedLaunch<R>) {
     let layout = RowLayout::of(t.meta.shape(), t.meta.strides());
     let (t, layout) = match layout {
@@ -126,6 +126,34 @@ pub(crate) fn strided_arg<R: CubeRuntime>(t: CubeTensor<R>) -> (ArrayArg<R>, Str
         }
     };
     (array_arg(t), layout.arg())
+}
+
+/// An output written in place as an array argument with its [`Strided`] layout.
+///
+/// # Panics
+/// When the layout does not fit [`Strided`]: a copy would take the writes.
+pub(crate) fn strided_out_arg<R: CubeRuntime>(t: CubeTensor<R>) -> (ArrayArg<R>, StridedLaunch<R>) {
+    let layout = RowLayout::of(t.meta.shape(), t.meta.strides()).unwrap_or_else(|| {
+        panic!(
+            "in-place output of shape {:?} and strides {:?} has more than three independent \
+             leading axes",
+            t.meta.shape(),
+            t.meta.strides()
+        )
+    });
+    (array_arg(t), layout.arg())
+}
+
+/// The argument pair for a [`Strided`] parameter switched off at compile time.
+pub(crate) fn unused_strided_arg<R: CubeRuntime>(
+    like: &CubeTensor<R>,
+) -> (ArrayArg<R>, StridedLaunch<R>) {
+    let none = RowLayout {
+        dims: [1, 1, 1],
+        strides: [0, 0, 0],
+        col_stride: 0,
+    };
+    (unused_arg(like), none.arg())
 }
 
 /// A contiguous tensor of `shape` as rows × columns.

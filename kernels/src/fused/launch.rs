@@ -7,7 +7,7 @@ use burn_cubecl::{
 use cubecl::prelude::*;
 
 use super::kernel::{cache_write_kernel, rms_norm_kernel, rope_kernel, swiglu_kernel};
-use crate::args::{array_arg, strided_arg};
+use crate::args::{array_arg, strided_arg, strided_out_arg, unused_strided_arg};
 
 /// Threads per cube of every launch here (the portable floor allows 256).
 const THREADS: usize = 256;
@@ -77,7 +77,10 @@ pub fn rms_norm<R: CubeRuntime>(
     }
     let threads = threads_for(&x);
     // Unused bindings (no residual) are bound to `x` / `out`; the kernel never touches them.
-    let (residual_arg, residual_at) = strided_arg(residual.clone().unwrap_or_else(|| x.clone()));
+    let (residual_arg, residual_at) = match &residual {
+        Some(r) => strided_arg(r.clone()),
+        None => unused_strided_arg(&x),
+    };
     let sum_arg = array_arg(sum.clone().unwrap_or_else(|| out.clone()));
     let client = x.client.clone();
     let (x_arg, x_at) = strided_arg(x);
@@ -229,8 +232,8 @@ pub fn cache_write<R: CubeRuntime>(
     let client = k.client.clone();
     let (k_arg, k_at) = strided_arg(k);
     let (v_arg, v_at) = strided_arg(v);
-    let (k_cache_arg, k_cache_at) = strided_arg(k_cache.clone());
-    let (v_cache_arg, v_cache_at) = strided_arg(v_cache.clone());
+    let (k_cache_arg, k_cache_at) = strided_out_arg(k_cache.clone());
+    let (v_cache_arg, v_cache_at) = strided_out_arg(v_cache.clone());
     unsafe {
         cache_write_kernel::launch_unchecked::<R>(
             &client,

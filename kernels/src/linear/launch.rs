@@ -33,10 +33,10 @@ const WIDE_MAX_LANES: usize = 16;
 /// Shared memory for the staged `x` tile (the portable floor is 32 KiB; the k-group reduction
 /// buffer takes at most another 16 KiB: 512 threads × 8 f32, and is budgeted first).
 const X_SHARED_BYTES: usize = 16 * 1024;
-/// Cubes per multiprocessor the K split aims for. Two 256-thread cubes per SM, each thread with
-/// `U = 8` 16-byte loads in flight, keep ~64 KiB of reads in flight per SM (an H100 SM needs
-/// ~25 KiB: 3.35 TB/s / 132 SMs × ~1 µs latency), and the whole grid stays resident in one
-/// wave even if the compiler gives the kernel up to 128 registers per thread.
+/// Cubes per multiprocessor the K split aims for. Two cubes per SM, each thread with `U = 8`
+/// 16-byte loads in flight, keep 64 KiB (256 threads) or 128 KiB (512 threads) of reads in
+/// flight per SM; the whole grid stays resident in one wave while the kernel needs at most 128
+/// (256-thread cubes) or 64 (512-thread cubes) registers per thread.
 const DEFAULT_CUBES_PER_SM: usize = 2;
 /// Upper bound on the K split (bounds the partial buffer and the reduction's loads).
 const MAX_SPLITS: usize = 64;
@@ -57,10 +57,11 @@ pub struct LinearTuning {
     pub unroll: Option<usize>,
     /// Cap on the vector width in elements (default: 16 bytes' worth, e.g. 8 for bf16).
     pub max_vector_size: Option<usize>,
-    /// Threads per cube the planner aims for (a power of two; default 256).
+    /// Threads per cube the planner aims for (a power of two; default 512 when `RM * V <= 16`,
+    /// else 256, within the device's limit).
     pub threads: Option<usize>,
-    /// Lanes along the columns per cube (`TX`, a power of two; default 32, narrowed to 16 or 8
-    /// when the grid would be small).
+    /// Lanes along the columns per cube (`TX`, a power of two; default at most 32, or 16 with
+    /// 512-thread cubes, narrowed to 16 or 8 when the grid would be small).
     pub lanes: Option<usize>,
     /// Pretend the device has at most this much shared memory per cube (bytes).
     pub shared_memory: Option<usize>,
@@ -112,13 +113,17 @@ impl LinearPlan {
 /// bytes of shared memory per cube.
 ///
 /// - the `m` rows are cut into `RG = ceil(m / 8)` groups of `RM = ceil(m / RG)` rows;
-/// - `TX` lanes (32, else 16 or 8 when the grid would be too small) cover consecutive column
-///   vectors; the remaining threads of a 256-thread cube split K (`KG`, a power of two);
-/// - `U` = 8 independent loads per thread when the accumulators are small (`RM * V <= 16`),
-///   else 4;
+/// - cubes have 512 threads when the accumulators are small (`RM * V <= 16`: one row in bf16,
+///   up to four in f32), else 256 (within the device's limit; see [`WIDE_THREADS`]);
+/// - `TX` lanes (32, or 16 with 512-thread cubes; narrowed to 16 or 8 when the grid would be
+///   too small) cover consecutive column vectors; the remaining threads split K (`KG`, a power
+///   of two);
+/// - `U` = 8 independent loads per thread when the accumulators are small, else 4;
 /// - when the column tiles cannot fill `2 × multiprocessors` cubes, K is split across cubes:
 ///   at most 64 ways, at least one `KG * U` step per split, and with the f32 partial sums
-///   (written and read once) costing at most a quarter of the weight bytes.
+///   (written and read once) costing at most a quarter of the weight bytes;
+/// - when that still fills less than half of them, the rows are cut into blocks of cubes
+///   (grid z) with one K split, if that gives the bigger grid.
 pub fn plan(
     p: &LinearProblem,
     multiprocessors: usize,
@@ -148,7 +153,12 @@ pub fn plan(
     };
     let mut block = plan_block(p, rows, multiprocessors, max_threads, shared_limit, &tuning);
     block.row_blocks = p.m.div_ceil(rows);
-    block
+    // Only when that is the bigger grid (forcing one K split can cost more than the blocks add).
+    if tuning.row_blocks.is_some() || block.cubes() > whole.cubes() {
+        block
+    } else {
+        whole
+    }
 }
 
 /// [`plan`] for cubes that each take `rows` of the `p.m` rows.
@@ -181,8 +191,9 @@ fn plan_block(
         row_groups <= threads,
         "linear: {rows} rows need more threads per cube than the device has"
     );
+    // Narrow lanes go with the wide cubes they were measured with.
     let lanes_cap = match tuning.lanes {
-        None if few_accumulators => WIDE_MAX_LANES,
+        None if few_accumulators && threads == WIDE_THREADS => WIDE_MAX_LANES,
         _ => MAX_LANES,
     };
     let lanes_max = n_vec
@@ -491,8 +502,8 @@ pub fn linear<R: CubeRuntime>(
                 Some(p) => array_arg(p.clone()),
                 None => unused_arg(&out),
             },
-            x_row_stride as u32,
-            x_col_stride as u32,
+            u32::try_from(x_row_stride).expect("linear: x stride exceeds 32 bits"),
+            u32::try_from(x_col_stride).expect("linear: x stride exceeds 32 bits"),
             w_row_vectors as u32,
             m as u32,
             k as u32,

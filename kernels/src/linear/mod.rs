@@ -17,11 +17,11 @@
 //!
 //! **Coalesced weight stream.** A cube owns a tile of `TX · V` output columns. Each thread
 //! reads `V` consecutive columns of a weight row with one vector load (`V = 16 bytes / element`,
-//! i.e. 8 for bf16/f16 and 4 for f32 on CUDA; 4 at most on wgpu), and the `TX` lanes (16 for a
-//! single row of `x`, up to 32 otherwise) read `TX · 16` contiguous bytes of that row. The
+//! i.e. 8 for bf16/f16 and 4 for f32 on CUDA; 4 at most on wgpu), and the `TX` lanes (16 in the
+//! 512-thread cubes of one or a few rows, up to 32 otherwise) read `TX · 16` contiguous bytes of that row. The
 //! weights go straight from global memory to registers: every thread issues `U` (8, or 4 with
-//! many rows) independent loads before it uses any of them. For one row the cubes have 512
-//! threads, two per SM: ~128 KiB of loads in flight per SM. That was measured, not derived: on
+//! many rows) independent loads before it uses any of them. For a row or a few (`RM · V <= 16`)
+//! the cubes have 512 threads, two per SM: ~128 KiB of loads in flight per SM. That was measured, not derived: on
 //! an H200 (`cargo run -p bench -- tune`) 256-thread cubes of 32 lanes streamed the Llama-3-8B
 //! decode shapes at 1.1–2.4 TB/s, 512-thread cubes of 16 lanes at 1.5–2.7 TB/s.
 //!
