@@ -185,9 +185,9 @@ fn main() -> Result<()> {
                 true,
             )
         }
+        BackendArg::Auto => unreachable!("resolved above"),
         #[cfg(not(feature = "cuda"))]
         _ => bail!("this build has no CUDA support (enable the `cuda` feature)"),
-        BackendArg::Auto => unreachable!("resolved above"),
     }
 }
 
