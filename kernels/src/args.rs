@@ -215,6 +215,9 @@ mod tests {
         check(&[2, 3, 4, 5], &[60, 5, 15, 1]); // axes 1 and 2 swapped
         check(&[2, 1, 3, 4, 6], &[200, 77, 50, 12, 2]); // a size-1 axis, strided columns
         check(&[2, 3, 4, 5], &[1, 2, 6, 24]); // fully transposed
+        check(&[3, 4, 5], &[0, 0, 1]); // broadcast rows
+        check(&[4, 3, 5], &[0, 5, 1]); // broadcast outer axis
+        check(&[2, 3, 4], &[12, 4, 0]); // broadcast column
     }
 
     #[test]
