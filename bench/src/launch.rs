@@ -11,12 +11,12 @@
 //!   tensor op does);
 //! - through Burn: an elementwise `x + 1` and our RMSNorm on one row (576 values).
 
-use std::time::Instant;
-
-use burn::tensor::Distribution;
+use burn::tensor::{Distribution, backend::Backend};
 use burn_cubecl::{CubeBackend, CubeRuntime};
 use cubecl::prelude::*;
 use serde::Serialize;
+
+use crate::timing::time_calls;
 
 #[cube(launch_unchecked)]
 fn add_one_array(x: &Array<f32>, out: &mut Array<f32>) {
@@ -46,40 +46,28 @@ pub struct LaunchCost {
 }
 
 /// Times `launch` (one kernel launch per call) in `samples` batches of `n`, each closed by a
-/// device sync.
-fn time_launches<R: Runtime>(
-    client: &ComputeClient<R>,
+/// device sync, after 100 untimed launches.
+fn time_launches<R: CubeRuntime>(
+    device: &R::Device,
     variant: &str,
     n: usize,
     samples: usize,
     mut launch: impl FnMut(),
 ) -> LaunchCost {
-    let sync = || cubecl::future::block_on(client.sync()).expect("device sync");
     for _ in 0..n.min(100) {
         launch();
     }
-    sync();
-    let (mut host, mut total): (Vec<f64>, Vec<f64>) = (0..samples.max(1))
-        .map(|_| {
-            let t = Instant::now();
-            for _ in 0..n {
-                launch();
-            }
-            let enqueued = t.elapsed().as_secs_f64();
-            sync();
-            let per = |s: f64| s * 1e6 / n as f64;
-            (per(enqueued), per(t.elapsed().as_secs_f64()))
-        })
-        .unzip();
-    host.sort_by(f64::total_cmp);
-    total.sort_by(f64::total_cmp);
+    B::<R>::sync(device).expect("device sync");
+    let t = time_calls::<B<R>>(device, n, samples, launch);
     LaunchCost {
         variant: variant.into(),
-        host_us: host[host.len() / 2],
-        total_us: total[total.len() / 2],
+        host_us: 1e3 * t.host_ms,
+        total_us: 1e3 * t.median_ms,
         launches_per_sample: n,
     }
 }
+
+type B<R> = CubeBackend<R, f32, i32, u8>;
 
 /// Runs every variant on `device` with `n` launches per sample, first on a fresh device, then
 /// again while buffers the size of Llama-3-8B's bf16 weights are held (each layer's nine
@@ -105,7 +93,7 @@ pub fn anatomy<R: CubeRuntime>(device: &R::Device, n: usize, samples: usize) -> 
             .map(|elems| client.empty(2 * elems))
             .collect()
     };
-    let sync = || cubecl::future::block_on(client.sync()).expect("device sync");
+    let sync = || B::<R>::sync(device).expect("device sync");
     // Persistent first: the dynamic pool keeps its pages after the second round lets go.
     let held = client
         .memory_persistent_allocation((), |_| weights())
@@ -146,8 +134,8 @@ fn variants<R: CubeRuntime>(
     let mut costs = Vec::new();
 
     // SAFETY (all launches below): the kernels index below `len`, the size of both buffers.
-    costs.push(time_launches(
-        &client,
+    costs.push(time_launches::<R>(
+        device,
         &format!("array{suffix}"),
         n,
         samples,
@@ -161,8 +149,8 @@ fn variants<R: CubeRuntime>(
             )
         },
     ));
-    costs.push(time_launches(
-        &client,
+    costs.push(time_launches::<R>(
+        device,
         &format!("tensor (shape/stride metadata){suffix}"),
         n,
         samples,
@@ -176,8 +164,8 @@ fn variants<R: CubeRuntime>(
             )
         },
     ));
-    costs.push(time_launches(
-        &client,
+    costs.push(time_launches::<R>(
+        device,
         &format!("array + fresh output{suffix}"),
         n,
         samples,
@@ -193,11 +181,10 @@ fn variants<R: CubeRuntime>(
         },
     ));
 
-    type B<R> = CubeBackend<R, f32, i32, u8>;
     let row = burn::tensor::Tensor::<B<R>, 2>::random([1, len], Distribution::Default, device);
     let gain = burn::tensor::Tensor::<B<R>, 1>::random([len], Distribution::Default, device);
-    costs.push(time_launches(
-        &client,
+    costs.push(time_launches::<R>(
+        device,
         &format!("burn: x + 1{suffix}"),
         n,
         samples,
@@ -205,8 +192,8 @@ fn variants<R: CubeRuntime>(
             let _ = row.clone() + 1.0;
         },
     ));
-    costs.push(time_launches(
-        &client,
+    costs.push(time_launches::<R>(
+        device,
         &format!("burn: our RMSNorm{suffix}"),
         n,
         samples,

@@ -41,6 +41,18 @@ pub fn time_device<B: Backend>(
     sync();
     let one = t.elapsed().as_secs_f64() * 1e3;
     let calls = ((min_sample_ms / one.max(1e-6)).ceil() as usize).clamp(1, 1000);
+    time_calls::<B>(device, calls, samples, f)
+}
+
+/// Times `f` without warm-up: `samples` samples of `calls` back-to-back calls, each closed by a
+/// sync on `device`.
+pub fn time_calls<B: Backend>(
+    device: &B::Device,
+    calls: usize,
+    samples: usize,
+    mut f: impl FnMut(),
+) -> Timing {
+    let calls = calls.max(1);
     let (mut per_call, mut host): (Vec<f64>, Vec<f64>) = (0..samples.max(1))
         .map(|_| {
             let t = Instant::now();
@@ -48,7 +60,7 @@ pub fn time_device<B: Backend>(
                 f();
             }
             let enqueued = t.elapsed().as_secs_f64();
-            sync();
+            B::sync(device).expect("device sync");
             let per = |s: f64| s * 1e3 / calls as f64;
             (per(t.elapsed().as_secs_f64()), per(enqueued))
         })

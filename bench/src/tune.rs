@@ -2,13 +2,12 @@
 //! projection shapes of Llama-3-8B (one row of `x`, bf16), to see how far the default plan is
 //! from the best one the kernel can run, and which knob matters.
 
-use std::time::Instant;
-
-use burn::tensor::{DType, Distribution, Tensor};
+use burn::tensor::{DType, Distribution, Tensor, backend::Backend};
 use burn_cubecl::{CubeBackend, CubeRuntime, tensor::CubeTensor};
-use cubecl::prelude::*;
 use kernels::linear::{LinearTuning, launch, plan_for};
 use serde::Serialize;
+
+use crate::timing::time_calls;
 
 #[derive(Debug, Clone, Serialize)]
 pub struct TuneRow {
@@ -31,34 +30,24 @@ fn bf16<R: CubeRuntime>(shape: [usize; 2], device: &R::Device) -> CubeTensor<R> 
         .tensor()
 }
 
-/// Median microseconds per product over `samples` batches of `calls`, rotating the weights.
+/// Median microseconds per product over 7 batches of `4 × ws.len()` products, rotating the
+/// weights, after one untimed pass over them.
 fn time_us<R: CubeRuntime>(
-    client: &ComputeClient<R>,
+    device: &R::Device,
     x: &CubeTensor<R>,
     ws: &[CubeTensor<R>],
     tuning: &LinearTuning,
 ) -> f64 {
-    let sync = || cubecl::future::block_on(client.sync()).expect("device sync");
-    let run = |i: usize| {
+    let mut i = 0;
+    let mut run = || {
         let _ = launch::linear(x.clone(), ws[i % ws.len()].clone(), None, tuning);
+        i += 1;
     };
-    for i in 0..ws.len() {
-        run(i);
+    for _ in 0..ws.len() {
+        run();
     }
-    sync();
-    let calls = 4 * ws.len();
-    let mut samples: Vec<f64> = (0..7)
-        .map(|_| {
-            let t = Instant::now();
-            for i in 0..calls {
-                run(i);
-            }
-            sync();
-            t.elapsed().as_secs_f64() * 1e6 / calls as f64
-        })
-        .collect();
-    samples.sort_by(f64::total_cmp);
-    samples[samples.len() / 2]
+    B::<R>::sync(device).expect("device sync");
+    1e3 * time_calls::<B<R>>(device, 4 * ws.len(), 7, run).median_ms
 }
 
 /// Times every combination of the knobs on each shape; the first row of each shape is the
@@ -97,7 +86,7 @@ pub fn sweep<R: CubeRuntime>(device: &R::Device) -> Vec<TuneRow> {
         let x = bf16::<R>([1, k], device);
         for tuning in &knobs {
             let plan = plan_for(&client, DType::BF16, 1, k, n, false, tuning);
-            let us = time_us(&client, &x, &ws, tuning);
+            let us = time_us::<R>(device, &x, &ws, tuning);
             let c = plan.config;
             rows.push(TuneRow {
                 shape: name.into(),
