@@ -71,8 +71,11 @@ impl RowLayout {
     /// The layout of a tensor of `shape` and `strides` (in elements), or `None` when its leading
     /// axes do not merge into three (the caller copies it first).
     pub fn of(shape: &[usize], strides: &[usize]) -> Option<Self> {
-        let (_, lead) = shape.split_last()?;
-        let col_stride = *strides.last()?;
+        // A scalar (rank 0) is one row of one column.
+        let (lead, col_stride) = match shape.split_last() {
+            Some((_, lead)) => (lead, *strides.last()?),
+            None => (shape, 1),
+        };
         // (size, stride) of the leading axes, outermost first; size-1 axes drop out, and an
         // axis merges into the one before when that one steps exactly over it.
         let mut axes: Vec<(usize, usize)> = Vec::with_capacity(3);
@@ -121,7 +124,7 @@ pub(crate) fn strided_arg<R: CubeRuntime>(t: CubeTensor<R>) -> (ArrayArg<R>, Str
         None => {
             let t = burn_cubecl::kernel::into_contiguous(t);
             let l = RowLayout::of(t.meta.shape(), t.meta.strides())
-                .unwrap_or_else(|| contiguous_rows(t.meta.shape()));
+                .expect("a contiguous tensor's leading axes merge into one");
             (t, l)
         }
     };
@@ -154,20 +157,6 @@ pub(crate) fn unused_strided_arg<R: CubeRuntime>(
         col_stride: 0,
     };
     (unused_arg(like), none.arg())
-}
-
-/// A contiguous tensor of `shape` as rows × columns.
-fn contiguous_rows(shape: &[usize]) -> RowLayout {
-    let cols = shape.last().copied().unwrap_or(1);
-    RowLayout {
-        dims: [
-            1,
-            1,
-            shape[..shape.len().saturating_sub(1)].iter().product(),
-        ],
-        strides: [0, 0, cols],
-        col_stride: 1,
-    }
 }
 
 #[cfg(test)]
@@ -218,6 +207,15 @@ mod tests {
         check(&[3, 4, 5], &[0, 0, 1]); // broadcast rows
         check(&[4, 3, 5], &[0, 5, 1]); // broadcast outer axis
         check(&[2, 3, 4], &[12, 4, 0]); // broadcast column
+        // A scalar: one row of one column.
+        assert_eq!(
+            RowLayout::of(&[], &[]),
+            Some(RowLayout {
+                dims: [1, 1, 1],
+                strides: [0, 0, 0],
+                col_stride: 1
+            })
+        );
     }
 
     #[test]
