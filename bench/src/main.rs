@@ -105,7 +105,8 @@ enum Command {
     /// Where the host time of one kernel launch goes (CUDA only; its second half holds ~15 GB
     /// of buffers, the size of Llama-3-8B's bf16 weights).
     Launch,
-    /// Sweep the skinny linear kernel's plan knobs on the 8B decode shapes (CUDA only).
+    /// Sweep the skinny linear kernels' plan knobs on the 8B projection shapes, for a 64-row
+    /// tree step and a one-row decode step (CUDA only; `TUNE_TREE_ONLY=1` skips the latter).
     Tune,
 }
 
@@ -155,7 +156,11 @@ fn main() -> Result<()> {
             let md = launch::markdown(&costs, &gpu);
             ("launch", md, serde_json::to_string_pretty(&costs)?)
         } else {
-            let rows = tune::sweep::<Cuda>(&device);
+            // A decode step's products (one row), then a 64-node tree step's.
+            let mut rows = tune::sweep_tree::<Cuda>(&device, 64);
+            if std::env::var("TUNE_TREE_ONLY").is_err() {
+                rows.extend(tune::sweep::<Cuda>(&device));
+            }
             let md = tune::markdown(&rows, &gpu);
             ("tune", md, serde_json::to_string_pretty(&rows)?)
         };

@@ -1,16 +1,19 @@
-//! A sweep over the skinny linear kernel's plan knobs ([`LinearTuning`]) on the decode-step
-//! projection shapes of Llama-3-8B (one row of `x`, bf16), to see how far the default plan is
-//! from the best one the kernel can run, and which knob matters.
+//! A sweep over the skinny linear kernels' plan knobs ([`LinearTuning`]) on the projection
+//! shapes of Llama-3-8B in bf16: one row of `x` (a decode step, the SIMT kernel) and 64 rows
+//! (a Medusa tree step, the tensor-core kernel, beside Burn's matmul), to see how far the
+//! default plan is from the best one the kernels can run, and which knob matters.
 
 use burn::tensor::{DType, Distribution, Tensor, backend::Backend};
 use burn_cubecl::{CubeBackend, CubeRuntime, tensor::CubeTensor};
-use kernels::linear::{LinearTuning, launch, plan_for};
+use kernels::linear::{LinearProblem, LinearTuning, cmma_usable, launch, plan_cmma, plan_for};
 use serde::Serialize;
 
 use crate::timing::time_calls;
 
 #[derive(Debug, Clone, Serialize)]
 pub struct TuneRow {
+    /// Rows of `x`.
+    pub m: usize,
     pub shape: String,
     pub k: usize,
     pub n: usize,
@@ -30,17 +33,33 @@ fn bf16<R: CubeRuntime>(shape: [usize; 2], device: &R::Device) -> CubeTensor<R> 
         .tensor()
 }
 
+/// Which implementation a timed product runs.
+#[derive(Debug, Clone, Copy)]
+enum Path {
+    /// The SIMT skinny kernel ([`launch::linear`]).
+    Simt(LinearTuning),
+    /// The tensor-core kernel ([`launch::linear_cmma`]).
+    Cmma(LinearTuning),
+    /// Burn's `linear` (its autotuned matmul).
+    Burn,
+}
+
 /// Median microseconds per product over 7 batches of `4 × ws.len()` products, rotating the
 /// weights, after one untimed pass over them.
 fn time_us<R: CubeRuntime>(
     device: &R::Device,
     x: &CubeTensor<R>,
     ws: &[CubeTensor<R>],
-    tuning: &LinearTuning,
+    path: Path,
 ) -> f64 {
     let mut i = 0;
     let mut run = || {
-        let _ = launch::linear(x.clone(), ws[i % ws.len()].clone(), None, tuning);
+        let w = ws[i % ws.len()].clone();
+        let _ = match path {
+            Path::Simt(tuning) => launch::linear(x.clone(), w, None, &tuning),
+            Path::Cmma(tuning) => launch::linear_cmma(x.clone(), w, None, &tuning),
+            Path::Burn => <B<R> as burn::tensor::ops::ModuleOps<B<R>>>::linear(x.clone(), w, None),
+        };
         i += 1;
     };
     for _ in 0..ws.len() {
@@ -50,17 +69,27 @@ fn time_us<R: CubeRuntime>(
     1e3 * time_calls::<B<R>>(device, 4 * ws.len(), 7, run).median_ms
 }
 
-/// Times every combination of the knobs on each shape; the first row of each shape is the
-/// default plan.
-pub fn sweep<R: CubeRuntime>(device: &R::Device) -> Vec<TuneRow> {
-    let client = R::client(device);
+/// The projection shapes of one Llama-3-8B layer: (name, k, n).
+fn shapes() -> [(&'static str, usize, usize); 4] {
     let (h, kv, ffn) = (4096usize, 1024usize, 14336usize);
-    let shapes = [
+    [
         ("q/k/v (fused)", h, h + 2 * kv),
         ("o", h, h),
         ("gate/up (fused)", h, 2 * ffn),
         ("down", ffn, h),
-    ];
+    ]
+}
+
+/// Enough copies of a `[k, n]` bf16 weight that no product finds its weights in L2 (50 MiB).
+fn weights<R: CubeRuntime>(k: usize, n: usize, device: &R::Device) -> Vec<CubeTensor<R>> {
+    let copies = ((256usize << 20) / (k * n * 2)).max(2);
+    (0..copies).map(|_| bf16::<R>([k, n], device)).collect()
+}
+
+/// Times every combination of the knobs on each shape, one row of `x` (SIMT kernel); the first
+/// row of each shape is the default plan.
+pub fn sweep<R: CubeRuntime>(device: &R::Device) -> Vec<TuneRow> {
+    let client = R::client(device);
     let mut knobs = vec![LinearTuning::default()];
     for cubes_per_sm in [2, 4, 8] {
         for unroll in [4, 8, 16] {
@@ -78,31 +107,19 @@ pub fn sweep<R: CubeRuntime>(device: &R::Device) -> Vec<TuneRow> {
         }
     }
     let mut rows = Vec::new();
-    for (name, k, n) in shapes {
-        let bytes = (k * n * 2) as f64;
-        // Copies enough that no product finds its weights in L2 (50 MiB).
-        let copies = ((256usize << 20) / (k * n * 2)).max(2);
-        let ws: Vec<_> = (0..copies).map(|_| bf16::<R>([k, n], device)).collect();
+    for (name, k, n) in shapes() {
+        let ws = weights::<R>(k, n, device);
         let x = bf16::<R>([1, k], device);
         for tuning in &knobs {
             let plan = plan_for(&client, DType::BF16, 1, k, n, false, tuning);
-            let us = time_us::<R>(device, &x, &ws, tuning);
+            let us = time_us::<R>(device, &x, &ws, Path::Simt(*tuning));
             let c = plan.config;
             rows.push(TuneRow {
+                m: 1,
                 shape: name.into(),
                 k,
                 n,
-                tuning: if *tuning == LinearTuning::default() {
-                    "default".into()
-                } else {
-                    format!(
-                        "cubes/SM {} U {} lanes {} threads {}",
-                        tuning.cubes_per_sm.unwrap_or(0),
-                        tuning.unroll.unwrap_or(0),
-                        tuning.lanes.unwrap_or(0),
-                        tuning.threads.unwrap_or(0)
-                    )
-                },
+                tuning: knob_label(tuning),
                 plan: format!(
                     "{}x{} cubes of {} (TX {} KG {} U {} BK {}), k_chunk {}",
                     plan.col_tiles,
@@ -115,31 +132,145 @@ pub fn sweep<R: CubeRuntime>(device: &R::Device) -> Vec<TuneRow> {
                     plan.k_chunk
                 ),
                 median_us: us,
-                gbps: bytes / (us * 1e-6) / 1e9,
+                gbps: (k * n * 2) as f64 / (us * 1e-6) / 1e9,
             });
         }
     }
     rows
 }
 
-/// Per shape: the default plan and the five fastest.
-pub fn markdown(rows: &[TuneRow], device: &str) -> String {
+fn knob_label(tuning: &LinearTuning) -> String {
+    if *tuning == LinearTuning::default() {
+        return "default".into();
+    }
     let mut s = format!(
-        "## Skinny linear plan sweep ({device}, bf16, 1 row)\n\n| shape | knobs | plan | µs | \
-         GB/s |\n|---|---|---|---:|---:|\n"
+        "cubes/SM {} U {} lanes {} threads {}",
+        tuning.cubes_per_sm.unwrap_or(0),
+        tuning.unroll.unwrap_or(0),
+        tuning.lanes.unwrap_or(0),
+        tuning.threads.unwrap_or(0)
     );
-    let mut shapes: Vec<&str> = rows.iter().map(|r| r.shape.as_str()).collect();
-    shapes.dedup();
-    for shape in shapes {
-        let mut of: Vec<&TuneRow> = rows.iter().filter(|r| r.shape == shape).collect();
-        let default = of[0];
-        of.sort_by(|a, b| a.median_us.total_cmp(&b.median_us));
-        for r in std::iter::once(default).chain(of.into_iter().take(5)) {
-            s += &format!(
-                "| {} | {} | {} | {:.1} | {:.0} |\n",
-                r.shape, r.tuning, r.plan, r.median_us, r.gbps
-            );
+    if let Some(stages) = tuning.stages {
+        s += &format!(" stages {stages}");
+    }
+    s
+}
+
+/// A Medusa tree step's products (`m` rows, bf16): Burn's matmul, the SIMT kernel's default
+/// plan, then the tensor-core kernel's default plan and its knob combinations. The first row of
+/// each shape is Burn's matmul, the baseline the tree step used before the tensor-core kernel.
+pub fn sweep_tree<R: CubeRuntime>(device: &R::Device, m: usize) -> Vec<TuneRow> {
+    let client = R::client(device);
+    let hw = &client.properties().hardware;
+    let sms = hw.num_streaming_multiprocessors.unwrap_or(16) as usize;
+    let shared = hw.max_shared_memory_size;
+    let mut knobs = vec![LinearTuning::default()];
+    for cubes_per_sm in [2, 4] {
+        for unroll in [2, 4] {
+            for threads in [128, 256] {
+                for stages in [1, 2, 4] {
+                    knobs.push(LinearTuning {
+                        cubes_per_sm: Some(cubes_per_sm),
+                        unroll: Some(unroll),
+                        threads: Some(threads),
+                        stages: Some(stages),
+                        ..Default::default()
+                    });
+                }
+            }
         }
+    }
+    let mut rows = Vec::new();
+    for (name, k, n) in shapes() {
+        let ws = weights::<R>(k, n, device);
+        let x = bf16::<R>([m, k], device);
+        let row = |tuning: String, plan: String, us: f64| TuneRow {
+            m,
+            shape: name.into(),
+            k,
+            n,
+            tuning,
+            plan,
+            median_us: us,
+            gbps: (k * n * 2) as f64 / (us * 1e-6) / 1e9,
+        };
+        rows.push(row(
+            "burn matmul".into(),
+            "autotuned".into(),
+            time_us::<R>(device, &x, &ws, Path::Burn),
+        ));
+        let simt = LinearTuning::default();
+        let plan = plan_for(&client, DType::BF16, m, k, n, false, &simt);
+        rows.push(row(
+            "simt default".into(),
+            format!(
+                "{}x{}x{} cubes",
+                plan.col_tiles, plan.splits, plan.row_blocks
+            ),
+            time_us::<R>(device, &x, &ws, Path::Simt(simt)),
+        ));
+        if !cmma_usable(&x, &ws[0], None) {
+            continue;
+        }
+        for tuning in &knobs {
+            let problem = LinearProblem {
+                m,
+                k,
+                n,
+                elem_size: 2,
+                vector_size: 8,
+                bias: false,
+            };
+            let Some(plan) = plan_cmma(&problem, sms, shared, tuning) else {
+                continue;
+            };
+            let c = plan.config;
+            rows.push(row(
+                format!("tensor cores, {}", knob_label(tuning)),
+                format!(
+                    "{}x{} cubes of {} planes (BK {}), k_chunk {}",
+                    plan.col_tiles, plan.splits, c.warps, c.block_k, plan.k_chunk
+                ),
+                time_us::<R>(device, &x, &ws, Path::Cmma(*tuning)),
+            ));
+        }
+    }
+    rows
+}
+
+/// Per shape (of each row count): the first two rows (the default plan, or Burn's matmul and
+/// the SIMT kernel), then the five fastest.
+pub fn markdown(rows: &[TuneRow], device: &str) -> String {
+    let mut s = String::new();
+    let mut ms: Vec<usize> = rows.iter().map(|r| r.m).collect();
+    ms.dedup();
+    for m in ms {
+        let of_m: Vec<&TuneRow> = rows.iter().filter(|r| r.m == m).collect();
+        let fixed = if m == 1 { 1 } else { 2 };
+        s += &format!(
+            "## Skinny linear plan sweep ({device}, bf16, {m} row{})\n\n| shape | knobs | plan \
+             | µs | GB/s |\n|---|---|---|---:|---:|\n",
+            if m == 1 { "" } else { "s" }
+        );
+        let mut shapes: Vec<&str> = of_m.iter().map(|r| r.shape.as_str()).collect();
+        shapes.dedup();
+        for shape in shapes {
+            let of: Vec<&TuneRow> = of_m.iter().copied().filter(|r| r.shape == shape).collect();
+            let mut rest: Vec<&TuneRow> = of.iter().copied().skip(fixed).collect();
+            rest.sort_by(|a, b| a.median_us.total_cmp(&b.median_us));
+            for r in of
+                .iter()
+                .copied()
+                .take(fixed)
+                .chain(rest.into_iter().take(5))
+            {
+                s += &format!(
+                    "| {} | {} | {} | {:.1} | {:.0} |\n",
+                    r.shape, r.tuning, r.plan, r.median_us, r.gbps
+                );
+            }
+        }
+        s += "\n";
     }
     s
 }

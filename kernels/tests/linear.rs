@@ -21,7 +21,7 @@ use burn_cubecl::CubeBackend;
 use cubecl::Runtime as _;
 use kernels::{
     LinearBackend,
-    linear::{LinearTuning, MAX_M, launch, plan_for},
+    linear::{LinearTuning, MAX_M, cmma_usable, launch, plan_for},
 };
 use rand::{SeedableRng, rngs::StdRng};
 
@@ -401,6 +401,171 @@ fn strided_operands() {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Tests: the tensor-core kernel (f16/bf16, 9..=64 rows; CUDA only).
+
+/// Runs the tensor-core launcher directly and checks it; returns false (after a note) where
+/// the device or the inputs do not take it.
+fn check_cmma(case: Case, dtype: DType, layout: Layout, tuning: LinearTuning) -> bool {
+    let device = Device::default();
+    let (round, tol) = rounding(dtype);
+    let inp = make_inputs(&case, round);
+    let expected = reference(&case, &inp);
+    let d = upload::<Cube>(&case, &inp, dtype, layout, &device);
+    let (x, w) = (d.x.into_primitive().tensor(), d.w.into_primitive().tensor());
+    let b = d.b.map(|b| b.into_primitive().tensor());
+    if !cmma_usable(&x, &w, b.as_ref()) {
+        println!(
+            "{case:?} {dtype:?} {layout:?}: no tensor-core kernel on {}",
+            runtime::NAME
+        );
+        return false;
+    }
+    let out = launch::linear_cmma::<Runtime>(x, w, b, &tuning);
+    let out = Tensor::<Cube, 2>::from_primitive(TensorPrimitive::Float(out));
+    assert_eq!(out.dims(), [case.m, case.n]);
+    assert_eq!(out.dtype(), dtype, "the output dtype must follow x");
+    let err = rel_l2(&read(out), &expected);
+    println!("{case:?} {dtype:?} {layout:?} {tuning:?}: rel_l2 {err:.2e}");
+    assert!(
+        err <= tol,
+        "rel L2 error {err:e} > {tol:e} for {case:?} {dtype:?} {layout:?} {tuning:?} (tensor cores)"
+    );
+    true
+}
+
+/// Rows 9..=64 (partial row fragments), the SmolLM2 and Llama-3-8B tree shapes, bias on and off,
+/// in both half dtypes.
+#[test]
+fn tensor_cores_grid() {
+    let cases = [
+        Case::new(64, 576, 960, true),
+        Case::new(64, 1536, 576, false),
+        Case::new(9, 576, 3072, false),
+        Case::new(17, 64, 48, true),
+        Case::new(33, 4096, 1024, true),
+        Case::new(64, 4096, 6144, false),
+        Case::new(50, 14336, 4096, false),
+        Case::new(16, 256, 16, true),
+    ];
+    for dtype in [DType::BF16, DType::F16] {
+        if !supports(dtype) {
+            continue;
+        }
+        for case in cases {
+            if !check_cmma(case, dtype, Layout::Contiguous, LinearTuning::default()) {
+                return;
+            }
+        }
+    }
+}
+
+/// Forced K splits (uneven last chunk), other plane counts and unrolls, a small shared-memory
+/// budget (shorter staged tiles), strided `x` and a column slice of a wider weight.
+#[test]
+fn tensor_cores_layouts() {
+    let dtype = DType::BF16;
+    if !supports(dtype) {
+        return;
+    }
+    let runs = [
+        (
+            Case::new(64, 1008, 256, true),
+            Layout::Contiguous,
+            LinearTuning {
+                splits: Some(3),
+                ..Default::default()
+            },
+        ),
+        (
+            Case::new(24, 4096, 512, true),
+            Layout::Contiguous,
+            LinearTuning {
+                splits: Some(64),
+                ..Default::default()
+            },
+        ),
+        (
+            Case::new(64, 576, 320, false),
+            Layout::Contiguous,
+            LinearTuning {
+                threads: Some(64),
+                unroll: Some(3),
+                ..Default::default()
+            },
+        ),
+        (
+            Case::new(40, 576, 192, true),
+            Layout::Contiguous,
+            LinearTuning {
+                unroll: Some(1),
+                shared_memory: Some(8 * 1024),
+                ..Default::default()
+            },
+        ),
+        (
+            Case::new(64, 320, 96, true),
+            Layout::XTransposed,
+            LinearTuning::default(),
+        ),
+        (
+            Case::new(20, 512, 96, true),
+            Layout::WColumnSlice {
+                offset: 32,
+                pad: 48,
+            },
+            LinearTuning::default(),
+        ),
+    ];
+    for (case, layout, tuning) in runs {
+        if !check_cmma(case, dtype, layout, tuning) {
+            return;
+        }
+    }
+}
+
+/// What the tensor-core kernel refuses: f32, a row count or shape it is not written for, and a
+/// weight slice that breaks the 32-byte alignment of its fragments.
+#[test]
+fn tensor_cores_refusals() {
+    let device = Device::default();
+    let usable = |case: Case, dtype: DType, layout: Layout| {
+        let inp = make_inputs(&case, rounding(dtype).0);
+        let d = upload::<Cube>(&case, &inp, dtype, layout, &device);
+        let b = d.b.map(|b| b.into_primitive().tensor());
+        cmma_usable(
+            &d.x.into_primitive().tensor(),
+            &d.w.into_primitive().tensor(),
+            b.as_ref(),
+        )
+    };
+    let half = if supports(DType::BF16) {
+        DType::BF16
+    } else {
+        DType::F16
+    };
+    assert!(!usable(
+        Case::new(64, 256, 256, false),
+        DType::F32,
+        Layout::Contiguous
+    ));
+    assert!(!usable(
+        Case::new(64, 256, 100, false),
+        half,
+        Layout::Contiguous
+    ));
+    assert!(!usable(
+        Case::new(64, 200, 256, false),
+        half,
+        Layout::Contiguous
+    ));
+    let some = usable(Case::new(64, 256, 256, true), half, Layout::Contiguous);
+    println!(
+        "tensor-core kernel on {} for {half:?}: {some}",
+        runtime::NAME
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
 // Tests: the public API on each kind of backend.
 
 /// `kernels::linear` with rank-3 and rank-1 inputs, through `B::linear_skinny` (or Burn's
@@ -413,6 +578,8 @@ fn check_public<B: LinearBackend>(device: &B::Device, dtype: DType) {
         (vec![2usize, 3], 300usize, 200usize, true),
         (vec![], 256, 48, true),
         (vec![1, 1], 4096, 512, false),
+        // A 64-node tree: the tensor-core kernel for f16/bf16 where the device has one.
+        (vec![4, 16], 576, 192, true),
         // More than MAX_M rows: Burn's linear.
         (vec![1, MAX_M + 1], 128, 72, true),
     ] {
@@ -458,8 +625,10 @@ fn check_public<B: LinearBackend>(device: &B::Device, dtype: DType) {
 #[test]
 fn public_api_cube() {
     check_public::<Cube>(&Device::default(), DType::F32);
-    if supports(DType::F16) {
-        check_public::<Cube>(&Device::default(), DType::F16);
+    for dtype in [DType::F16, DType::BF16] {
+        if supports(dtype) {
+            check_public::<Cube>(&Device::default(), dtype);
+        }
     }
 }
 

@@ -9,8 +9,10 @@ use burn_cubecl::{
 };
 use cubecl::prelude::*;
 
+use super::cmma::{FRAG, LinearCmmaConfig, PLANE, linear_cmma_kernel};
 use super::kernel::{LinearConfig, ReduceConfig, linear_kernel, split_reduce_kernel};
 use crate::args::{array_arg, unused_arg};
+use crate::cube::launch::{cmma_supported, tensor_cores_enabled};
 
 /// Most rows of `x` the kernel takes (a 64-node Medusa tree). [`crate::linear`] sends larger
 /// products to Burn's matmul.
@@ -44,6 +46,20 @@ const MAX_SPLITS: usize = 64;
 const MAX_VECTOR_BYTES: usize = 16;
 /// Fewest lanes the planner narrows a cube to when the grid is too small.
 const MIN_LANES: usize = 8;
+/// Defaults of the tensor-core kernel, measured on an H200 (`cargo run -p bench -- tune`, the
+/// Llama-3-8B projections with 64 rows of bf16): 4 planes per cube (64 columns), stages of
+/// 64 K rows (`LinearTuning::unroll` = 4 fragments), one stage in flight, K split towards 4
+/// cubes per SM: 70 / 55 / 226 / 119 µs for q/k/v, o, gate/up, down (Burn's matmul: 90 / 74 /
+/// 187 / 249). Of the 48 combinations swept (cubes per SM 2/4, stages of 32/64 rows, 4/8
+/// planes, 1/2/4 stages in flight), this one and the same with 32-row stages had the lowest
+/// sum; more stages in flight were not faster.
+const CMMA_WARPS: usize = 4;
+/// Fragments of 16 K rows per stage (`LinearTuning::unroll`).
+const CMMA_UNROLL: usize = 4;
+/// Stages in flight per cube (`LinearTuning::stages`).
+pub const CMMA_DEPTH: usize = 1;
+/// Cubes per multiprocessor the K split aims for.
+const CMMA_CUBES_PER_SM: usize = 4;
 
 /// Knobs for tests and benchmarks; the defaults (all `None`) are what
 /// [`crate::LinearBackend::linear_skinny`] uses.
@@ -68,6 +84,9 @@ pub struct LinearTuning {
     /// Force the rows of `x` into this many blocks of cubes (grid z; clamped to
     /// `1..=ceil(m / 8)`).
     pub row_blocks: Option<usize>,
+    /// Tensor-core kernel: stages of weights whose loads are in flight at once (default
+    /// [`CMMA_DEPTH`]).
+    pub stages: Option<usize>,
 }
 
 /// A skinny product `[m, k] x [k, n]` as the planner sees it.
@@ -277,15 +296,7 @@ fn plan_block(
     config.partial = splits > 1;
     config.bias = p.bias && splits == 1;
 
-    let reduce = (splits > 1).then(|| {
-        let split_lanes = splits.next_power_of_two().min(16).min(threads);
-        ReduceConfig {
-            lanes: (threads / split_lanes).max(1),
-            split_lanes,
-            loads: splits.div_ceil(split_lanes),
-            bias: p.bias,
-        }
-    });
+    let reduce = (splits > 1).then(|| reduce_config(splits, threads, p.bias));
     LinearPlan {
         config,
         col_tiles,
@@ -419,20 +430,7 @@ pub fn linear<R: CubeRuntime>(
     } else {
         into_contiguous(w)
     };
-    let bias = bias.map(|b| {
-        assert_eq!(
-            b.meta.shape().dims::<1>(),
-            [n],
-            "linear: bias must be [{n}]"
-        );
-        x.assert_is_on_same_device(&b);
-        let b = if b.dtype == dtype { b } else { cast(b, dtype) };
-        if b.meta.strides()[0] == 1 {
-            b
-        } else {
-            into_contiguous(b)
-        }
-    });
+    let bias = bias.map(|b| prepare_bias(&x, b, n));
 
     let client = x.client.clone();
     let device = x.device.clone();
@@ -515,24 +513,317 @@ pub fn linear<R: CubeRuntime>(
     }
 
     if let (Some(reduce), Some(partial)) = (plan.reduce, partial) {
-        let total = m * n_vec;
-        let cubes = total.div_ceil(reduce.lanes);
-        unsafe {
-            split_reduce_kernel::launch_unchecked::<R>(
-                &client,
-                CubeCount::Static(cubes as u32, 1, 1),
-                CubeDim::new_1d((reduce.lanes * reduce.split_lanes) as u32),
-                vector_size,
-                array_arg(partial),
-                bias_arg(),
-                array_arg(out.clone()),
-                plan.splits as u32,
-                total as u32,
-                n_vec as u32,
-                reduce,
-                dtype.into(),
-            );
-        }
+        launch_reduce(
+            &client,
+            reduce,
+            vector_size,
+            partial,
+            bias.as_ref(),
+            &out,
+            plan.splits,
+            m,
+            n,
+        );
+    }
+    out
+}
+
+/// The bias as the kernels read it: `[n]`, in `x`'s dtype, unit stride.
+fn prepare_bias<R: CubeRuntime>(x: &CubeTensor<R>, b: CubeTensor<R>, n: usize) -> CubeTensor<R> {
+    assert_eq!(
+        b.meta.shape().dims::<1>(),
+        [n],
+        "linear: bias must be [{n}]"
+    );
+    x.assert_is_on_same_device(&b);
+    let b = if b.dtype == x.dtype {
+        b
+    } else {
+        cast(b, x.dtype)
+    };
+    if b.meta.strides()[0] == 1 {
+        b
+    } else {
+        into_contiguous(b)
+    }
+}
+
+/// Sums the f32 partials `[splits, m, n]` of a K split into `out: [m, n]` (+ bias).
+#[allow(clippy::too_many_arguments)]
+fn launch_reduce<R: CubeRuntime>(
+    client: &ComputeClient<R>,
+    reduce: ReduceConfig,
+    vector_size: usize,
+    partial: CubeTensor<R>,
+    bias: Option<&CubeTensor<R>>,
+    out: &CubeTensor<R>,
+    splits: usize,
+    m: usize,
+    n: usize,
+) {
+    let n_vec = n / vector_size;
+    let total = m * n_vec;
+    let cubes = total.div_ceil(reduce.lanes);
+    unsafe {
+        split_reduce_kernel::launch_unchecked::<R>(
+            client,
+            CubeCount::Static(cubes as u32, 1, 1),
+            CubeDim::new_1d((reduce.lanes * reduce.split_lanes) as u32),
+            vector_size,
+            array_arg(partial),
+            match bias {
+                Some(b) => array_arg(b.clone()),
+                None => unused_arg(out),
+            },
+            array_arg(out.clone()),
+            splits as u32,
+            total as u32,
+            n_vec as u32,
+            reduce,
+            out.dtype.into(),
+        );
+    }
+}
+
+/// The reduction pass for `splits` partial sums, in cubes of about `threads` units.
+fn reduce_config(splits: usize, threads: usize, bias: bool) -> ReduceConfig {
+    let split_lanes = splits.next_power_of_two().min(16).min(threads);
+    ReduceConfig {
+        lanes: (threads / split_lanes).max(1),
+        split_lanes,
+        loads: splits.div_ceil(split_lanes),
+        bias,
+    }
+}
+
+/// What a tensor-core launch will do; returned by [`plan_cmma`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LinearCmmaPlan {
+    /// Comptime configuration of [`linear_cmma_kernel`].
+    pub config: LinearCmmaConfig,
+    /// Column tiles (grid x).
+    pub col_tiles: usize,
+    /// K splits (grid y); more than one adds the [`split_reduce_kernel`] pass.
+    pub splits: usize,
+    /// Weight rows per split (a multiple of 16).
+    pub k_chunk: usize,
+    /// Configuration of the reduction pass when `splits > 1`.
+    pub reduce: Option<ReduceConfig>,
+}
+
+impl LinearCmmaPlan {
+    /// Cubes of the main kernel.
+    pub fn cubes(&self) -> usize {
+        self.col_tiles * self.splits
+    }
+}
+
+/// Chooses the tensor-core launch for `p` (f16/bf16), or `None` when the shapes do not suit
+/// it (`n` or `k` not a multiple of 16, more than [`MAX_M`] rows, too little shared memory).
+///
+/// - planes of one column fragment each, 4 per cube (64 columns; `tuning.threads` overrides,
+///   32 units per plane);
+/// - stages of `16 · unroll` K rows (`unroll` 4 by default: 64 rows, 8 KiB of bf16 weights),
+///   halved until the cube fits `shared_limit`; `tuning.stages` of them in flight (default 1);
+/// - K split across cubes as in [`plan`]: towards `cubes_per_sm` (default 4) cubes per
+///   multiprocessor, with the f32 partials costing at most a quarter of the weight bytes and
+///   each split at least one stage.
+pub fn plan_cmma(
+    p: &LinearProblem,
+    multiprocessors: usize,
+    shared_limit: usize,
+    tuning: &LinearTuning,
+) -> Option<LinearCmmaPlan> {
+    if !(1..=MAX_M).contains(&p.m)
+        || p.k == 0
+        || p.n == 0
+        || !p.n.is_multiple_of(FRAG)
+        || !p.k.is_multiple_of(FRAG)
+    {
+        return None;
+    }
+    let warps = tuning
+        .threads
+        .map(|t| (t / PLANE).clamp(1, 16))
+        .unwrap_or(CMMA_WARPS);
+    let mut config = LinearCmmaConfig {
+        vector_size: 16 / p.elem_size,
+        warps,
+        col_frags: 1,
+        row_frags: p.m.div_ceil(FRAG),
+        block_k: (FRAG * tuning.unroll.unwrap_or(CMMA_UNROLL).max(1)).min(p.k),
+        depth: tuning.stages.unwrap_or(CMMA_DEPTH).clamp(1, 8),
+        bias: p.bias,
+        partial: false,
+    };
+    while config.shared_bytes(p.elem_size) + 384 > shared_limit && config.block_k > FRAG {
+        config.block_k = (config.block_k / 2).next_multiple_of(FRAG);
+    }
+    if config.shared_bytes(p.elem_size) + 384 > shared_limit {
+        return None;
+    }
+    let col_tiles = p.n.div_ceil(config.cols_per_cube());
+    let target = multiprocessors.max(1) * tuning.cubes_per_sm.unwrap_or(CMMA_CUBES_PER_SM);
+    let max_useful = p.k.div_ceil(config.block_k).max(1);
+    let partial_cap = (p.k * p.elem_size / (32 * p.m)).max(1);
+    let splits = match tuning.splits {
+        Some(s) => s.clamp(1, max_useful),
+        None if col_tiles >= target => 1,
+        None => target
+            .div_ceil(col_tiles)
+            .min(MAX_SPLITS)
+            .min(partial_cap)
+            .min(max_useful)
+            .max(1),
+    };
+    let k_chunk = p.k.div_ceil(splits).next_multiple_of(FRAG);
+    let splits = p.k.div_ceil(k_chunk);
+    config.block_k = config.block_k.min(k_chunk);
+    config.partial = splits > 1;
+    config.bias = p.bias && splits == 1;
+    Some(LinearCmmaPlan {
+        config,
+        col_tiles,
+        splits,
+        k_chunk,
+        reduce: (splits > 1).then(|| reduce_config(splits, TARGET_THREADS, p.bias)),
+    })
+}
+
+/// Whether a 2-D operand's rows suit the tensor-core kernel's 16-byte vectors and 32-byte
+/// aligned fragments: unit column stride, and a row stride and element offset that are
+/// multiples of 16 elements.
+fn cmma_rows_aligned<R: CubeRuntime>(t: &CubeTensor<R>) -> bool {
+    t.meta.strides()[1] == 1
+        && t.meta.strides()[0].is_multiple_of(FRAG)
+        && element_offset(t).is_multiple_of(FRAG)
+}
+
+/// Whether [`linear_cmma`] takes these inputs on this device: [`supported`] inputs in f16 or
+/// bf16, `n`, `k`, the weights' row stride and element offset multiples of 16 (any `x`: one
+/// whose rows do not suit is copied), a CUDA device
+/// with 16×16×16 tensor cores for the dtype ([`crate::cube::launch::cmma_supported`]) and
+/// tensor cores not switched off (`BURN_DECODE_CMMA=0`, see
+/// [`crate::cube::launch::tensor_cores_enabled`]).
+pub fn cmma_usable<R: CubeRuntime>(
+    x: &CubeTensor<R>,
+    w: &CubeTensor<R>,
+    bias: Option<&CubeTensor<R>>,
+) -> bool {
+    if !supported(x, w, bias) || !matches!(x.dtype, DType::F16 | DType::BF16) {
+        return false;
+    }
+    let [k, n] = w.meta.shape().dims::<2>();
+    n.is_multiple_of(FRAG)
+        && k.is_multiple_of(FRAG)
+        && cmma_rows_aligned(w)
+        && tensor_cores_enabled()
+        && cmma_supported(&x.client, x.dtype)
+}
+
+/// `x · w (+ bias)` on the tensor cores, for inputs [`cmma_usable`] accepts (the contract of
+/// [`linear`] otherwise).
+///
+/// # Panics
+/// On inputs [`cmma_usable`] rejects.
+pub fn linear_cmma<R: CubeRuntime>(
+    x: CubeTensor<R>,
+    w: CubeTensor<R>,
+    bias: Option<CubeTensor<R>>,
+    tuning: &LinearTuning,
+) -> CubeTensor<R> {
+    assert!(
+        cmma_usable(&x, &w, bias.as_ref()),
+        "linear_cmma: inputs the tensor-core kernel does not take (see cmma_usable)"
+    );
+    let dtype = x.dtype;
+    let [m, k] = x.meta.shape().dims::<2>();
+    let n = w.meta.shape()[1];
+    assert!(
+        (k as u64) * (w.meta.strides()[0] as u64) < u32::MAX as u64
+            && ((MAX_SPLITS * MAX_M * n) as u64) < u32::MAX as u64,
+        "linear: weight too large for 32-bit indexing"
+    );
+    let bias = bias.map(|b| prepare_bias(&x, b, n));
+    let x = if cmma_rows_aligned(&x) {
+        x
+    } else {
+        into_contiguous(x)
+    };
+    let client = x.client.clone();
+    let device = x.device.clone();
+    let out = empty_device_contiguous_dtype::<R>(
+        client.clone(),
+        device.clone(),
+        Shape::new([m, n]),
+        dtype,
+    );
+    let vector_size = vector_size_for(&w, bias.as_ref(), n, tuning);
+    let hw = &client.properties().hardware;
+    let multiprocessors = hw.num_streaming_multiprocessors.unwrap_or(16) as usize;
+    let shared_limit = tuning
+        .shared_memory
+        .unwrap_or(usize::MAX)
+        .min(hw.max_shared_memory_size);
+    let problem = LinearProblem {
+        m,
+        k,
+        n,
+        elem_size: dtype.size(),
+        vector_size,
+        bias: bias.is_some(),
+    };
+    let plan = plan_cmma(&problem, multiprocessors, shared_limit, tuning)
+        .expect("linear_cmma: no tensor-core plan fits this device");
+
+    let partial = (plan.splits > 1).then(|| {
+        empty_device_contiguous_dtype::<R>(
+            client.clone(),
+            device.clone(),
+            Shape::new([plan.splits * m * n]),
+            DType::F32,
+        )
+    });
+    let cfg = plan.config;
+    unsafe {
+        linear_cmma_kernel::launch_unchecked::<R>(
+            &client,
+            CubeCount::Static(plan.col_tiles as u32, plan.splits as u32, 1),
+            CubeDim::new_2d(PLANE as u32, cfg.warps as u32),
+            cfg.vector_size,
+            array_arg(x.clone()),
+            array_arg(w.clone()),
+            match &bias {
+                Some(b) if cfg.bias => array_arg(b.clone()),
+                _ => unused_arg(&out),
+            },
+            array_arg(out.clone()),
+            match &partial {
+                Some(p) => array_arg(p.clone()),
+                None => unused_arg(&out),
+            },
+            u32::try_from(x.meta.strides()[0]).expect("linear: x stride exceeds 32 bits"),
+            w.meta.strides()[0] as u32,
+            m as u32,
+            k as u32,
+            n as u32,
+            plan.k_chunk as u32,
+            cfg,
+            dtype.into(),
+        );
+    }
+    if let (Some(reduce), Some(partial)) = (plan.reduce, partial) {
+        launch_reduce(
+            &client,
+            reduce,
+            vector_size,
+            partial,
+            bias.as_ref(),
+            &out,
+            plan.splits,
+            m,
+            n,
+        );
     }
     out
 }
@@ -601,6 +892,74 @@ mod tests {
     }
 
     /// Every plan respects the kernel's layout invariants.
+    #[test]
+    fn cmma_plans() {
+        let h100 = 227 * 1024;
+        // Shapes the tensor cores do not take.
+        assert!(
+            plan_cmma(
+                &problem(64, 4096, 100, 2),
+                132,
+                h100,
+                &LinearTuning::default()
+            )
+            .is_none()
+        );
+        assert!(
+            plan_cmma(
+                &problem(64, 1000, 256, 2),
+                132,
+                h100,
+                &LinearTuning::default()
+            )
+            .is_none()
+        );
+        assert!(
+            plan_cmma(
+                &problem(65, 4096, 256, 2),
+                132,
+                h100,
+                &LinearTuning::default()
+            )
+            .is_none()
+        );
+        for (m, k, n) in [
+            (64, 4096, 6144),
+            (64, 4096, 4096),
+            (64, 4096, 28672),
+            (64, 14336, 4096),
+            (64, 576, 960),
+            (9, 1536, 576),
+            (16, 64, 16),
+        ] {
+            let p = problem(m, k, n, 2);
+            let plan = plan_cmma(&p, 132, h100, &LinearTuning::default()).unwrap();
+            let c = plan.config;
+            assert_eq!(c.rows_padded(), m.next_multiple_of(16));
+            assert!(c.rows_padded() - m < 16);
+            assert!(plan.col_tiles * c.cols_per_cube() >= n);
+            assert!((plan.col_tiles - 1) * c.cols_per_cube() < n);
+            assert!(plan.k_chunk.is_multiple_of(16) && c.block_k.is_multiple_of(16));
+            assert!(c.block_k <= plan.k_chunk);
+            assert!(plan.splits * plan.k_chunk >= k && (plan.splits - 1) * plan.k_chunk < k);
+            assert_eq!(c.partial, plan.splits > 1);
+            assert_eq!(plan.reduce.is_some(), plan.splits > 1);
+            // The f32 partials cost at most a quarter of the weight bytes.
+            assert!(plan.splits == 1 || plan.splits * m * 4 * 2 * 4 <= k * 2);
+            assert!(c.shared_bytes(2) <= h100);
+        }
+        // A small shared-memory budget shortens the stages.
+        let small = plan_cmma(
+            &problem(64, 4096, 4096, 2),
+            132,
+            12 * 1024,
+            &LinearTuning::default(),
+        )
+        .unwrap();
+        assert!(small.config.shared_bytes(2) + 384 <= 12 * 1024);
+        assert!(small.config.block_k < 64);
+    }
+
     #[test]
     fn plans_are_consistent() {
         for (sms, max_threads, shared) in [

@@ -4,8 +4,11 @@
 //! With `m` rows the product does `2·m` flops per weight element, so for `m` up to a few dozen
 //! it is bound by streaming `W` from memory once. The entry point is [`linear`] (same contract
 //! as `burn::tensor::module::linear`), which flattens the leading dimensions of `x` into `m`
-//! rows, runs [`LinearBackend::linear_skinny`] for `1 <= m <= linear_max_m(dtype)` (64 rows for
-//! f32, 8 for f16/bf16 by default: see [`HALF_MAX_M`]) and Burn's `linear` otherwise.
+//! rows and runs [`LinearBackend::linear_skinny`] for `1 <= m <= 64` ([`MAX_M`]), Burn's
+//! `linear` otherwise. On CubeCL backends the SIMT kernel ([`kernel::linear_kernel`]) takes
+//! `m <= linear_max_m(dtype)` (64 rows for f32, 8 for f16/bf16 by default: see
+//! [`HALF_MAX_M`]); more f16/bf16 rows go to the tensor-core kernel ([`cmma`], CUDA) where the
+//! device and shapes allow it, else to Burn's `linear`.
 //!
 //! Backends opt in through [`LinearBackend`]:
 //! - `CubeBackend<R, F, I, BT>` (any CubeCL runtime) runs the kernels of [`kernel`] for f32,
@@ -58,14 +61,19 @@
 //!
 //! **Accumulation** is f32 whatever the input dtype; the output is cast once.
 
+pub mod cmma;
 pub mod kernel;
 pub mod launch;
 
 #[cfg(feature = "fusion")]
 mod fusion;
 
+pub use cmma::LinearCmmaConfig;
 pub use kernel::{LinearConfig, ReduceConfig};
-pub use launch::{LinearPlan, LinearProblem, LinearTuning, MAX_M, plan, plan_for, supported};
+pub use launch::{
+    LinearCmmaPlan, LinearPlan, LinearProblem, LinearTuning, MAX_M, cmma_usable, plan, plan_cmma,
+    plan_for, supported,
+};
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -97,19 +105,23 @@ const UNSET: usize = usize::MAX;
 const BY_DTYPE: usize = usize::MAX - 1;
 static MAX_ROWS: AtomicUsize = AtomicUsize::new(UNSET);
 
-/// Default row limit of the skinny kernel for f16/bf16 inputs (f32 takes [`MAX_M`]).
+/// Default row limit of the SIMT skinny kernel for f16/bf16 inputs (f32 takes [`MAX_M`]).
 ///
 /// With many rows, half precision belongs on tensor cores: on an H200, a 64-row product with
-/// Llama-3-8B's fused gate/up matrix (4096 × 28672, bf16) took 2.05 ms in the skinny kernel and
+/// Llama-3-8B's fused gate/up matrix (4096 × 28672, bf16) took 2.05 ms in the SIMT kernel and
 /// 0.25 ms in Burn's matmul, and a Medusa tree step (64 rows) cost 5.4 decode steps with the
 /// kernel against 1.6 without; at one row the kernel streams 2–4× faster than Burn's matmul.
+/// Past this limit f16/bf16 products take the tensor-core kernel ([`cmma`]) on CUDA: 64-row
+/// Llama-3-8B projections in 55–226 µs against Burn's matmul's 74–249 (`launch::plan_cmma`).
 /// f32 keeps the kernel up to [`MAX_M`] rows: Burn's f32 matmul on CUDA runs in TF32, so a tree
 /// step through it does not reproduce the logits of a decode step (measured: greedy Medusa in
 /// f32 then diverged from plain decoding on 1 of 30 Spec-Bench prompts; with the kernel, 0).
 pub const HALF_MAX_M: usize = 8;
 
 /// Most rows (`m`, the product of the leading dimensions of `x`) for which [`linear`] takes the
-/// skinny kernel for inputs of `dtype`; larger products go to Burn's matmul. Defaults to
+/// SIMT skinny kernel for inputs of `dtype`; larger products go to the tensor-core kernel
+/// (f16/bf16 on CUDA, up to [`MAX_M`] rows) or Burn's matmul; 0 switches both kernels off.
+/// Defaults to
 /// [`MAX_M`] (64) for f32 and [`HALF_MAX_M`] (8) for f16/bf16. An explicit limit applies to
 /// every dtype: `BURN_DECODE_LINEAR_MAX_M=<n>` in the environment (clamped to `0..=64`, read
 /// once), `BURN_DECODE_LINEAR=reference` for 0 (never), or [`set_linear_max_m`].
@@ -154,8 +166,10 @@ pub fn set_linear_max_m(rows: usize) {
 /// - `bias`: `[out]`,
 /// - output: `[..., out]` in the dtype of `x`.
 ///
-/// The kernel runs when `1 <= m <= linear_max_m(dtype)` and [`crate::kernels_enabled`] is on;
-/// otherwise, and on backends without a kernel, this is Burn's `linear`.
+/// A kernel runs when [`crate::kernels_enabled`] is on and `1 <= m <= linear_max_m(dtype)`
+/// (the SIMT kernel) or, for f16/bf16 on a device with tensor cores, `m <= 64` (the
+/// tensor-core kernel; `BURN_DECODE_CMMA=0` switches it off); otherwise, and on backends
+/// without a kernel, this is Burn's `linear`.
 ///
 /// # Panics
 /// On inconsistent shapes.
@@ -175,7 +189,15 @@ pub fn linear<B: LinearBackend, const D: usize>(
     if let Some(b) = &bias {
         assert_eq!(b.dims(), [n], "linear: bias must be [{n}]");
     }
-    if m == 0 || k == 0 || n == 0 || m > linear_max_m(x.dtype()) || !crate::kernels_enabled() {
+    // Past `linear_max_m` rows the backend still decides: f16/bf16 trees go to the
+    // tensor-core kernel where the device has one.
+    let half = matches!(x.dtype(), DType::F16 | DType::BF16);
+    let rows_limit = match linear_max_m(x.dtype()) {
+        0 => 0,
+        limit if half => MAX_M.max(limit),
+        limit => limit,
+    };
+    if m == 0 || k == 0 || n == 0 || m > rows_limit || !crate::kernels_enabled() {
         return burn::tensor::module::linear(x, weight, bias);
     }
     let x2: Tensor<B, 2> = x.reshape([m, k]);
@@ -206,7 +228,14 @@ where
         if !crate::kernels_enabled() || !supported(&x, &weight, bias.as_ref()) {
             return <Self as ModuleOps<Self>>::linear(x, weight, bias);
         }
-        launch::linear(x, weight, bias, &LinearTuning::default())
+        let m = x.meta.shape()[0];
+        if m <= linear_max_m(x.dtype) {
+            launch::linear(x, weight, bias, &LinearTuning::default())
+        } else if cmma_usable(&x, &weight, bias.as_ref()) {
+            launch::linear_cmma(x, weight, bias, &LinearTuning::default())
+        } else {
+            <Self as ModuleOps<Self>>::linear(x, weight, bias)
+        }
     }
 }
 
