@@ -144,7 +144,8 @@ fn knob_label(tuning: &LinearTuning) -> String {
         return "default".into();
     }
     let mut s = format!(
-        "cubes/SM {} U {} lanes {} threads {}",
+        "splits {} cubes/SM {} U {} lanes {} threads {}",
+        tuning.splits.unwrap_or(0),
         tuning.cubes_per_sm.unwrap_or(0),
         tuning.unroll.unwrap_or(0),
         tuning.lanes.unwrap_or(0),
@@ -165,18 +166,17 @@ pub fn sweep_tree<R: CubeRuntime>(device: &R::Device, m: usize) -> Vec<TuneRow> 
     let sms = hw.num_streaming_multiprocessors.unwrap_or(16) as usize;
     let shared = hw.max_shared_memory_size;
     let mut knobs = vec![LinearTuning::default()];
-    for cubes_per_sm in [2, 4] {
+    // K splits past the planner's cap (the f32 partials at most a quarter of the weight bytes),
+    // which may pay while the partials stay in L2.
+    for splits in [2, 4, 8, 12, 16] {
         for unroll in [2, 4] {
             for threads in [128, 256] {
-                for stages in [1, 2, 4] {
-                    knobs.push(LinearTuning {
-                        cubes_per_sm: Some(cubes_per_sm),
-                        unroll: Some(unroll),
-                        threads: Some(threads),
-                        stages: Some(stages),
-                        ..Default::default()
-                    });
-                }
+                knobs.push(LinearTuning {
+                    splits: Some(splits),
+                    unroll: Some(unroll),
+                    threads: Some(threads),
+                    ..Default::default()
+                });
             }
         }
     }

@@ -496,9 +496,9 @@ fn tensor_cores_layouts() {
         (
             Case::new(40, 576, 192, true),
             Layout::Contiguous,
+            // Stages shrink from 64 to 16 K rows to fit.
             LinearTuning {
-                unroll: Some(1),
-                shared_memory: Some(8 * 1024),
+                shared_memory: Some(10 * 1024),
                 ..Default::default()
             },
         ),
