@@ -306,7 +306,7 @@ fn main() {
     let client = <Runtime as cubecl::Runtime>::client(&device);
     let hw = &client.properties().hardware;
     println!(
-        "{} device: SMs {:?}, shared {} B/cube, max vector {}, kernel for m <= {} (f32), {} (f16/bf16)",
+        "{} device: SMs {:?}, shared {} B/cube, max vector {}, SIMT kernel for m <= {} (f32), {} (f16/bf16)",
         runtime::NAME,
         hw.num_streaming_multiprocessors,
         hw.max_shared_memory_size,

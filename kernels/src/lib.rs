@@ -18,7 +18,8 @@
 //!   with Burn tensor ops. The kernels have no backward pass, so autodiff always takes the
 //!   reference path and gets exact gradients.
 //!
-//! Beside attention: [`linear`] (a skinny matrix product for decode steps and Medusa trees) and
+//! Beside attention: [`linear`] (a skinny matrix product for decode steps and Medusa trees, with
+//! a tensor-core variant for f16/bf16 trees on CUDA) and
 //! the fused decoder ops of [`fused`] (RMSNorm with the residual add, SwiGLU, RoPE, the KV-cache
 //! append), each one kernel launch, because a batch-1 decode step is dominated by launches.
 //!
