@@ -494,6 +494,27 @@ fn tensor_cores_layouts() {
             },
         ),
         (
+            // Four stages in flight over 9 stages of 64 rows (the last pass partly empty).
+            Case::new(48, 576, 128, true),
+            Layout::Contiguous,
+            LinearTuning {
+                stages: Some(4),
+                splits: Some(1),
+                ..Default::default()
+            },
+        ),
+        (
+            // Three in flight over 32 stages of 32 rows.
+            Case::new(64, 1024, 192, false),
+            Layout::Contiguous,
+            LinearTuning {
+                stages: Some(3),
+                unroll: Some(2),
+                splits: Some(1),
+                ..Default::default()
+            },
+        ),
+        (
             Case::new(40, 576, 192, true),
             Layout::Contiguous,
             // Stages shrink from 64 to 16 K rows to fit.
