@@ -40,10 +40,8 @@
 
 use cubecl::{cmma, prelude::*};
 
-/// Rows, columns and depth of a fragment.
-pub const FRAG: usize = 16;
-/// Units per plane the kernel is written for.
-pub const PLANE: usize = 32;
+// Fragment size (16×16×16) and plane width: those of the attention kernel's `cmma` path.
+pub(crate) use crate::cube::cmma::{FRAG, PLANE};
 /// Byte alignment of every shared array (wmma needs 32).
 const SHARED_ALIGN: usize = 128;
 

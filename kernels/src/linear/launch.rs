@@ -896,33 +896,12 @@ mod tests {
     fn cmma_plans() {
         let h100 = 227 * 1024;
         // Shapes the tensor cores do not take.
-        assert!(
-            plan_cmma(
-                &problem(64, 4096, 100, 2),
-                132,
-                h100,
-                &LinearTuning::default()
-            )
-            .is_none()
-        );
-        assert!(
-            plan_cmma(
-                &problem(64, 1000, 256, 2),
-                132,
-                h100,
-                &LinearTuning::default()
-            )
-            .is_none()
-        );
-        assert!(
-            plan_cmma(
-                &problem(65, 4096, 256, 2),
-                132,
-                h100,
-                &LinearTuning::default()
-            )
-            .is_none()
-        );
+        let refused = |m, k, n| {
+            plan_cmma(&problem(m, k, n, 2), 132, h100, &LinearTuning::default()).is_none()
+        };
+        assert!(refused(64, 4096, 100));
+        assert!(refused(64, 1000, 256));
+        assert!(refused(65, 4096, 256));
         for (m, k, n) in [
             (64, 4096, 6144),
             (64, 4096, 4096),
