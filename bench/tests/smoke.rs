@@ -46,6 +46,17 @@ fn bench_smoke_on_cpu() {
     let overall = &e2e["overall"];
     assert_eq!(overall["lossless"], true);
     assert_eq!(overall["prompts"], 6, "one prompt per Spec-Bench category");
+    // f32 on the CPU: exact, not only within the rounding tolerance.
+    assert_eq!(overall["identical_prompts"], 6);
+    for p in e2e["prompts"].as_array().unwrap() {
+        let score = &p["medusa_greedy"];
+        assert_eq!(
+            score["tokens"], p["medusa_tokens"],
+            "every token scored: {p}"
+        );
+        assert_eq!(score["beyond_tolerance"], 0, "{p}");
+        assert_eq!(p["ar_greedy"]["tokens"], p["ar_tokens"], "{p}");
+    }
     let tokens = overall["medusa_tokens"].as_u64().unwrap();
     assert_eq!(tokens, overall["ar_tokens"].as_u64().unwrap());
     let per_prompt: u64 = e2e["prompts"]
