@@ -104,6 +104,10 @@ struct Args {
     /// Weight of head k's loss is decay^(k-1).
     #[arg(long, default_value_t = 0.8)]
     loss_decay: f64,
+    /// Train each head against the base model's probabilities for its token (soft labels, as
+    /// the Medusa paper recommends for self-distillation) instead of the response token.
+    #[arg(long)]
+    soft_labels: bool,
     /// auto: CUDA when a GPU is present, else the CPU.
     #[arg(long, value_enum, default_value_t = BackendArg::Auto)]
     backend: BackendArg,
@@ -371,7 +375,8 @@ fn run<B: FlashAttentionBackend>(
         .iter()
         .map(|e| (e.response.len() + args.heads + 1) * model.config.hidden_size * 4)
         .sum();
-    let cache_hidden = !cuda && epochs > 1.0 && hidden_bytes <= 2 << 30;
+    // Soft labels read the hidden states of other positions than the cached ones.
+    let cache_hidden = !cuda && !args.soft_labels && epochs > 1.0 && hidden_bytes <= 2 << 30;
     let config = TrainConfig {
         num_heads: args.heads,
         num_layers: args.layers,
@@ -386,6 +391,7 @@ fn run<B: FlashAttentionBackend>(
         eval_batch_size: args.batch.max(8),
         cache_hidden,
         pad_multiple: if cuda { 64 } else { 0 },
+        soft_labels: args.soft_labels,
     };
     let control = RunControl {
         checkpoint_every: args.checkpoint_every,

@@ -1,9 +1,21 @@
 //! The Medusa-1 objective: head `k` (1-based) reads the hidden state at position `t` and predicts
 //! the token at `t + 1 + k` (the base LM head predicts `t + 1`); the loss is
 //! `Σ_k λ^(k−1) · CE_k` with `λ = 0.8`, counted only where the target is a response token.
+//!
+//! `CE_k` is against the response token itself (hard labels), or, with soft labels, the KL
+//! divergence from the base model's own distribution for that token: the softmax of the base LM
+//! head at position `t + k`, which is what predicts token `t + 1 + k`. The Medusa paper uses
+//! such a distillation loss for the backbone in Medusa-2 (section 2.3.2); here it is offered
+//! for the heads: they learn the whole ranking the model would make, not only its top choice,
+//! which is more signal per position than a one-hot target when the data are few.
 
-use burn::tensor::{DType, Int, Tensor, TensorData, activation::log_softmax, backend::Backend};
+use burn::tensor::{
+    DType, Int, Tensor, TensorData,
+    activation::{log_softmax, softmax},
+    backend::Backend,
+};
 use medusa::{MedusaHead, MedusaHeads};
+use model::llama::Proj;
 use model::{Llama, Result};
 
 use crate::data::Example;
@@ -137,6 +149,19 @@ impl HeadBatch {
         }
     }
 
+    /// Flat indices of the positions whose base-model distribution is the soft target of offset
+    /// index `j`: `t + offset - 1` for row `t` (same sequence, since the target exists there),
+    /// or the row itself where there is no target (masked out anyway).
+    pub fn teacher_rows(&self, j: usize) -> Vec<i64> {
+        let n = self.num_rows();
+        let shift = self.offsets[j] as i64 - 1;
+        self.rows
+            .iter()
+            .zip(&self.mask[j * n..(j + 1) * n])
+            .map(|(&r, &m)| if m > 0.0 { r + shift } else { r })
+            .collect()
+    }
+
     /// Targets of offset index `j` as a `[rows]` tensor.
     pub fn targets_tensor<B: Backend>(&self, j: usize, device: &B::Device) -> Tensor<B, 1, Int> {
         let n = self.num_rows();
@@ -152,9 +177,9 @@ impl HeadBatch {
     }
 }
 
-/// Final-norm hidden states of the selected positions, `[rows, hidden]` in f32, computed by the
-/// frozen backbone (no autodiff).
-pub fn backbone_rows<B: kernels::FlashAttentionBackend>(
+/// Final-norm hidden states of every position of the batch, `[batch * len, hidden]` (flat
+/// indices as in [`HeadBatch::rows`]), computed by the frozen backbone (no autodiff).
+pub fn backbone_hidden<B: kernels::FlashAttentionBackend>(
     model: &Llama<B>,
     batch: &HeadBatch,
 ) -> Result<Tensor<B, 2>> {
@@ -166,11 +191,41 @@ pub fn backbone_rows<B: kernels::FlashAttentionBackend>(
     let mut cache = model.new_cache(batch.batch, batch.len);
     let hidden = model.forward_hidden(tokens, &mut cache, None)?;
     let [b, n, h] = hidden.dims();
-    let rows = Tensor::<B, 1, Int>::from_data(
-        TensorData::new(batch.rows.clone(), [batch.num_rows()]),
-        device,
-    );
-    Ok(hidden.reshape([b * n, h]).select(0, rows).cast(DType::F32))
+    Ok(hidden.reshape([b * n, h]))
+}
+
+/// `hidden`'s rows at flat indices `rows`, in f32.
+pub fn select_rows<B: Backend>(hidden: Tensor<B, 2>, rows: &[i64]) -> Tensor<B, 2> {
+    let device = hidden.device();
+    let rows =
+        Tensor::<B, 1, Int>::from_data(TensorData::new(rows.to_vec(), [rows.len()]), &device);
+    hidden.select(0, rows).cast(DType::F32)
+}
+
+/// Final-norm hidden states of the selected positions, `[rows, hidden]` in f32, computed by the
+/// frozen backbone (no autodiff).
+pub fn backbone_rows<B: kernels::FlashAttentionBackend>(
+    model: &Llama<B>,
+    batch: &HeadBatch,
+) -> Result<Tensor<B, 2>> {
+    Ok(select_rows(backbone_hidden(model, batch)?, &batch.rows))
+}
+
+/// Soft targets of each Medusa head (offset indices `0..K` of a batch laid out with offsets
+/// `2..=K + 1`): the base model's next-token distribution `[rows, vocab]` at
+/// [`HeadBatch::teacher_rows`], from the backbone's hidden states of every position and the
+/// base LM head (f32).
+pub fn teacher_probs<B: kernels::LinearBackend>(
+    hidden: Tensor<B, 2>,
+    batch: &HeadBatch,
+    base: &Proj<B>,
+) -> Vec<Tensor<B, 2>> {
+    (0..batch.offsets.len())
+        .map(|j| {
+            let rows = select_rows(hidden.clone(), &batch.teacher_rows(j));
+            softmax(base.forward(rows), 1)
+        })
+        .collect()
 }
 
 /// Logits `[rows, vocab]` of one Medusa head.
@@ -200,13 +255,36 @@ pub fn masked_cross_entropy<B: Backend>(
     -(picked * mask).sum() / count.max(1) as f64
 }
 
+/// Mean KL divergence `Σ p (ln p − ln q)` from the distributions `probs` (`[rows, vocab]`,
+/// rows summing to 1) to `softmax(logits)`, over the positions where `mask` is 1 (`count` of
+/// them). It is the cross-entropy against `probs` less their entropy (a constant for the
+/// heads: same gradients), so it reads as 0 at a perfect match whatever the teacher's
+/// uncertainty, and equals [`masked_cross_entropy`] when each row of `probs` is one-hot.
+pub fn masked_soft_cross_entropy<B: Backend>(
+    logits: Tensor<B, 2>,
+    probs: Tensor<B, 2>,
+    mask: Tensor<B, 1>,
+    count: usize,
+) -> Tensor<B, 1> {
+    let [n, _] = logits.dims();
+    // 0 · ln 0 = 0: the clamp only keeps the log finite where p is 0.
+    let entropy_terms = probs.clone() * probs.clone().clamp_min(1e-30).log();
+    let per_row = (entropy_terms - log_softmax(logits, 1) * probs)
+        .sum_dim(1)
+        .reshape([n]);
+    (per_row * mask).sum() / count.max(1) as f64
+}
+
 /// The Medusa-1 loss of a batch laid out with offsets `2..=K + 1`: returns the weighted total
-/// (a scalar, to back-propagate) and each head's cross-entropy `[K]`.
+/// (a scalar, to back-propagate) and each head's cross-entropy `[K]` against the response
+/// tokens, or its KL divergence from `teachers` (one `[rows, vocab]` distribution per head, see
+/// [`teacher_probs`]) when given.
 pub fn medusa_loss<B: kernels::LinearBackend>(
     heads: &MedusaHeads<B>,
     hidden: Tensor<B, 2>,
     batch: &HeadBatch,
     decay: f64,
+    teachers: Option<Vec<Tensor<B, 2>>>,
 ) -> (Tensor<B, 1>, Tensor<B, 1>) {
     let device = hidden.device();
     let per_head: Vec<Tensor<B, 1>> = heads
@@ -215,12 +293,17 @@ pub fn medusa_loss<B: kernels::LinearBackend>(
         .enumerate()
         .map(|(k, head)| {
             debug_assert_eq!(batch.offsets[k], k + 2);
-            masked_cross_entropy(
-                head_logits(head, hidden.clone()),
-                batch.targets_tensor(k, &device),
-                batch.mask_tensor(k, &device),
-                batch.counts[k],
-            )
+            let logits = head_logits(head, hidden.clone());
+            let mask = batch.mask_tensor(k, &device);
+            match &teachers {
+                Some(t) => masked_soft_cross_entropy(logits, t[k].clone(), mask, batch.counts[k]),
+                None => masked_cross_entropy(
+                    logits,
+                    batch.targets_tensor(k, &device),
+                    mask,
+                    batch.counts[k],
+                ),
+            }
         })
         .collect();
     let total = per_head
@@ -314,6 +397,39 @@ mod tests {
         }
         assert_eq!(padded.counts, exact.counts);
         assert_eq!(exact.clone().padded(0), exact);
+    }
+
+    #[test]
+    fn teacher_rows_shift_by_offset_minus_one() {
+        let a = example(&[10, 11, 12], &[20, 21, 22, 23]);
+        let b = example(&[30], &[40, 41]);
+        let batch = HeadBatch::new(&[&a, &b], &[2, 3]);
+        // Offset 2: row t reads position t + 1 where a target exists, else stays.
+        assert_eq!(batch.teacher_rows(0), vec![0, 2, 3, 4, 5, 8]);
+        // Offset 3: t + 2; the last row of a has no target.
+        assert_eq!(batch.teacher_rows(1), vec![2, 3, 4, 5, 4, 7]);
+    }
+
+    #[test]
+    fn soft_cross_entropy_generalises_the_hard_one() {
+        let device = Default::default();
+        let logits = Tensor::<Flex, 2>::from_floats([[2.0, 1.0, 0.0], [0.5, 0.0, 3.0]], &device);
+        let targets = Tensor::<Flex, 1, Int>::from_ints([1, 2], &device);
+        let one_hot = Tensor::<Flex, 2>::from_floats([[0.0, 1.0, 0.0], [0.0, 0.0, 1.0]], &device);
+        let mask = Tensor::<Flex, 1>::from_floats([1.0, 1.0], &device);
+        let hard: f32 =
+            masked_cross_entropy(logits.clone(), targets, mask.clone(), 2).into_scalar();
+        let soft: f32 =
+            masked_soft_cross_entropy(logits.clone(), one_hot, mask.clone(), 2).into_scalar();
+        assert!((hard - soft).abs() < 1e-6, "{hard} vs {soft}");
+        // A spread target: Σ p (ln p - ln q) of the first row only.
+        let probs = Tensor::<Flex, 2>::from_floats([[0.5, 0.25, 0.25], [1.0, 0.0, 0.0]], &device);
+        let first = Tensor::<Flex, 1>::from_floats([1.0, 0.0], &device);
+        let got: f32 = masked_soft_cross_entropy(logits, probs, first, 1).into_scalar();
+        let lse = (2f64.exp() + 1f64.exp() + 1.0).ln();
+        let entropy = -(0.5 * 0.5f64.ln() + 0.5 * 0.25f64.ln());
+        let want = 0.5 * (lse - 2.0) + 0.25 * (lse - 1.0) + 0.25 * lse - entropy;
+        assert!((got as f64 - want).abs() < 1e-5, "{got} vs {want}");
     }
 
     #[test]

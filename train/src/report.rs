@@ -110,9 +110,16 @@ impl Report {
         let _ = writeln!(s, "# Medusa heads for {}\n", self.model);
         let _ = writeln!(
             s,
-            "Medusa-1 (frozen backbone, self-distillation). Device: {}, backbone dtype {}, heads \
-             f32. Heads written to `{}`.\n",
-            self.device, self.backbone_dtype, self.heads_dir
+            "Medusa-1 (frozen backbone, self-distillation; {}). Device: {}, backbone dtype {}, \
+             heads f32. Heads written to `{}`.\n",
+            if c.soft_labels {
+                "soft labels: each head fits the base model's distribution for its token"
+            } else {
+                "hard labels: each head fits the response token"
+            },
+            self.device,
+            self.backbone_dtype,
+            self.heads_dir
         );
         let _ = writeln!(s, "Command: `{}`\n", self.command);
         s += "## Time\n\n| phase | seconds |\n| --- | ---: |\n";
@@ -170,7 +177,15 @@ impl Report {
             );
         }
 
-        s += "## Loss\n\n| step | lr | loss | head CE |\n| ---: | ---: | ---: | --- |\n";
+        let per_head = if c.soft_labels {
+            "head KL from the base distribution"
+        } else {
+            "head CE"
+        };
+        let _ = writeln!(
+            s,
+            "## Loss\n\n| step | lr | loss | {per_head} |\n| ---: | ---: | ---: | --- |"
+        );
         let every = (self.history.len() / 20).max(1);
         for (i, log) in self.history.iter().enumerate() {
             if i % every == 0 || i + 1 == self.history.len() {

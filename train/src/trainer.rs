@@ -22,7 +22,8 @@ use crate::{
     checkpoint,
     data::Example,
     objective::{
-        HeadBatch, backbone_rows, head_logits, masked_cross_entropy, medusa_loss, target_ranks,
+        HeadBatch, backbone_hidden, backbone_rows, head_logits, masked_cross_entropy, medusa_loss,
+        select_rows, target_ranks, teacher_probs,
     },
 };
 
@@ -59,6 +60,11 @@ pub struct TrainConfig {
     /// bounds how many distinct shapes get compiled and autotuned.
     #[serde(default)]
     pub pad_multiple: usize,
+    /// Train each head against the base model's distribution for its token (soft labels,
+    /// see [`crate::objective`]) instead of the response token. Needs `cache_hidden` off: the
+    /// targets come from the backbone's hidden states of other positions.
+    #[serde(default)]
+    pub soft_labels: bool,
 }
 
 impl Default for TrainConfig {
@@ -77,6 +83,7 @@ impl Default for TrainConfig {
             eval_batch_size: 8,
             cache_hidden: false,
             pad_multiple: 0,
+            soft_labels: false,
         }
     }
 }
@@ -262,6 +269,11 @@ pub fn train<B: FlashAttentionBackend>(
     if train.is_empty() {
         bail!("no training example has a response to learn from");
     }
+    if config.soft_labels && config.cache_hidden {
+        bail!(
+            "soft labels need the backbone's hidden states of every position: turn cache_hidden off"
+        );
+    }
     let device = model.device();
     let base = base_head_f32(model);
     let medusa_config = MedusaConfig {
@@ -335,7 +347,7 @@ pub fn train<B: FlashAttentionBackend>(
                 .collect();
             let examples: Vec<&Example> = indices.iter().map(|&i| train[i]).collect();
             let batch = HeadBatch::new(&examples, &offsets).padded(config.pad_multiple);
-            let hidden = if config.cache_hidden {
+            let (hidden, teachers) = if config.cache_hidden {
                 let mut parts = Vec::with_capacity(indices.len());
                 for &i in &indices {
                     if cached[i].is_none() {
@@ -344,12 +356,18 @@ pub fn train<B: FlashAttentionBackend>(
                     }
                     parts.push(cached[i].clone().expect("computed above"));
                 }
-                Tensor::cat(parts, 0)
+                (Tensor::cat(parts, 0), None)
             } else {
-                backbone_rows(model, &batch)?
+                let all = backbone_hidden(model, &batch)?;
+                let teachers = config
+                    .soft_labels
+                    .then(|| teacher_probs(all.clone(), &batch, &base));
+                (select_rows(all, &batch.rows), teachers)
             };
             let hidden = Tensor::<Autodiff<B>, 2>::from_inner(hidden);
-            let (loss, per_head) = medusa_loss(&heads, hidden, &batch, config.loss_decay);
+            let teachers =
+                teachers.map(|t| t.into_iter().map(Tensor::from_inner).collect::<Vec<_>>());
+            let (loss, per_head) = medusa_loss(&heads, hidden, &batch, config.loss_decay, teachers);
             let per_head: Vec<f32> = per_head
                 .inner()
                 .into_data()
@@ -381,12 +399,13 @@ pub fn train<B: FlashAttentionBackend>(
             let seconds = started.elapsed().as_secs_f64();
             bar.suspend(|| {
                 println!(
-                    "step {:>5}/{}  lr {:.2e}  loss {:.4}  head CE [{}]  {seconds:.2} s  \
+                    "step {:>5}/{}  lr {:.2e}  loss {:.4}  head {} [{}]  {seconds:.2} s  \
                      ({:.0} s in training)",
                     log.step,
                     config.steps,
                     lr,
                     log.loss,
+                    if config.soft_labels { "KL" } else { "CE" },
                     heads_ce.join(", "),
                     state.train_seconds
                 )

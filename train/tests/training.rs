@@ -16,13 +16,15 @@ use medusa::{
     checkpoint::{self as heads_checkpoint, HeadsMetadata},
     tree,
 };
-use model::{GenerationConfig, Llama, LlamaConfig, LoadOptions, generate, llama::Proj};
+use model::{
+    GenerationConfig, Llama, LlamaConfig, LoadOptions, generate, generate::last_logits, llama::Proj,
+};
 use rand::{Rng, SeedableRng, rngs::StdRng};
 use train::{
     DistillConfig, Example, Outcome, RunControl, TrainConfig, TrainState, checkpoint,
     data::ExampleCache,
     distill::generate_batch,
-    objective::{HeadBatch, backbone_rows, medusa_loss},
+    objective::{HeadBatch, backbone_hidden, backbone_rows, medusa_loss, teacher_probs},
 };
 
 type Cpu = Flex;
@@ -104,6 +106,7 @@ fn config(steps: usize) -> TrainConfig {
         eval_batch_size: 8,
         cache_hidden: false,
         pad_multiple: 0,
+        soft_labels: false,
     }
 }
 
@@ -445,7 +448,7 @@ fn checkpoint_round_trip() {
     let batch = HeadBatch::new(&refs, &[2, 3, 4]);
     for _ in 0..2 {
         let hidden = Tensor::<Ad, 2>::from_inner(backbone_rows(&model, &batch).unwrap());
-        let (loss, _) = medusa_loss(&heads, hidden, &batch, 0.8);
+        let (loss, _) = medusa_loss(&heads, hidden, &batch, 0.8, None);
         let grads = GradientsParams::from_grads(loss.backward(), &heads);
         heads = optim.step(1e-2, heads, grads);
     }
@@ -460,7 +463,7 @@ fn checkpoint_round_trip() {
     // The optimizer state came back too: one more identical step gives identical weights.
     for (h, o) in [(&mut heads, &mut optim), (&mut loaded, &mut loaded_optim)] {
         let hidden = Tensor::<Ad, 2>::from_inner(backbone_rows(&model, &batch).unwrap());
-        let (loss, _) = medusa_loss(h, hidden, &batch, 0.8);
+        let (loss, _) = medusa_loss(h, hidden, &batch, 0.8, None);
         let grads = GradientsParams::from_grads(loss.backward(), &*h);
         *h = o.step(1e-2, h.clone(), grads);
     }
@@ -477,5 +480,86 @@ fn checkpoint_round_trip() {
     .err()
     .unwrap();
     assert!(err.to_string().contains("truncated"), "{err}");
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+/// Soft labels: head k's target at position t is the base model's own distribution for token
+/// t + 1 + k, checked against a plain forward over the tokens before it (softmax in f64); with
+/// greedy data its top token is the response token. A run on soft labels fits the heads.
+#[test]
+fn soft_labels_are_the_base_distribution_and_train() {
+    let model = tiny_model();
+    let dir = temp_dir("soft");
+    let all = examples(&model, 24, &dir);
+    let refs: Vec<&Example> = all[..3].iter().collect();
+    let batch = HeadBatch::new(&refs, &[2, 3]);
+    let base = Proj::<Cpu> {
+        weight: Param::from_tensor(model.module.lm_head.weight.val()),
+        bias: None,
+    };
+    let teachers = teacher_probs(backbone_hidden(&model, &batch).unwrap(), &batch, &base);
+    let n = batch.num_rows();
+    let mut checked = 0;
+    for (j, probs) in teachers.into_iter().enumerate() {
+        let probs: Vec<f32> = probs.into_data().convert::<f32>().to_vec().unwrap();
+        let vocab = probs.len() / n;
+        for i in 0..n {
+            if batch.mask[j * n + i] == 0.0 {
+                continue;
+            }
+            let flat = batch.rows[i] as usize;
+            let (r, t) = (flat / batch.len, flat % batch.len);
+            let seq: Vec<u32> = refs[r].tokens().collect();
+            let target = t + batch.offsets[j];
+            let logits: Vec<f64> = last_logits(model.forward_full(&seq[..target]).unwrap())
+                .into_data()
+                .convert::<f64>()
+                .to_vec()
+                .unwrap();
+            let max = logits.iter().cloned().fold(f64::MIN, f64::max);
+            let sum: f64 = logits.iter().map(|l| (l - max).exp()).sum();
+            let row = &probs[i * vocab..(i + 1) * vocab];
+            for (p, l) in row.iter().zip(&logits) {
+                let want = (l - max).exp() / sum;
+                assert!(
+                    (*p as f64 - want).abs() < 1e-5,
+                    "row {i} offset {j}: {p} vs {want}"
+                );
+            }
+            let top = (0..vocab)
+                .max_by(|&a, &b| row[a].total_cmp(&row[b]))
+                .unwrap();
+            assert_eq!(
+                top as u32, seq[target],
+                "greedy data: the top token is the target"
+            );
+            checked += 1;
+        }
+    }
+    assert_eq!(checked, batch.counts.iter().sum::<usize>());
+
+    let (eval, train_set) = all.split_at(8);
+    let config = TrainConfig {
+        lr: 1e-2,
+        soft_labels: true,
+        ..config(40)
+    };
+    let control = RunControl::default();
+    let (_, state) =
+        finished(train::train(&model, train_set, eval, &config, &control, &dir, "soft").unwrap());
+    let losses: Vec<f64> = state.history.iter().map(|l| l.loss).collect();
+    let first: f64 = losses[..5].iter().sum::<f64>() / 5.0;
+    let last: f64 = losses[losses.len() - 5..].iter().sum::<f64>() / 5.0;
+    eprintln!("soft-label loss {first:.3} -> {last:.3}");
+    assert!(last < 0.8 * first, "loss {first} -> {last}: {losses:?}");
+    // A soft-label run with the hidden-state cache is refused, not silently hard-labelled.
+    let cached = TrainConfig {
+        cache_hidden: true,
+        ..config
+    };
+    let err = train::train(&model, train_set, eval, &cached, &control, &dir, "soft2")
+        .err()
+        .unwrap();
+    assert!(err.to_string().contains("soft labels"), "{err}");
     std::fs::remove_dir_all(dir).unwrap();
 }
