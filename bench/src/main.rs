@@ -416,7 +416,6 @@ fn run_e2e<B: FlashAttentionBackend>(
         max_new_tokens,
         prompt_max_tokens: args.prompt_max_tokens,
         trials,
-        dtype,
         tie_ulps: args.tie_ulps,
     };
     let model_name = source.display_name();

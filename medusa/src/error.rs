@@ -12,6 +12,8 @@ pub enum MedusaError {
     },
     #[error(transparent)]
     Model(#[from] model::Error),
+    #[error("greedy check: {0}")]
+    Check(String),
     #[error("{path}: {source}")]
     Io {
         path: std::path::PathBuf,

@@ -8,13 +8,15 @@
 //! model agrees with (greedy, lossless) or finds typical (sampling) → the accepted path's KV
 //! entries are committed and decoding continues from the accepted node.
 //!
-//! Heads are stored in the published Medusa v1 layout ([`checkpoint`]).
+//! Heads are stored in the published Medusa v1 layout ([`checkpoint`]); [`lossless`] checks that
+//! greedy outputs are the base model's greedy choices, within the dtype's rounding.
 
 pub mod accept;
 pub mod checkpoint;
 pub mod decode;
 pub mod error;
 pub mod heads;
+pub mod lossless;
 pub mod tree;
 
 pub use decode::{AcceptMode, DecodeConfig, MedusaDecoder, MedusaOutput};

@@ -1,10 +1,14 @@
-//! Greedy Medusa on the real SmolLM2 gives exactly the greedy autoregressive output, and typical
-//! acceptance behaves as specified.
+//! Greedy Medusa on the real SmolLM2 gives exactly the greedy autoregressive output in f32 and
+//! the model's greedy choices within rounding in bf16, and typical acceptance behaves as
+//! specified.
 
 use burn::tensor::DType;
-use medusa::{AcceptMode, DecodeConfig, MedusaConfig, MedusaDecoder, MedusaHeads, MedusaTree};
-use model::{GenerationConfig, Message, generate, generate::last_logits};
-use tests::{default_model, specbench_prompts};
+use medusa::{
+    AcceptMode, DecodeConfig, MedusaConfig, MedusaDecoder, MedusaHeads, MedusaTree,
+    lossless::greedy_score,
+};
+use model::{GenerationConfig, Llama, LoadOptions, Message, generate, generate::last_logits};
+use tests::{Cpu, default_model, default_model_dir, specbench_prompts};
 
 const NEW_TOKENS: usize = 24;
 
@@ -82,6 +86,68 @@ fn greedy_medusa_equals_greedy_autoregressive() {
         tokens >= steps && tokens <= steps * 5,
         "{tokens} tokens in {steps} steps"
     );
+}
+
+/// bf16: a tree step and a decode step round differently, so greedy Medusa may leave the plain
+/// greedy text at a near-tie (seen on this CPU backend and on the H200: first differences at
+/// logit gaps of one or two bf16 ulps). Every token it emits must still be the model's greedy
+/// choice within 4 ulps, scored teacher-forced; plain greedy decoding is scored the same way.
+#[test]
+fn greedy_medusa_in_bf16_is_greedy_within_rounding() {
+    let dir = default_model_dir();
+    let options = LoadOptions::default().with_dtype(DType::BF16);
+    let model = Llama::<Cpu>::load(&dir, &options, &Default::default()).unwrap();
+    let tokenizer = model::Tokenizer::from_dir(&dir).unwrap();
+    let heads = untrained_heads(&model);
+    let decoder = MedusaDecoder::new(
+        &model,
+        &heads,
+        MedusaTree::named_or_json("mc_sim_7b_63", 4).unwrap(),
+    )
+    .unwrap();
+    let stop = tokenizer.stop_tokens();
+    let all = specbench_prompts();
+    // Spec-Bench #81, #82 (writing) and #321 (qa).
+    let writing = all.iter().filter(|(c, _)| c == "writing").take(2);
+    let qa = all.iter().filter(|(c, _)| c == "qa").take(1);
+    let mut identical = 0;
+    for (_, prompt) in writing.chain(qa) {
+        let ids = tokenizer.encode_chat(&[Message::user(prompt)]).unwrap();
+        let ar = generate(
+            &model,
+            &ids,
+            &GenerationConfig {
+                max_new_tokens: NEW_TOKENS,
+                stop_tokens: stop.clone(),
+                ..Default::default()
+            },
+            |_| {},
+        )
+        .unwrap();
+        let config = DecodeConfig {
+            max_new_tokens: NEW_TOKENS,
+            stop_tokens: stop.clone(),
+            mode: AcceptMode::Greedy,
+        };
+        let md = decoder.generate(&ids, &config, |_| {}).unwrap();
+        let md_score = greedy_score(&model, &ids, &md.tokens, 4.0).unwrap();
+        let ar_score = greedy_score(&model, &ids, &ar.tokens, 4.0).unwrap();
+        eprintln!(
+            "identical {}; Medusa {md_score:?}; autoregressive {ar_score:?}",
+            md.tokens == ar.tokens
+        );
+        identical += usize::from(md.tokens == ar.tokens);
+        assert_eq!(md_score.tokens, md.tokens.len());
+        assert_eq!(
+            md_score.beyond_tolerance, 0,
+            "prompt {prompt:?}: {md_score:?}"
+        );
+        assert_eq!(
+            ar_score.beyond_tolerance, 0,
+            "prompt {prompt:?}: {ar_score:?}"
+        );
+    }
+    eprintln!("{identical} of 3 token-identical");
 }
 
 #[test]

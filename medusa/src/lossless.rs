@@ -1,0 +1,157 @@
+//! Checking that greedy Medusa is lossless: every emitted token must be the base model's greedy
+//! choice at its position.
+//!
+//! In exact arithmetic greedy Medusa reproduces greedy decoding token for token, and in f32 it
+//! does in practice. In bf16 it cannot: a tree step multiplies 64 rows where a decode step
+//! multiplies one, the two round differently, and where the top two logits are within a unit in
+//! the last place or two, the paths can pick different tokens, after which the texts differ. So
+//! outputs are scored teacher-forced: one forward over the prompt and the whole output gives, at
+//! each position, the top logit and the logit of the token emitted there. A token passes when
+//! its logit is within `tie_ulps` units in the last place (of the model's dtype) of the top one.
+//! A bug in acceptance, the tree mask or the KV-cache compaction emits tokens far below the top
+//! logit and fails; rounding does not. Scoring plain greedy decoding the same way shows how far
+//! the teacher-forced forward and the decode path are apart on their own.
+
+use burn::tensor::{DType, Int, Tensor, TensorData, backend::Backend};
+use kernels::FlashAttentionBackend;
+use model::Llama;
+use serde::Serialize;
+
+use crate::{MedusaError, Result};
+
+/// How far a token sequence is from greedy under one teacher-forced forward.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct GreedyScore {
+    pub tokens: usize,
+    /// Tokens whose logit is below the top logit of their position.
+    pub below_top: usize,
+    /// Tokens more than the tolerance below the top logit.
+    pub beyond_tolerance: usize,
+    /// Largest top-logit minus token-logit.
+    pub max_gap: f32,
+    /// That gap in units in the last place of the top logit, in the model's dtype (the largest
+    /// over the tokens).
+    pub max_gap_ulps: f32,
+}
+
+/// Mantissa bits of a float dtype (what one unit in the last place is relative to).
+pub fn mantissa_bits(dtype: DType) -> i32 {
+    match dtype {
+        DType::BF16 => 7,
+        DType::F16 => 10,
+        DType::F64 => 52,
+        _ => 23,
+    }
+}
+
+/// One unit in the last place of `x` in a float format with `mantissa` bits.
+pub fn ulp(x: f32, mantissa: i32) -> f32 {
+    let x = x.abs().max(f32::MIN_POSITIVE);
+    2f32.powi(x.log2().floor() as i32 - mantissa)
+}
+
+/// Scores `tokens` (generated after `prompt`) teacher-forced, with a tolerance of `tie_ulps`
+/// units in the last place of each position's top logit. Reductions run on the device; two
+/// floats per token come back.
+pub fn greedy_score<B: FlashAttentionBackend>(
+    model: &Llama<B>,
+    prompt: &[u32],
+    tokens: &[u32],
+    tie_ulps: f32,
+) -> Result<GreedyScore> {
+    let n = tokens.len();
+    if n == 0 {
+        return Ok(GreedyScore::default());
+    }
+    if prompt.is_empty() {
+        return Err(MedusaError::Check("empty prompt".into()));
+    }
+    let sequence: Vec<u32> = prompt.iter().chain(&tokens[..n - 1]).copied().collect();
+    let logits = model.forward_full(&sequence)?;
+    let [_, len, vocab] = logits.dims();
+    // Row i predicts tokens[i]: the rows from the prompt's last position on.
+    let rows = logits
+        .slice([0..1, prompt.len() - 1..len, 0..vocab])
+        .reshape([n, vocab]);
+    let ids: Vec<i64> = tokens.iter().map(|&t| i64::from(t)).collect();
+    let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [n, 1]), &rows.device());
+    let chosen = host_f32(rows.clone().gather(1, ids))?;
+    let top = host_f32(rows.max_dim(1))?;
+    let mantissa = mantissa_bits(model.dtype());
+    let mut score = GreedyScore {
+        tokens: n,
+        ..Default::default()
+    };
+    for (&c, &t) in chosen.iter().zip(&top) {
+        let gap = t - c;
+        let unit = ulp(t, mantissa);
+        score.below_top += usize::from(gap > 0.0);
+        score.beyond_tolerance += usize::from(gap > tie_ulps * unit);
+        score.max_gap = score.max_gap.max(gap);
+        score.max_gap_ulps = score.max_gap_ulps.max(gap / unit);
+    }
+    Ok(score)
+}
+
+fn host_f32<B: Backend, const D: usize>(t: Tensor<B, D>) -> Result<Vec<f32>> {
+    t.cast(DType::F32)
+        .into_data()
+        .convert::<f32>()
+        .to_vec()
+        .map_err(|e| MedusaError::Check(format!("reading scores: {e:?}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use burn::backend::Flex;
+    use model::{GenerationConfig, LlamaConfig, LoadOptions, generate, generate::last_logits};
+
+    use super::*;
+
+    #[test]
+    fn ulps_follow_the_dtype() {
+        assert_eq!(ulp(20.0, mantissa_bits(DType::BF16)), 0.125);
+        assert_eq!(ulp(-20.0, mantissa_bits(DType::BF16)), 0.125);
+        assert_eq!(ulp(1.0, mantissa_bits(DType::F16)), 2f32.powi(-10));
+        assert_eq!(ulp(1.5, mantissa_bits(DType::F32)), f32::EPSILON);
+    }
+
+    /// Greedy tokens pass and a token swapped for the one the model ranks lowest fails: the
+    /// check tells a decoding bug from rounding.
+    #[test]
+    fn greedy_score_tells_greedy_from_not() {
+        let config = LlamaConfig::from_json(
+            r#"{"vocab_size": 96, "hidden_size": 64, "intermediate_size": 128,
+                "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+                "max_position_embeddings": 128}"#,
+        )
+        .unwrap();
+        let device = Default::default();
+        let model = Llama::<Flex>::random(config, 7, &LoadOptions::default(), &device).unwrap();
+        let prompt = [3, 14, 15, 92, 65];
+        let config = GenerationConfig {
+            max_new_tokens: 12,
+            ..Default::default()
+        };
+        let tokens = generate(&model, &prompt, &config, |_| {}).unwrap().tokens;
+        assert_eq!(tokens.len(), 12);
+        let greedy = greedy_score(&model, &prompt, &tokens, 64.0).unwrap();
+        assert_eq!(greedy.tokens, 12);
+        assert_eq!(greedy.beyond_tolerance, 0, "{greedy:?}");
+
+        let mut wrong = tokens.clone();
+        let context: Vec<u32> = prompt.iter().chain(&tokens[..6]).copied().collect();
+        let logits = host_f32(last_logits(model.forward_full(&context).unwrap())).unwrap();
+        let lowest = (0..logits.len())
+            .min_by(|&a, &b| logits[a].total_cmp(&logits[b]))
+            .unwrap();
+        wrong[6] = lowest as u32;
+        let score = greedy_score(&model, &prompt, &wrong, 64.0).unwrap();
+        assert!(score.beyond_tolerance >= 1, "{score:?}");
+        assert!(
+            score.max_gap > 0.0 && score.max_gap_ulps > 64.0,
+            "{score:?}"
+        );
+        assert!(greedy_score(&model, &[], &tokens, 4.0).is_err());
+    }
+}
