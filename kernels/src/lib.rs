@@ -34,7 +34,9 @@ pub mod linear;
 mod options;
 mod reference;
 
-pub use fused::{FusedOpsBackend, add_rms_norm, cache_write, rms_norm, rope, swiglu};
+pub use fused::{
+    FusedOpsBackend, add_rms_norm, cache_write, linear_swiglu, rms_norm, rope, swiglu,
+};
 pub use linear::{LinearBackend, linear, linear_max_m, set_linear_max_m};
 pub use options::{AttentionMask, FlashAttentionOptions};
 pub use reference::{attention_reference, visibility_mask};

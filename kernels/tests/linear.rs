@@ -723,3 +723,146 @@ fn device_plans() {
         }
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// SwiGLU in the K-split reduction (a fused gate/up projection).
+
+/// `launch::linear_swiglu` gives the same bits as the product followed by the SwiGLU kernel,
+/// and `silu(g)·u` of the f64 reference within tolerance: K splits forced (rows 1–17, with and
+/// without bias, the reduction applies SwiGLU) and one split (the caller finishes). The public
+/// `kernels::linear_swiglu` agrees with the two ops as well.
+#[test]
+fn swiglu_in_the_reduction() {
+    let device = Device::default();
+    let client = Runtime::client(&device);
+    let cases = [
+        (Case::new(1, 1536, 2 * 576, false), 4),
+        (Case::new(3, 576, 2 * 320, true), 3),
+        (Case::new(17, 1024, 2 * 64, true), 8),
+        (Case::new(2, 256, 2 * 96, false), 1),
+    ];
+    for dtype in [DType::F32, DType::F16, DType::BF16] {
+        if !supports(dtype) {
+            continue;
+        }
+        let (round, tol) = rounding(dtype);
+        let mut in_reduction = 0;
+        for (case, splits) in cases {
+            let inp = make_inputs(&case, round);
+            let y = reference(&case, &inp);
+            let (m, n, f) = (case.m, case.n, case.n / 2);
+            let expected: Vec<f64> = (0..m * f)
+                .map(|i| {
+                    let (r, c) = (i / f, i % f);
+                    let (g, u) = (y[r * n + c], y[r * n + f + c]);
+                    g / (1.0 + (-g).exp()) * u
+                })
+                .collect();
+            let tuning = LinearTuning {
+                splits: Some(splits),
+                ..Default::default()
+            };
+            let plan = plan_for(&client, dtype, m, case.k, n, case.bias, &tuning);
+            let d = upload::<Cube>(&case, &inp, dtype, Layout::Contiguous, &device);
+            let prims = || {
+                (
+                    d.x.clone().into_primitive().tensor(),
+                    d.w.clone().into_primitive().tensor(),
+                    d.b.clone().map(|b| b.into_primitive().tensor()),
+                )
+            };
+            let halves =
+                |y: Tensor<Cube, 2>| kernels::swiglu(y.clone().narrow(1, 0, f), y.narrow(1, f, f));
+            let (x, w, b) = prims();
+            let (out, fused) = launch::linear_swiglu::<Runtime>(x, w, b, &tuning);
+            assert_eq!(fused, plan.splits > 1, "{case:?}: {plan:?}");
+            in_reduction += usize::from(fused);
+            let out = Tensor::<Cube, 2>::from_primitive(TensorPrimitive::Float(out));
+            let out = if fused { out } else { halves(out) };
+            let (x, w, b) = prims();
+            let two_ops = halves(Tensor::from_primitive(TensorPrimitive::Float(
+                launch::linear::<Runtime>(x, w, b, &tuning),
+            )));
+            let name = format!("{case:?} {dtype:?} splits {}", plan.splits);
+            let got = read(out);
+            assert_eq!(got, read(two_ops), "{name}: not the two ops' bits");
+            assert_close(&name, &got, &expected, tol);
+            let public = kernels::linear_swiglu(d.x.clone(), d.w.clone(), d.b.clone());
+            let plain = kernels::linear(d.x.clone(), d.w.clone(), d.b.clone());
+            assert_eq!(
+                read(public),
+                read(halves(plain)),
+                "{name}: kernels::linear_swiglu"
+            );
+        }
+        assert_eq!(
+            in_reduction, 3,
+            "the forced splits must reach the reduction's SwiGLU"
+        );
+    }
+}
+
+/// The tensor-core kernel's K-split reduction with SwiGLU (`launch::linear_cmma_swiglu`, CUDA
+/// only): the same bits as its product followed by the SwiGLU kernel, rows 9–64, with and
+/// without bias.
+#[test]
+fn tensor_cores_swiglu_in_the_reduction() {
+    let device = Device::default();
+    for dtype in [DType::F16, DType::BF16] {
+        if !supports(dtype) {
+            continue;
+        }
+        let (round, tol) = rounding(dtype);
+        for case in [
+            Case::new(64, 1024, 2 * 512, false),
+            Case::new(9, 576, 2 * 1536, true),
+        ] {
+            let inp = make_inputs(&case, round);
+            let y = reference(&case, &inp);
+            let (n, f) = (case.n, case.n / 2);
+            let expected: Vec<f64> = (0..case.m * f)
+                .map(|i| {
+                    let (g, u) = (y[i / f * n + i % f], y[i / f * n + f + i % f]);
+                    g / (1.0 + (-g).exp()) * u
+                })
+                .collect();
+            let d = upload::<Cube>(&case, &inp, dtype, Layout::Contiguous, &device);
+            let prims = || {
+                (
+                    d.x.clone().into_primitive().tensor(),
+                    d.w.clone().into_primitive().tensor(),
+                    d.b.clone().map(|b| b.into_primitive().tensor()),
+                )
+            };
+            let (x, w, b) = prims();
+            if !cmma_usable(&x, &w, b.as_ref()) {
+                println!(
+                    "{case:?} {dtype:?}: no tensor-core kernel on {}",
+                    runtime::NAME
+                );
+                return;
+            }
+            let tuning = LinearTuning {
+                splits: Some(4),
+                ..Default::default()
+            };
+            let halves =
+                |y: Tensor<Cube, 2>| kernels::swiglu(y.clone().narrow(1, 0, f), y.narrow(1, f, f));
+            let (out, fused) = launch::linear_cmma_swiglu::<Runtime>(x, w, b, &tuning);
+            assert!(
+                fused,
+                "{case:?}: four K splits must end in the SwiGLU reduction"
+            );
+            let (x, w, b) = prims();
+            let two_ops = halves(Tensor::from_primitive(TensorPrimitive::Float(
+                launch::linear_cmma::<Runtime>(x, w, b, &tuning),
+            )));
+            let got = read(Tensor::<Cube, 2>::from_primitive(TensorPrimitive::Float(
+                out,
+            )));
+            let name = format!("{case:?} {dtype:?} (tensor cores)");
+            assert_eq!(got, read(two_ops), "{name}: not the two ops' bits");
+            assert_close(&name, &got, &expected, tol);
+        }
+    }
+}

@@ -54,6 +54,15 @@ pub trait FusedOpsBackend: LinearBackend {
         reference::swiglu_prim::<Self, D>(gate, up)
     }
 
+    /// See [`linear_swiglu`]; `x: [m, k]`, `weight: [k, 2f]`, returns `[m, f]`.
+    fn linear_swiglu(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        bias: Option<FloatTensor<Self>>,
+    ) -> FloatTensor<Self> {
+        reference::linear_swiglu_prim::<Self>(x, weight, bias)
+    }
+
     /// See [`rope`].
     fn rope(
         x: FloatTensor<Self>,
@@ -138,6 +147,55 @@ pub fn swiglu<B: FusedOpsBackend, const D: usize>(
         gate.into_primitive().tensor(),
         up.into_primitive().tensor(),
     ))
+}
+
+/// A fused gate/up projection and SwiGLU: with `weight = [W_gate | W_up]` (`[in, 2f]`, as
+/// `model` loads gate and up fused) and `bias = [b_gate | b_up]`, returns
+/// `silu(x·W_gate + b_gate) · (x·W_up + b_up)`, `[..., f]`: exactly [`swiglu`] of the two
+/// halves of [`crate::linear`]`(x, weight, bias)`, with the same roundings.
+///
+/// On CubeCL backends, when the skinny product is split along K (as one-row products of the
+/// large projections are), the split's reduction pass applies SwiGLU itself: one launch and
+/// one round trip of the `[m, 2f]` product fewer per MLP. Otherwise it is the two ops.
+///
+/// # Panics
+/// On inconsistent shapes or an odd output width.
+pub fn linear_swiglu<B: FusedOpsBackend, const D: usize>(
+    x: Tensor<B, D>,
+    weight: Tensor<B, 2>,
+    bias: Option<Tensor<B, 1>>,
+) -> Tensor<B, D> {
+    let dims = x.dims();
+    let k = dims[D - 1];
+    let m: usize = dims[..D - 1].iter().product();
+    let [wk, n] = weight.dims();
+    assert_eq!(
+        k, wk,
+        "linear_swiglu: x has {k} input features but the weight is [{wk}, {n}]"
+    );
+    assert!(
+        n.is_multiple_of(2),
+        "linear_swiglu: the weight's {n} columns are not two halves"
+    );
+    if let Some(b) = &bias {
+        assert_eq!(b.dims(), [n], "linear_swiglu: bias must be [{n}]");
+    }
+    if !crate::linear::takes_skinny(x.dtype(), m, k, n) {
+        let y = crate::linear(x, weight, bias);
+        return swiglu(
+            y.clone().narrow(D - 1, 0, n / 2),
+            y.narrow(D - 1, n / 2, n / 2),
+        );
+    }
+    let x2: Tensor<B, 2> = x.reshape([m, k]);
+    let y = B::linear_swiglu(
+        x2.into_primitive().tensor(),
+        weight.into_primitive().tensor(),
+        bias.map(|b| b.into_primitive().tensor()),
+    );
+    let mut out = dims;
+    out[D - 1] = n / 2;
+    wrap::<B, 2>(y).reshape(out)
 }
 
 /// Rotary embeddings ("rotate half" convention) on `x: [batch, seq, heads, head_dim]` (a
@@ -250,6 +308,33 @@ where
             return reference::swiglu_prim::<Self, D>(gate, up);
         }
         launch::swiglu(gate, up)
+    }
+
+    /// The skinny kernels with SwiGLU in their K-split reduction where they split; the two
+    /// ops otherwise (and the reference where [`crate::LinearBackend::linear_skinny`] would
+    /// take Burn's `linear`).
+    fn linear_swiglu(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        bias: Option<FloatTensor<Self>>,
+    ) -> FloatTensor<Self> {
+        use crate::linear::launch as skinny;
+        if !crate::kernels_enabled() || !skinny::supported(&x, &weight, bias.as_ref()) {
+            return reference::linear_swiglu_prim::<Self>(x, weight, bias);
+        }
+        let tuning = skinny::LinearTuning::default();
+        let (y, done) = if x.meta.shape()[0] <= crate::linear_max_m(x.dtype) {
+            skinny::linear_swiglu(x, weight, bias, &tuning)
+        } else if skinny::cmma_usable(&x, &weight, bias.as_ref()) {
+            skinny::linear_cmma_swiglu(x, weight, bias, &tuning)
+        } else {
+            return reference::linear_swiglu_prim::<Self>(x, weight, bias);
+        };
+        if done {
+            y
+        } else {
+            reference::swiglu_halves::<Self>(y)
+        }
     }
 
     fn rope(

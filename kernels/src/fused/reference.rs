@@ -32,6 +32,27 @@ pub fn swiglu<B: Backend, const D: usize>(gate: Tensor<B, D>, up: Tensor<B, D>) 
     silu(gate) * up
 }
 
+/// SwiGLU of the two column halves of `y: [m, 2f]` (a fused gate/up product), through the
+/// backend's [`super::FusedOpsBackend::swiglu`] on views: `[m, f]`.
+pub fn swiglu_halves<B: super::FusedOpsBackend>(y: FloatTensor<B>) -> FloatTensor<B> {
+    let y: Tensor<B, 2> = Tensor::from_primitive(TensorPrimitive::Float(y));
+    let f = y.dims()[1] / 2;
+    B::swiglu::<2>(
+        y.clone().narrow(1, 0, f).into_primitive().tensor(),
+        y.narrow(1, f, f).into_primitive().tensor(),
+    )
+}
+
+/// [`super::FusedOpsBackend::linear_swiglu`] as two ops: the backend's skinny product, then
+/// [`swiglu_halves`].
+pub fn linear_swiglu_prim<B: super::FusedOpsBackend>(
+    x: FloatTensor<B>,
+    weight: FloatTensor<B>,
+    bias: Option<FloatTensor<B>>,
+) -> FloatTensor<B> {
+    swiglu_halves::<B>(B::linear_skinny(x, weight, bias))
+}
+
 /// RoPE on `x: [batch, seq, heads, head_dim]` into `[batch, heads, seq, head_dim]`, rotating
 /// the first `rotated` heads: `x · cos + x[.., swap] · sin` per row, with `cos`/`sin`
 /// `[seq, head_dim]` (the sign of `rotate_half` folded into `sin`) and `swap` `[head_dim]` the

@@ -80,6 +80,9 @@ pub struct ReduceConfig {
     pub loads: usize,
     /// Add a bias.
     pub bias: bool,
+    /// Finish with SwiGLU over the two column halves (a fused gate/up projection): see
+    /// [`split_reduce_kernel`].
+    pub swiglu: bool,
 }
 
 /// `y[r, c] = Σ_k x[r, k] · w[k, c] (+ bias[c])` for `r < m`, over the K rows
@@ -257,7 +260,13 @@ pub fn linear_kernel<F: Float, N: Size>(
 }
 
 /// `out[pos] = Σ_s partial[s][pos] (+ bias[pos % n_vec])` over `pos < total = m * n_vec`
-/// output vectors, cast to `F`.
+/// output vectors, cast to `F`; the partials of split `s` start at `s * split_stride`.
+///
+/// With `cfg.swiglu` the `n_vec` columns of a row are a gate half and an up half of `half`
+/// vectors each (a fused gate/up projection), `total = m * half`, and the output is SwiGLU of
+/// the two sums, rounded as the separate passes round: each sum to `F` (what the product
+/// would have written), then `silu(g) · u` as [`crate::fused::kernel::swiglu_kernel`]
+/// computes it, so the result is the same to the bit and the SwiGLU launch is saved.
 ///
 /// A cube covers `lanes` consecutive output vectors with `split_lanes` threads each; thread
 /// `sl` loads the splits `sl, sl + split_lanes, ...` (all its loads issued before the first
@@ -269,8 +278,10 @@ pub fn split_reduce_kernel<F: Float, N: Size>(
     bias: &Array<Vector<F, N>>,
     out: &mut Array<Vector<F, N>>,
     splits: u32,
+    split_stride: u32,
     total: u32,
     n_vec: u32,
+    half: u32,
     #[comptime] cfg: ReduceConfig,
     #[define(F)] _dtype: StorageType,
 ) {
@@ -281,42 +292,82 @@ pub fn split_reduce_kernel<F: Float, N: Size>(
     let sl = t / lanes;
     let pos = CUBE_POS_X as usize * lanes + lane;
     let splits = splits as usize;
+    let split_stride = split_stride as usize;
     let total = total as usize;
     let n_vec = n_vec as usize;
+    let half = half as usize;
     let ok = pos < total;
+    // The partial vector summed into `out[pos]` (the gate's with SwiGLU; the up's is `half`
+    // further).
+    let mut at = pos;
+    if comptime!(cfg.swiglu) {
+        at = (pos / half) * n_vec + pos % half;
+    }
 
     let mut vals = Array::<Vector<f32, N>>::new(cfg.loads);
+    let mut ups = Array::<Vector<f32, N>>::new(cfg.loads);
     #[unroll]
     for u in 0..cfg.loads {
         let s = sl + u * split_lanes;
         let mut v = Vector::<f32, N>::new(0.0f32);
+        let mut w = Vector::<f32, N>::new(0.0f32);
         if ok && s < splits {
-            v = partial[s * total + pos];
+            v = partial[s * split_stride + at];
+            if comptime!(cfg.swiglu) {
+                w = partial[s * split_stride + at + half];
+            }
         }
         vals[u] = v;
+        ups[u] = w;
     }
     let mut acc = Vector::<f32, N>::new(0.0f32);
+    let mut up = Vector::<f32, N>::new(0.0f32);
     #[unroll]
     for u in 0..cfg.loads {
         acc += vals[u];
+        if comptime!(cfg.swiglu) {
+            up += ups[u];
+        }
     }
 
     if comptime!(cfg.split_lanes > 1) {
-        let mut red = SharedMemory::<Vector<f32, N>>::new(comptime!(cfg.lanes * cfg.split_lanes));
+        let block = comptime!(cfg.lanes * cfg.split_lanes);
+        let mut red = SharedMemory::<Vector<f32, N>>::new(comptime!(
+            cfg.lanes * cfg.split_lanes * if cfg.swiglu { 2 } else { 1 }
+        ));
         red[t] = acc;
+        if comptime!(cfg.swiglu) {
+            red[block + t] = up;
+        }
         sync_cube();
         if sl == 0 {
             #[unroll]
             for g in 1..split_lanes {
                 acc += red[lane + g * lanes];
+                if comptime!(cfg.swiglu) {
+                    up += red[block + lane + g * lanes];
+                }
             }
         }
     }
 
     if sl == 0 && ok {
         if comptime!(cfg.bias) {
-            acc += Vector::<f32, N>::cast_from(bias[pos % n_vec]);
+            acc += Vector::<f32, N>::cast_from(bias[at % n_vec]);
+            if comptime!(cfg.swiglu) {
+                up += Vector::<f32, N>::cast_from(bias[(at + half) % n_vec]);
+            }
         }
-        out[pos] = Vector::<F, N>::cast_from(acc);
+        if comptime!(cfg.swiglu) {
+            let g = Vector::<f32, N>::cast_from(Vector::<F, N>::cast_from(acc));
+            let u = Vector::<f32, N>::cast_from(Vector::<F, N>::cast_from(up));
+            let one = Vector::<f32, N>::new(1.0f32);
+            let zero = Vector::<f32, N>::new(0.0f32);
+            let sig = Vector::<F, N>::cast_from(one / (one + Vector::exp(zero - g)));
+            let act = Vector::<F, N>::cast_from(g * Vector::<f32, N>::cast_from(sig));
+            out[pos] = Vector::<F, N>::cast_from(Vector::<f32, N>::cast_from(act) * u);
+        } else {
+            out[pos] = Vector::<F, N>::cast_from(acc);
+        }
     }
 }

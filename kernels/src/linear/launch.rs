@@ -397,6 +397,34 @@ pub fn linear<R: CubeRuntime>(
     bias: Option<CubeTensor<R>>,
     tuning: &LinearTuning,
 ) -> CubeTensor<R> {
+    linear_with(x, w, bias, tuning, false).0
+}
+
+/// [`linear`] for a fused gate/up projection (`w = [gate | up]`): when the product is split
+/// along K, its reduction pass applies SwiGLU and the result is `[m, n / 2]` (`true`);
+/// otherwise it is the plain `[m, n]` product (`false`), for the caller to finish.
+pub fn linear_swiglu<R: CubeRuntime>(
+    x: CubeTensor<R>,
+    w: CubeTensor<R>,
+    bias: Option<CubeTensor<R>>,
+    tuning: &LinearTuning,
+) -> (CubeTensor<R>, bool) {
+    linear_with(x, w, bias, tuning, true)
+}
+
+/// Whether a reduction pass can apply SwiGLU to an `n`-column product read in vectors of
+/// `vector_size`: the halves must be whole vectors.
+fn swiglu_fits(n: usize, vector_size: usize) -> bool {
+    n.is_multiple_of(2) && (n / 2).is_multiple_of(vector_size)
+}
+
+fn linear_with<R: CubeRuntime>(
+    x: CubeTensor<R>,
+    w: CubeTensor<R>,
+    bias: Option<CubeTensor<R>>,
+    tuning: &LinearTuning,
+    swiglu: bool,
+) -> (CubeTensor<R>, bool) {
     let dtype = x.dtype;
     assert!(
         matches!(dtype, DType::F32 | DType::F16 | DType::BF16),
@@ -434,13 +462,6 @@ pub fn linear<R: CubeRuntime>(
 
     let client = x.client.clone();
     let device = x.device.clone();
-    let out = empty_device_contiguous_dtype::<R>(
-        client.clone(),
-        device.clone(),
-        Shape::new([m, n]),
-        dtype,
-    );
-
     let vector_size = vector_size_for(&w, bias.as_ref(), n, tuning);
     let props = client.properties();
     let hw = &props.hardware;
@@ -463,6 +484,13 @@ pub fn linear<R: CubeRuntime>(
     };
     let plan = plan(&problem, multiprocessors, max_threads, shared_limit, tuning);
     let n_vec = n / vector_size;
+    let swiglu = swiglu && plan.splits > 1 && swiglu_fits(n, vector_size);
+    let out = empty_device_contiguous_dtype::<R>(
+        client.clone(),
+        device.clone(),
+        Shape::new([m, if swiglu { n / 2 } else { n }]),
+        dtype,
+    );
 
     // The f32 partial sums of a K split; without one (and without a bias) the kernel's
     // parameter is switched off at compile time and bound to `out`.
@@ -515,7 +543,7 @@ pub fn linear<R: CubeRuntime>(
     if let (Some(reduce), Some(partial)) = (plan.reduce, partial) {
         launch_reduce(
             &client,
-            reduce,
+            ReduceConfig { swiglu, ..reduce },
             vector_size,
             partial,
             bias.as_ref(),
@@ -525,7 +553,7 @@ pub fn linear<R: CubeRuntime>(
             n,
         );
     }
-    out
+    (out, swiglu)
 }
 
 /// The bias as the kernels read it: `[n]`, in `x`'s dtype, unit stride.
@@ -548,7 +576,8 @@ fn prepare_bias<R: CubeRuntime>(x: &CubeTensor<R>, b: CubeTensor<R>, n: usize) -
     }
 }
 
-/// Sums the f32 partials `[splits, m, n]` of a K split into `out: [m, n]` (+ bias).
+/// Sums the f32 partials `[splits, m, n]` of a K split into `out: [m, n]` (+ bias), or with
+/// `reduce.swiglu` into SwiGLU of the two column halves, `out: [m, n / 2]`.
 #[allow(clippy::too_many_arguments)]
 fn launch_reduce<R: CubeRuntime>(
     client: &ComputeClient<R>,
@@ -562,7 +591,8 @@ fn launch_reduce<R: CubeRuntime>(
     n: usize,
 ) {
     let n_vec = n / vector_size;
-    let total = m * n_vec;
+    let half = n_vec / 2;
+    let total = if reduce.swiglu { m * half } else { m * n_vec };
     let cubes = total.div_ceil(reduce.lanes);
     unsafe {
         split_reduce_kernel::launch_unchecked::<R>(
@@ -577,8 +607,10 @@ fn launch_reduce<R: CubeRuntime>(
             },
             array_arg(out.clone()),
             splits as u32,
+            (m * n_vec) as u32,
             total as u32,
             n_vec as u32,
+            half as u32,
             reduce,
             out.dtype.into(),
         );
@@ -593,6 +625,7 @@ fn reduce_config(splits: usize, threads: usize, bias: bool) -> ReduceConfig {
         split_lanes,
         loads: splits.div_ceil(split_lanes),
         bias,
+        swiglu: false,
     }
 }
 
@@ -732,6 +765,26 @@ pub fn linear_cmma<R: CubeRuntime>(
     bias: Option<CubeTensor<R>>,
     tuning: &LinearTuning,
 ) -> CubeTensor<R> {
+    linear_cmma_with(x, w, bias, tuning, false).0
+}
+
+/// [`linear_cmma`] for a fused gate/up projection, as [`linear_swiglu`] is for [`linear`].
+pub fn linear_cmma_swiglu<R: CubeRuntime>(
+    x: CubeTensor<R>,
+    w: CubeTensor<R>,
+    bias: Option<CubeTensor<R>>,
+    tuning: &LinearTuning,
+) -> (CubeTensor<R>, bool) {
+    linear_cmma_with(x, w, bias, tuning, true)
+}
+
+fn linear_cmma_with<R: CubeRuntime>(
+    x: CubeTensor<R>,
+    w: CubeTensor<R>,
+    bias: Option<CubeTensor<R>>,
+    tuning: &LinearTuning,
+    swiglu: bool,
+) -> (CubeTensor<R>, bool) {
     assert!(
         cmma_usable(&x, &w, bias.as_ref()),
         "linear_cmma: inputs the tensor-core kernel does not take (see cmma_usable)"
@@ -752,12 +805,6 @@ pub fn linear_cmma<R: CubeRuntime>(
     };
     let client = x.client.clone();
     let device = x.device.clone();
-    let out = empty_device_contiguous_dtype::<R>(
-        client.clone(),
-        device.clone(),
-        Shape::new([m, n]),
-        dtype,
-    );
     let vector_size = vector_size_for(&w, bias.as_ref(), n, tuning);
     let hw = &client.properties().hardware;
     let multiprocessors = hw.num_streaming_multiprocessors.unwrap_or(16) as usize;
@@ -775,6 +822,13 @@ pub fn linear_cmma<R: CubeRuntime>(
     };
     let plan = plan_cmma(&problem, multiprocessors, shared_limit, tuning)
         .expect("linear_cmma: no tensor-core plan fits this device");
+    let swiglu = swiglu && plan.splits > 1 && swiglu_fits(n, vector_size);
+    let out = empty_device_contiguous_dtype::<R>(
+        client.clone(),
+        device.clone(),
+        Shape::new([m, if swiglu { n / 2 } else { n }]),
+        dtype,
+    );
 
     let partial = (plan.splits > 1).then(|| {
         empty_device_contiguous_dtype::<R>(
@@ -815,7 +869,7 @@ pub fn linear_cmma<R: CubeRuntime>(
     if let (Some(reduce), Some(partial)) = (plan.reduce, partial) {
         launch_reduce(
             &client,
-            reduce,
+            ReduceConfig { swiglu, ..reduce },
             vector_size,
             partial,
             bias.as_ref(),
@@ -825,7 +879,7 @@ pub fn linear_cmma<R: CubeRuntime>(
             n,
         );
     }
-    out
+    (out, swiglu)
 }
 
 /// The plan [`linear`] would use for these shapes on `client`'s device (for tests and

@@ -189,15 +189,7 @@ pub fn linear<B: LinearBackend, const D: usize>(
     if let Some(b) = &bias {
         assert_eq!(b.dims(), [n], "linear: bias must be [{n}]");
     }
-    // Past `linear_max_m` rows the backend still decides: f16/bf16 trees go to the
-    // tensor-core kernel where the device has one.
-    let half = matches!(x.dtype(), DType::F16 | DType::BF16);
-    let rows_limit = match linear_max_m(x.dtype()) {
-        0 => 0,
-        limit if half => MAX_M.max(limit),
-        limit => limit,
-    };
-    if m == 0 || k == 0 || n == 0 || m > rows_limit || !crate::kernels_enabled() {
+    if !takes_skinny(x.dtype(), m, k, n) {
         return burn::tensor::module::linear(x, weight, bias);
     }
     let x2: Tensor<B, 2> = x.reshape([m, k]);
@@ -209,6 +201,20 @@ pub fn linear<B: LinearBackend, const D: usize>(
     let mut out = dims;
     out[D - 1] = n;
     Tensor::<B, 2>::from_primitive(TensorPrimitive::Float(y)).reshape(out)
+}
+
+/// Whether [`linear`] hands an `[m, k] x [k, n]` product of `dtype` to
+/// [`LinearBackend::linear_skinny`] (else Burn's `linear` takes it). Past `linear_max_m` rows
+/// the backend still decides: f16/bf16 trees go to the tensor-core kernel where the device has
+/// one.
+pub(crate) fn takes_skinny(dtype: DType, m: usize, k: usize, n: usize) -> bool {
+    let half = matches!(dtype, DType::F16 | DType::BF16);
+    let rows_limit = match linear_max_m(dtype) {
+        0 => 0,
+        limit if half => MAX_M.max(limit),
+        limit => limit,
+    };
+    m > 0 && k > 0 && n > 0 && m <= rows_limit && crate::kernels_enabled()
 }
 
 /// The kernel path; inputs outside [`launch::supported`] (other dtypes, more than [`MAX_M`]
