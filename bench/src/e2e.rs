@@ -12,7 +12,7 @@ use anyhow::Result;
 use kernels::FlashAttentionBackend;
 use medusa::{
     AcceptMode, DecodeConfig, MedusaDecoder, MedusaHeads, MedusaTree,
-    lossless::{GreedyScore, greedy_score},
+    lossless::{GreedyScore, greedy_score, well_terminated},
 };
 use model::{GenerationConfig, Llama, Message, Tokenizer, generate, generate::last_logits};
 use serde::Serialize;
@@ -45,12 +45,15 @@ pub struct PromptResult {
     /// The autoregressive tokens scored the same way: the distance between the decode path and
     /// the teacher-forced forward on their own.
     pub ar_greedy: GreedyScore,
+    /// Medusa's output ends as greedy decoding ends ([`medusa::lossless::well_terminated`]).
+    pub medusa_well_terminated: bool,
 }
 
 impl PromptResult {
-    /// Identical to the autoregressive output, or every token greedy within the tolerance.
+    /// Identical to the autoregressive output, or every token greedy within the tolerance and
+    /// the output ending where greedy decoding would end it.
     pub fn lossless(&self) -> bool {
-        self.identical || self.medusa_greedy.beyond_tolerance == 0
+        self.identical || (self.medusa_greedy.beyond_tolerance == 0 && self.medusa_well_terminated)
     }
 }
 
@@ -223,6 +226,8 @@ pub fn run<B: FlashAttentionBackend>(
         };
         let medusa_greedy = greedy_score(model, &ids, &md.tokens, settings.tie_ulps)?;
         let ar_greedy = greedy_score(model, &ids, &ar_tokens, settings.tie_ulps)?;
+        let medusa_well_terminated =
+            well_terminated(&md.tokens, &md_config.stop_tokens, settings.max_new_tokens);
         results.push(PromptResult {
             id: p.id.clone(),
             category: p.category.clone(),
@@ -239,6 +244,7 @@ pub fn run<B: FlashAttentionBackend>(
             mismatch_logit_gap,
             medusa_greedy,
             ar_greedy,
+            medusa_well_terminated,
         });
         on_result(&results)?;
         progress.inc(1);

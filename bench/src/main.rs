@@ -89,7 +89,8 @@ struct Args {
     scale: String,
     /// Lossless check: a Medusa token that differs from the autoregressive output must be within
     /// this many units in the last place (of the run's dtype) of its position's top logit,
-    /// teacher-forced; identical outputs pass outright (see bench/src/e2e.rs).
+    /// teacher-forced, and the output must end where greedy decoding would; identical outputs
+    /// pass outright (see medusa::lossless).
     #[arg(long, global = true, default_value_t = 4.0)]
     tie_ulps: f32,
     /// Where report.md, report.json and chart.svg go.

@@ -175,7 +175,7 @@ impl Report {
                     "exact".to_string()
                 } else {
                     format!(
-                        "every Medusa token, scored teacher-forced, within {} {} ulps of its position's top logit: {}",
+                        "in the prompts that differ, every Medusa token, scored teacher-forced, within {} {} ulps of its position's top logit and each output ending as greedy decoding ends: {}",
                         e.tie_ulps,
                         e.dtype,
                         if o.lossless { "yes" } else { "NO" }
@@ -198,9 +198,14 @@ impl Report {
                             .map_or(String::new(), |g| format!(", logit gap {g:.3}"));
                         let verdict = if p.lossless() {
                             String::new()
-                        } else {
+                        } else if p.medusa_well_terminated {
                             format!(
                                 ", **{} tokens beyond the tolerance**",
+                                p.medusa_greedy.beyond_tolerance
+                            )
+                        } else {
+                            format!(
+                                ", **{} tokens beyond the tolerance, output ends where greedy decoding would not**",
                                 p.medusa_greedy.beyond_tolerance
                             )
                         };

@@ -740,6 +740,8 @@ fn swiglu_in_the_reduction() {
         (Case::new(3, 576, 2 * 320, true), 3),
         (Case::new(17, 1024, 2 * 64, true), 8),
         (Case::new(2, 256, 2 * 96, false), 1),
+        // More splits than the reduction's 16 split lanes: two loads per thread.
+        (Case::new(1, 8192, 2 * 64, true), 24),
     ];
     for dtype in [DType::F32, DType::F16, DType::BF16] {
         if !supports(dtype) {
@@ -796,7 +798,7 @@ fn swiglu_in_the_reduction() {
             );
         }
         assert_eq!(
-            in_reduction, 3,
+            in_reduction, 4,
             "the forced splits must reach the reduction's SwiGLU"
         );
     }

@@ -29,9 +29,21 @@ pub struct GreedyScore {
     pub beyond_tolerance: usize,
     /// Largest top-logit minus token-logit.
     pub max_gap: f32,
-    /// That gap in units in the last place of the top logit, in the model's dtype (the largest
-    /// over the tokens).
+    /// Largest gap in units in the last place of its top logit, in the model's dtype (a
+    /// maximum of its own: it may come from another token than `max_gap`).
     pub max_gap_ulps: f32,
+}
+
+/// Whether a greedy output ends as greedy decoding would end it: no stop token before the last
+/// position, and either a stop token last or exactly `max_new_tokens` tokens. Token scores do
+/// not see an output that stops early or runs long; this does.
+pub fn well_terminated(tokens: &[u32], stop_tokens: &[u32], max_new_tokens: usize) -> bool {
+    let Some((last, before)) = tokens.split_last() else {
+        return max_new_tokens == 0;
+    };
+    tokens.len() <= max_new_tokens
+        && !before.iter().any(|t| stop_tokens.contains(t))
+        && (stop_tokens.contains(last) || tokens.len() == max_new_tokens)
 }
 
 /// Mantissa bits of a float dtype (what one unit in the last place is relative to).
@@ -44,10 +56,12 @@ pub fn mantissa_bits(dtype: DType) -> i32 {
     }
 }
 
-/// One unit in the last place of `x` in a float format with `mantissa` bits.
+/// One unit in the last place of `x` in a float format with `mantissa` bits (`x`'s binade
+/// taken from its f32 exponent bits, so values just below a power of two stay in their binade;
+/// subnormals count as the smallest normal binade).
 pub fn ulp(x: f32, mantissa: i32) -> f32 {
-    let x = x.abs().max(f32::MIN_POSITIVE);
-    2f32.powi(x.log2().floor() as i32 - mantissa)
+    let binade = f32::from_bits(x.abs().to_bits() & 0x7f80_0000).max(f32::MIN_POSITIVE);
+    binade * 2f32.powi(-mantissa)
 }
 
 /// Scores `tokens` (generated after `prompt`) teacher-forced, with a tolerance of `tie_ulps`
@@ -86,7 +100,8 @@ pub fn greedy_score<B: FlashAttentionBackend>(
         let gap = t - c;
         let unit = ulp(t, mantissa);
         score.below_top += usize::from(gap > 0.0);
-        score.beyond_tolerance += usize::from(gap > tie_ulps * unit);
+        // Written so that a NaN logit counts as beyond the tolerance.
+        score.beyond_tolerance += usize::from(!(gap <= tie_ulps * unit));
         score.max_gap = score.max_gap.max(gap);
         score.max_gap_ulps = score.max_gap_ulps.max(gap / unit);
     }
@@ -114,6 +129,27 @@ mod tests {
         assert_eq!(ulp(-20.0, mantissa_bits(DType::BF16)), 0.125);
         assert_eq!(ulp(1.0, mantissa_bits(DType::F16)), 2f32.powi(-10));
         assert_eq!(ulp(1.5, mantissa_bits(DType::F32)), f32::EPSILON);
+        // Just below a power of two: the lower binade (log2 would round up to 4).
+        let below_16 = f32::from_bits(16f32.to_bits() - 1);
+        assert_eq!(ulp(below_16, mantissa_bits(DType::BF16)), 0.0625);
+        assert_eq!(ulp(16.0, mantissa_bits(DType::BF16)), 0.125);
+    }
+
+    #[test]
+    fn termination_follows_greedy_decoding() {
+        let stop = [2];
+        assert!(well_terminated(&[5, 6, 2], &stop, 8), "stopped");
+        assert!(well_terminated(&[5, 6, 7], &stop, 3), "ran to the limit");
+        assert!(
+            !well_terminated(&[5, 6, 7], &stop, 8),
+            "stopped early without a stop token"
+        );
+        assert!(
+            !well_terminated(&[5, 2, 7], &stop, 3),
+            "ran past a stop token"
+        );
+        assert!(!well_terminated(&[5, 6, 7, 8], &stop, 3), "ran long");
+        assert!(well_terminated(&[], &stop, 0) && !well_terminated(&[], &stop, 4));
     }
 
     /// Greedy tokens pass and a token swapped for the one the model ranks lowest fails: the

@@ -249,7 +249,8 @@ impl<B: FusedOpsBackend> Mlp<B> {
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         if self.gate_up_proj.is_fused() {
             // One product over [gate | up] whose K-split reduction applies SwiGLU where the
-            // kernel splits (one launch fewer per layer); same values as the two ops.
+            // kernel splits (one launch fewer per layer on the plain CubeCL backend); same
+            // values as the two ops.
             let proj = &self.gate_up_proj.parts[0];
             let act =
                 kernels::linear_swiglu(x, proj.weight.val(), proj.bias.as_ref().map(|b| b.val()));

@@ -105,8 +105,10 @@ struct Args {
     /// Weight of head k's loss is decay^(k-1).
     #[arg(long, default_value_t = 0.8)]
     loss_decay: f64,
-    /// Train each head against the base model's probabilities for its token (soft labels, as
-    /// the Medusa paper recommends for self-distillation) instead of the response token.
+    /// Train each head against the base model's probabilities for its token (soft labels: the
+    /// distillation loss the Medusa paper uses for the backbone in Medusa-2, applied to the
+    /// heads) instead of the response token. Measured no better on SmolLM2 (see
+    /// docs/benchmarks/2026-11-29-h200-heads).
     #[arg(long)]
     soft_labels: bool,
     /// auto: CUDA when a GPU is present, else the CPU.

@@ -18,7 +18,8 @@
 //! Backends opt in through [`FusedOpsBackend`], whose default methods are the reference:
 //! - `CubeBackend<R, F, I, BT>` (any CubeCL runtime) runs the kernels of [`kernel`] for f32,
 //!   f16 and bf16 (other dtypes, and [`crate::kernels_enabled`] off, take the reference);
-//! - `Fusion<B>` registers each op as a custom operation running the inner backend's kernel;
+//! - `Fusion<B>` registers each op as a custom operation running the inner backend's kernel
+//!   (`linear_swiglu` is the two registered ops there: its saved launch is the plain backend's);
 //! - the CPU backends (`flex`, `ndarray`) and `Autodiff<B>` use the reference (differentiable).
 
 pub mod kernel;
@@ -154,9 +155,10 @@ pub fn swiglu<B: FusedOpsBackend, const D: usize>(
 /// `silu(x·W_gate + b_gate) · (x·W_up + b_up)`, `[..., f]`: exactly [`swiglu`] of the two
 /// halves of [`crate::linear`]`(x, weight, bias)`, with the same roundings.
 ///
-/// On CubeCL backends, when the skinny product is split along K (as one-row products of the
-/// large projections are), the split's reduction pass applies SwiGLU itself: one launch and
-/// one round trip of the `[m, 2f]` product fewer per MLP. Otherwise it is the two ops.
+/// On the plain CubeCL backend (`CubeBackend`), when the skinny product is split along K (as
+/// one-row products of the large projections are), the split's reduction pass applies SwiGLU
+/// itself: one launch and one round trip of the `[m, 2f]` product fewer per MLP. Otherwise
+/// (one split, `Fusion`, CPU backends, `Autodiff`) it is the two ops.
 ///
 /// # Panics
 /// On inconsistent shapes or an odd output width.

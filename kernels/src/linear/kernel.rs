@@ -266,7 +266,9 @@ pub fn linear_kernel<F: Float, N: Size>(
 /// vectors each (a fused gate/up projection), `total = m * half`, and the output is SwiGLU of
 /// the two sums, rounded as the separate passes round: each sum to `F` (what the product
 /// would have written), then `silu(g) · u` as [`crate::fused::kernel::swiglu_kernel`]
-/// computes it, so the result is the same to the bit and the SwiGLU launch is saved.
+/// computes it, so the result is the same to the bit and the SwiGLU launch is saved. The
+/// shared buffer of the split-lane sums doubles then: at most 32 KiB (512 threads of 8-wide f32
+/// vectors, within CUDA's 48 KiB), 16 KiB with wgpu's 4-wide vectors.
 ///
 /// A cube covers `lanes` consecutive output vectors with `split_lanes` threads each; thread
 /// `sl` loads the splits `sl, sl + split_lanes, ...` (all its loads issued before the first
