@@ -100,8 +100,8 @@ pub fn greedy_score<B: FlashAttentionBackend>(
         let gap = t - c;
         let unit = ulp(t, mantissa);
         score.below_top += usize::from(gap > 0.0);
-        // Written so that a NaN logit counts as beyond the tolerance.
-        score.beyond_tolerance += usize::from(!(gap <= tie_ulps * unit));
+        // A NaN logit counts as beyond the tolerance.
+        score.beyond_tolerance += usize::from(gap.is_nan() || gap > tie_ulps * unit);
         score.max_gap = score.max_gap.max(gap);
         score.max_gap_ulps = score.max_gap_ulps.max(gap / unit);
     }
