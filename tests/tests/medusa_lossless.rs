@@ -4,7 +4,7 @@
 
 use burn::tensor::DType;
 use medusa::{
-    AcceptMode, DecodeConfig, MedusaConfig, MedusaDecoder, MedusaHeads, MedusaTree,
+    AcceptMode, DecodeConfig, MedusaConfig, MedusaDecoder, MedusaHeads, MedusaOutput, MedusaTree,
     lossless::{greedy_score, well_terminated},
 };
 use model::{GenerationConfig, Llama, LoadOptions, Message, generate, generate::last_logits};
@@ -39,6 +39,29 @@ fn untrained_heads(model: &model::Llama<tests::Cpu>) -> MedusaHeads<tests::Cpu> 
     MedusaHeads::init(&config, &model.module.lm_head)
 }
 
+/// Plain greedy decoding and greedy Medusa of `ids`, `NEW_TOKENS` each; `on_token` sees
+/// Medusa's stream.
+fn decode_both<B: kernels::FlashAttentionBackend>(
+    model: &Llama<B>,
+    decoder: &MedusaDecoder<'_, B>,
+    ids: &[u32],
+    stop: &[u32],
+    on_token: impl FnMut(u32),
+) -> (Vec<u32>, MedusaOutput) {
+    let plain = GenerationConfig {
+        max_new_tokens: NEW_TOKENS,
+        stop_tokens: stop.to_vec(),
+        ..Default::default()
+    };
+    let ar = generate(model, ids, &plain, |_| {}).unwrap();
+    let config = DecodeConfig {
+        max_new_tokens: NEW_TOKENS,
+        stop_tokens: stop.to_vec(),
+        mode: AcceptMode::Greedy,
+    };
+    (ar.tokens, decoder.generate(ids, &config, on_token).unwrap())
+}
+
 #[test]
 fn greedy_medusa_equals_greedy_autoregressive() {
     let (model, tokenizer) = default_model();
@@ -54,27 +77,9 @@ fn greedy_medusa_equals_greedy_autoregressive() {
     let mut tokens = 0;
     for prompt in prompts() {
         let ids = tokenizer.encode_chat(&[Message::user(&prompt)]).unwrap();
-        let ar = generate(
-            &model,
-            &ids,
-            &GenerationConfig {
-                max_new_tokens: NEW_TOKENS,
-                stop_tokens: stop.clone(),
-                ..Default::default()
-            },
-            |_| {},
-        )
-        .unwrap();
-        let config = DecodeConfig {
-            max_new_tokens: NEW_TOKENS,
-            stop_tokens: stop.clone(),
-            mode: AcceptMode::Greedy,
-        };
         let mut streamed = Vec::new();
-        let md = decoder
-            .generate(&ids, &config, |t| streamed.push(t))
-            .unwrap();
-        assert_eq!(md.tokens, ar.tokens, "prompt {prompt:?}");
+        let (ar, md) = decode_both(&model, &decoder, &ids, &stop, |t| streamed.push(t));
+        assert_eq!(md.tokens, ar, "prompt {prompt:?}");
         assert_eq!(streamed, md.tokens);
         assert_eq!(md.accept_lengths.len(), md.steps);
         steps += md.steps;
@@ -113,30 +118,14 @@ fn greedy_medusa_in_bf16_is_greedy_within_rounding() {
     let mut identical = 0;
     for (_, prompt) in writing.chain(qa) {
         let ids = tokenizer.encode_chat(&[Message::user(prompt)]).unwrap();
-        let ar = generate(
-            &model,
-            &ids,
-            &GenerationConfig {
-                max_new_tokens: NEW_TOKENS,
-                stop_tokens: stop.clone(),
-                ..Default::default()
-            },
-            |_| {},
-        )
-        .unwrap();
-        let config = DecodeConfig {
-            max_new_tokens: NEW_TOKENS,
-            stop_tokens: stop.clone(),
-            mode: AcceptMode::Greedy,
-        };
-        let md = decoder.generate(&ids, &config, |_| {}).unwrap();
+        let (ar, md) = decode_both(&model, &decoder, &ids, &stop, |_| {});
         let md_score = greedy_score(&model, &ids, &md.tokens, 4.0).unwrap();
-        let ar_score = greedy_score(&model, &ids, &ar.tokens, 4.0).unwrap();
+        let ar_score = greedy_score(&model, &ids, &ar, 4.0).unwrap();
         eprintln!(
             "identical {}; Medusa {md_score:?}; autoregressive {ar_score:?}",
-            md.tokens == ar.tokens
+            md.tokens == ar
         );
-        identical += usize::from(md.tokens == ar.tokens);
+        identical += usize::from(md.tokens == ar);
         assert!(well_terminated(&md.tokens, &stop, NEW_TOKENS), "{prompt:?}");
         assert_eq!(
             md_score.beyond_tolerance, 0,

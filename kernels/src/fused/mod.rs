@@ -168,20 +168,12 @@ pub fn linear_swiglu<B: FusedOpsBackend, const D: usize>(
     bias: Option<Tensor<B, 1>>,
 ) -> Tensor<B, D> {
     let dims = x.dims();
-    let k = dims[D - 1];
-    let m: usize = dims[..D - 1].iter().product();
-    let [wk, n] = weight.dims();
-    assert_eq!(
-        k, wk,
-        "linear_swiglu: x has {k} input features but the weight is [{wk}, {n}]"
-    );
+    let (m, k, n) =
+        crate::linear::product_dims("linear_swiglu", &dims, weight.dims(), bias.as_ref());
     assert!(
         n.is_multiple_of(2),
         "linear_swiglu: the weight's {n} columns are not two halves"
     );
-    if let Some(b) = &bias {
-        assert_eq!(b.dims(), [n], "linear_swiglu: bias must be [{n}]");
-    }
     if !crate::linear::takes_skinny(x.dtype(), m, k, n) {
         let y = crate::linear(x, weight, bias);
         return swiglu(
@@ -312,25 +304,19 @@ where
         launch::swiglu(gate, up)
     }
 
-    /// The skinny kernels with SwiGLU in their K-split reduction where they split; the two
-    /// ops otherwise (and the reference where [`crate::LinearBackend::linear_skinny`] would
-    /// take Burn's `linear`).
+    /// The skinny kernel `linear_skinny` would run, with SwiGLU in its K-split reduction where
+    /// it splits; the two ops otherwise (the reference where no kernel takes the product).
     fn linear_swiglu(
         x: FloatTensor<Self>,
         weight: FloatTensor<Self>,
         bias: Option<FloatTensor<Self>>,
     ) -> FloatTensor<Self> {
-        use crate::linear::launch as skinny;
-        if !crate::kernels_enabled() || !skinny::supported(&x, &weight, bias.as_ref()) {
-            return reference::linear_swiglu_prim::<Self>(x, weight, bias);
-        }
+        use crate::linear::{SkinnyKernel, launch as skinny, skinny_kernel};
         let tuning = skinny::LinearTuning::default();
-        let (y, done) = if x.meta.shape()[0] <= crate::linear_max_m(x.dtype) {
-            skinny::linear_swiglu(x, weight, bias, &tuning)
-        } else if skinny::cmma_usable(&x, &weight, bias.as_ref()) {
-            skinny::linear_cmma_swiglu(x, weight, bias, &tuning)
-        } else {
-            return reference::linear_swiglu_prim::<Self>(x, weight, bias);
+        let (y, done) = match skinny_kernel(&x, &weight, bias.as_ref()) {
+            Some(SkinnyKernel::Simt) => skinny::linear_swiglu(x, weight, bias, &tuning),
+            Some(SkinnyKernel::TensorCores) => skinny::linear_cmma_swiglu(x, weight, bias, &tuning),
+            None => return reference::linear_swiglu_prim::<Self>(x, weight, bias),
         };
         if done {
             y

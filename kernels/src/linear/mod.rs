@@ -82,7 +82,9 @@ use burn::tensor::{
     backend::Backend,
     ops::{FloatTensor, ModuleOps},
 };
-use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElement};
+use burn_cubecl::{
+    BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElement, tensor::CubeTensor,
+};
 
 /// A Burn backend that can run [`linear`] with few rows.
 ///
@@ -179,16 +181,7 @@ pub fn linear<B: LinearBackend, const D: usize>(
     bias: Option<Tensor<B, 1>>,
 ) -> Tensor<B, D> {
     let dims = x.dims();
-    let k = dims[D - 1];
-    let m: usize = dims[..D - 1].iter().product();
-    let [wk, n] = weight.dims();
-    assert_eq!(
-        k, wk,
-        "linear: x has {k} input features but the weight is [{wk}, {n}]"
-    );
-    if let Some(b) = &bias {
-        assert_eq!(b.dims(), [n], "linear: bias must be [{n}]");
-    }
+    let (m, k, n) = product_dims("linear", &dims, weight.dims(), bias.as_ref());
     if !takes_skinny(x.dtype(), m, k, n) {
         return burn::tensor::module::linear(x, weight, bias);
     }
@@ -201,6 +194,30 @@ pub fn linear<B: LinearBackend, const D: usize>(
     let mut out = dims;
     out[D - 1] = n;
     Tensor::<B, 2>::from_primitive(TensorPrimitive::Float(y)).reshape(out)
+}
+
+/// `(m, k, n)` of `x · weight (+ bias)` for `x` of shape `x_dims` (`[..., k]`, leading
+/// dimensions flattened into `m`).
+///
+/// # Panics
+/// When `weight` is not `[k, n]` or `bias` not `[n]`; `op` names the caller.
+pub(crate) fn product_dims<B: Backend>(
+    op: &str,
+    x_dims: &[usize],
+    weight: [usize; 2],
+    bias: Option<&Tensor<B, 1>>,
+) -> (usize, usize, usize) {
+    let k = x_dims[x_dims.len() - 1];
+    let m: usize = x_dims[..x_dims.len() - 1].iter().product();
+    let [wk, n] = weight;
+    assert_eq!(
+        k, wk,
+        "{op}: x has {k} input features but the weight is [{wk}, {n}]"
+    );
+    if let Some(b) = bias {
+        assert_eq!(b.dims(), [n], "{op}: bias must be [{n}]");
+    }
+    (m, k, n)
 }
 
 /// Whether [`linear`] hands an `[m, k] x [k, n]` product of `dtype` to
@@ -231,17 +248,39 @@ where
         weight: FloatTensor<Self>,
         bias: Option<FloatTensor<Self>>,
     ) -> FloatTensor<Self> {
-        if !crate::kernels_enabled() || !supported(&x, &weight, bias.as_ref()) {
-            return <Self as ModuleOps<Self>>::linear(x, weight, bias);
+        match skinny_kernel(&x, &weight, bias.as_ref()) {
+            Some(SkinnyKernel::Simt) => launch::linear(x, weight, bias, &LinearTuning::default()),
+            Some(SkinnyKernel::TensorCores) => {
+                launch::linear_cmma(x, weight, bias, &LinearTuning::default())
+            }
+            None => <Self as ModuleOps<Self>>::linear(x, weight, bias),
         }
-        let m = x.meta.shape()[0];
-        if m <= linear_max_m(x.dtype) {
-            launch::linear(x, weight, bias, &LinearTuning::default())
-        } else if cmma_usable(&x, &weight, bias.as_ref()) {
-            launch::linear_cmma(x, weight, bias, &LinearTuning::default())
-        } else {
-            <Self as ModuleOps<Self>>::linear(x, weight, bias)
-        }
+    }
+}
+
+/// The kernel a CubeCL backend runs for a skinny product.
+pub(crate) enum SkinnyKernel {
+    /// [`launch::linear`]: up to [`linear_max_m`] rows.
+    Simt,
+    /// [`launch::linear_cmma`]: f16/bf16 past that, where [`cmma_usable`].
+    TensorCores,
+}
+
+/// Which kernel takes `x · w (+ bias)` on a CubeCL backend; `None`: Burn's `linear` (kernels
+/// off, inputs outside [`supported`], or too many rows for a kernel the device has).
+pub(crate) fn skinny_kernel<R: CubeRuntime>(
+    x: &CubeTensor<R>,
+    w: &CubeTensor<R>,
+    bias: Option<&CubeTensor<R>>,
+) -> Option<SkinnyKernel> {
+    if !crate::kernels_enabled() || !supported(x, w, bias) {
+        None
+    } else if x.meta.shape()[0] <= linear_max_m(x.dtype) {
+        Some(SkinnyKernel::Simt)
+    } else if cmma_usable(x, w, bias) {
+        Some(SkinnyKernel::TensorCores)
+    } else {
+        None
     }
 }
 
