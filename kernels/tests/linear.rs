@@ -868,3 +868,142 @@ fn tensor_cores_swiglu_in_the_reduction() {
         }
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// The K split's partial sums added inside the RMSNorm that follows the product.
+
+/// `h = r + (x w + b)` and `h / sqrt(mean(h²) + eps) · γ` in f64, per row.
+fn add_norm_reference(y: &[f64], r: &[f32], gamma: &[f32], n: usize, eps: f64) -> [Vec<f64>; 2] {
+    let h: Vec<f64> = y.iter().zip(r).map(|(&y, &r)| y + r as f64).collect();
+    let normed = h
+        .chunks(n)
+        .flat_map(|row| {
+            let inv = 1.0 / (row.iter().map(|v| v * v).sum::<f64>() / n as f64 + eps).sqrt();
+            row.iter()
+                .zip(gamma)
+                .map(move |(&v, &g)| v * inv * g as f64)
+        })
+        .collect();
+    [h, normed]
+}
+
+/// `kernels::fused::launch::linear_add_rms_norm` gives the same bits as the product followed
+/// by the `add_rms_norm` kernel, and the f64 reference within tolerance: K splits forced
+/// (rows 1–17, with and without bias: the norm adds the partial sums, also past the
+/// reduction's 16 split lanes) and one split (the product finishes itself). The public
+/// `kernels::linear_add_rms_norm` (rank 3) agrees with the two public ops, on the plain and
+/// the fusion backend.
+#[test]
+fn norm_adds_the_split_sums() {
+    let device = Device::default();
+    let client = Runtime::client(&device);
+    let eps = 1e-5;
+    let cases = [
+        (Case::new(1, 1536, 576, false), 4),
+        (Case::new(3, 576, 320, true), 3),
+        (Case::new(17, 1024, 64, true), 8),
+        (Case::new(2, 256, 96, false), 1),
+        (Case::new(1, 8192, 64, true), 24),
+        // A width that is no multiple of the vector size.
+        (Case::new(2, 300, 202, true), 2),
+    ];
+    for dtype in [DType::F32, DType::F16, DType::BF16] {
+        if !supports(dtype) {
+            continue;
+        }
+        let (round, tol) = rounding(dtype);
+        let mut in_norm = 0;
+        for (case, splits) in cases {
+            let (m, n) = (case.m, case.n);
+            let inp = make_inputs(&case, round);
+            let mut rng = StdRng::seed_from_u64(case.seed() + 1);
+            let r = draw(&mut rng, m * n, round);
+            let g = draw(&mut rng, n, round);
+            let [h_ref, normed_ref] = add_norm_reference(&reference(&case, &inp), &r, &g, n, eps);
+            let tuning = LinearTuning {
+                splits: Some(splits),
+                ..Default::default()
+            };
+            let plan = plan_for(&client, dtype, m, case.k, n, case.bias, &tuning);
+            let d = upload::<Cube>(&case, &inp, dtype, Layout::Contiguous, &device);
+            let residual = tensor::<Cube, 2>(&r, [m, n], dtype, &device);
+            let gamma = tensor::<Cube, 1>(&g, [n], dtype, &device);
+            let prim = |t: Tensor<Cube, 2>| t.into_primitive().tensor();
+            let (h, normed, fused) = kernels::fused::launch::linear_add_rms_norm::<Runtime>(
+                prim(d.x.clone()),
+                prim(d.w.clone()),
+                d.b.clone().map(|b| b.into_primitive().tensor()),
+                prim(residual.clone()),
+                gamma.clone().into_primitive().tensor(),
+                eps,
+                false,
+                &tuning,
+            );
+            assert_eq!(fused, plan.splits > 1, "{case:?}: {plan:?}");
+            in_norm += usize::from(fused);
+            let wrap = |t| Tensor::<Cube, 2>::from_primitive(TensorPrimitive::Float(t));
+            let (h, normed) = (read(wrap(h)), read(wrap(normed)));
+            let y = wrap(launch::linear::<Runtime>(
+                prim(d.x.clone()),
+                prim(d.w.clone()),
+                d.b.clone().map(|b| b.into_primitive().tensor()),
+                &tuning,
+            ));
+            let (h2, normed2) = kernels::add_rms_norm(residual.clone(), y, gamma.clone(), eps);
+            let name = format!("{case:?} {dtype:?} splits {}", plan.splits);
+            assert_eq!(h, read(h2), "{name}: h is not the two ops' bits");
+            assert_eq!(
+                normed,
+                read(normed2),
+                "{name}: norm is not the two ops' bits"
+            );
+            assert_close(&format!("{name} h"), &h, &h_ref, tol);
+            assert_close(&format!("{name} norm"), &normed, &normed_ref, tol);
+
+            // The public op on rank 3, plain and fused backends.
+            let public = |x: Tensor<Cube, 2>, residual: Tensor<Cube, 2>| {
+                let (h, normed) = kernels::linear_add_rms_norm(
+                    x.reshape([1, m, case.k]),
+                    d.w.clone(),
+                    d.b.clone(),
+                    residual.reshape([1, m, n]),
+                    gamma.clone(),
+                    eps,
+                );
+                assert_eq!(h.dims(), [1, m, n]);
+                (read(h), read(normed))
+            };
+            let two_ops = {
+                let y = kernels::linear(d.x.clone(), d.w.clone(), d.b.clone());
+                let (h, normed) = kernels::add_rms_norm(residual.clone(), y, gamma.clone(), eps);
+                (read(h), read(normed))
+            };
+            assert_eq!(
+                public(d.x.clone(), residual.clone()),
+                two_ops,
+                "{name}: kernels::linear_add_rms_norm"
+            );
+            #[cfg(feature = "fusion")]
+            {
+                type Fused = burn_fusion::Fusion<Cube>;
+                let up =
+                    |v: &[f32], shape: [usize; 3]| tensor::<Fused, 3>(v, shape, dtype, &device);
+                let (h, normed) = kernels::linear_add_rms_norm(
+                    up(&inp.x, [1, m, case.k]),
+                    up(&inp.w, [1, case.k, n]).reshape([case.k, n]),
+                    inp.b
+                        .as_ref()
+                        .map(|b| tensor::<Fused, 1>(b, [n], dtype, &device)),
+                    up(&r, [1, m, n]),
+                    tensor::<Fused, 1>(&g, [n], dtype, &device),
+                    eps,
+                );
+                assert_eq!((read(h), read(normed)), two_ops, "{name}: on Fusion");
+            }
+        }
+        assert_eq!(
+            in_norm, 5,
+            "the forced splits must reach the norm's reduction"
+        );
+    }
+}

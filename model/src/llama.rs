@@ -177,6 +177,26 @@ impl<B: FusedOpsBackend> RmsNorm<B> {
     ) -> (Tensor<B, D>, Tensor<B, D>) {
         kernels::add_rms_norm(x, residual, self.weight.val(), self.eps)
     }
+
+    /// [`Self::forward_add`] with the residual `proj(input)`, a projection not yet applied: the
+    /// product, the residual add and the norm in [`kernels::linear_add_rms_norm`], which on the
+    /// plain CubeCL backend adds a K-split product's partial sums inside the norm (one launch
+    /// fewer per projection at decode time).
+    pub fn forward_proj_add<const D: usize>(
+        &self,
+        x: Tensor<B, D>,
+        proj: &Proj<B>,
+        input: Tensor<B, D>,
+    ) -> (Tensor<B, D>, Tensor<B, D>) {
+        kernels::linear_add_rms_norm(
+            input,
+            proj.weight.val(),
+            proj.bias.as_ref().map(|b| b.val()),
+            x,
+            self.weight.val(),
+            self.eps,
+        )
+    }
 }
 
 /// Grouped-query self-attention with RoPE, reading and writing the layer's KV cache.
@@ -194,6 +214,19 @@ impl<B: FlashAttentionBackend> Attention<B> {
     /// `x`: `[batch, q_len, hidden]`, the new tokens, whose keys/values are written to the cache
     /// at rows `start..start + q_len`.
     pub fn forward(
+        &self,
+        x: Tensor<B, 3>,
+        rope: &RopeRows<B>,
+        cache: &mut LayerCache<B>,
+        start: usize,
+        mask: AttentionMask<B>,
+    ) -> Tensor<B, 3> {
+        self.o_proj.forward(self.heads(x, rope, cache, start, mask))
+    }
+
+    /// [`Self::forward`] without the output projection: the attention heads' outputs side by
+    /// side, `[batch, q_len, n_heads * head_dim]` (`o_proj`'s input).
+    pub fn heads(
         &self,
         x: Tensor<B, 3>,
         rope: &RopeRows<B>,
@@ -227,13 +260,12 @@ impl<B: FlashAttentionBackend> Attention<B> {
         // `[b, heads, s, d]` to `[b, s, heads * d]`. With one new token the two layouts hold the
         // same bytes in the same order: a plain reshape, where the swap's strided view would
         // cost a copy kernel per layer (seen in a CubeCL profile of the decode step).
-        let out = if s == 1 {
+        if s == 1 {
             out.reshape([b, 1, self.n_heads * self.head_dim])
         } else {
             out.swap_dims(1, 2)
                 .reshape([b, s, self.n_heads * self.head_dim])
-        };
-        self.o_proj.forward(out)
+        }
     }
 }
 
@@ -247,21 +279,29 @@ pub struct Mlp<B: Backend> {
 
 impl<B: FusedOpsBackend> Mlp<B> {
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        self.down_proj.forward(self.activation(x))
+    }
+
+    /// [`Self::forward`] without the down projection: `silu(gate(x)) · up(x)`, `down_proj`'s
+    /// input.
+    pub fn activation(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         if self.gate_up_proj.is_fused() {
             // One product over [gate | up] whose K-split reduction applies SwiGLU where the
             // kernel splits (one launch fewer per layer on the plain CubeCL backend); same
             // values as the two ops.
             let proj = &self.gate_up_proj.parts[0];
-            let act =
-                kernels::linear_swiglu(x, proj.weight.val(), proj.bias.as_ref().map(|b| b.val()));
-            return self.down_proj.forward(act);
+            return kernels::linear_swiglu(
+                x,
+                proj.weight.val(),
+                proj.bias.as_ref().map(|b| b.val()),
+            );
         }
         let [gate, up]: [Tensor<B, 3>; 2] = self
             .gate_up_proj
             .forward(x)
             .try_into()
             .expect("two projections");
-        self.down_proj.forward(kernels::swiglu(gate, up))
+        kernels::swiglu(gate, up)
     }
 }
 
@@ -274,28 +314,53 @@ pub struct DecoderLayer<B: Backend> {
     pub mlp: Mlp<B>,
 }
 
+/// A block's MLP output not yet added to the residual stream: the input of its down
+/// projection, which runs inside the RMSNorm that follows
+/// ([`RmsNorm::forward_proj_add`]).
+#[derive(Debug, Clone)]
+pub struct PendingMlp<'a, B: Backend> {
+    /// `silu(gate(x)) · up(x)`, `[batch, seq, intermediate]`.
+    pub activation: Tensor<B, 3>,
+    /// The block's `down_proj`.
+    pub down_proj: &'a Proj<B>,
+}
+
+impl<B: FusedOpsBackend> PendingMlp<'_, B> {
+    /// `(x + down(activation), norm(x + down(activation)))`.
+    pub fn add_norm(self, x: Tensor<B, 3>, norm: &RmsNorm<B>) -> (Tensor<B, 3>, Tensor<B, 3>) {
+        norm.forward_proj_add(x, self.down_proj, self.activation)
+    }
+}
+
 impl<B: FlashAttentionBackend> DecoderLayer<B> {
-    /// The block on the residual stream `x + pending`, where `pending` is the previous block's
-    /// MLP output not yet added (`None` before the first block). Returns the stream after
-    /// attention and this block's MLP output, again not added: every residual add runs inside
-    /// the RMSNorm that follows it (one launch for both; see [`RmsNorm::forward_add`]), the last
-    /// one inside the final norm.
-    pub fn forward(
-        &self,
+    /// The block on the residual stream `x + down(pending)`, where `pending` is the previous
+    /// block's MLP not yet finished (`None` before the first block). Returns the stream after
+    /// attention and this block's MLP, again not finished: every residual add runs, with the
+    /// projection before it (`o_proj`, `down_proj`), inside the RMSNorm that follows it (on
+    /// the plain CubeCL backend one launch for the norm, the add and the projection's K-split
+    /// reduction; see [`RmsNorm::forward_proj_add`]), the last one inside the final norm.
+    pub fn forward<'a>(
+        &'a self,
         x: Tensor<B, 3>,
-        pending: Option<Tensor<B, 3>>,
+        pending: Option<PendingMlp<'_, B>>,
         rope: &RopeRows<B>,
         cache: &mut LayerCache<B>,
         start: usize,
         mask: AttentionMask<B>,
-    ) -> (Tensor<B, 3>, Tensor<B, 3>) {
+    ) -> (Tensor<B, 3>, PendingMlp<'a, B>) {
         let (x, normed) = match pending {
-            Some(p) => self.input_layernorm.forward_add(x, p),
+            Some(p) => p.add_norm(x, &self.input_layernorm),
             None => (x.clone(), self.input_layernorm.forward(x)),
         };
-        let attn = self.self_attn.forward(normed, rope, cache, start, mask);
-        let (h, normed) = self.post_attention_layernorm.forward_add(x, attn);
-        (h, self.mlp.forward(normed))
+        let heads = self.self_attn.heads(normed, rope, cache, start, mask);
+        let (h, normed) =
+            self.post_attention_layernorm
+                .forward_proj_add(x, &self.self_attn.o_proj, heads);
+        let pending = PendingMlp {
+            activation: self.mlp.activation(normed),
+            down_proj: &self.mlp.down_proj,
+        };
+        (h, pending)
     }
 }
 

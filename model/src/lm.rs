@@ -204,7 +204,7 @@ impl<B: FlashAttentionBackend> Llama<B> {
         cache.advance(n);
         let norm = &self.module.model.norm;
         Ok(match pending {
-            Some(p) => norm.forward_add(x, p).1,
+            Some(p) => p.add_norm(x, norm).1,
             None => norm.forward(x),
         })
     }

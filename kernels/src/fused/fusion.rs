@@ -27,6 +27,10 @@ enum Kind {
     SwiGlu {
         rank: usize,
     },
+    /// Inputs `x, weight, residual, gamma` and a bias when there are five.
+    LinearAddRmsNorm {
+        eps: f64,
+    },
     Rope {
         rotated: usize,
     },
@@ -80,6 +84,13 @@ impl<B: FusionBackend + FusedOpsBackend> Operation<B::FusionRuntime> for FusedOp
                 let up = float(handles, 1);
                 let y = by_rank!(rank, swiglu(gate, up));
                 handles.register_float_tensor::<B>(&outputs[0].id, y);
+            }
+            Kind::LinearAddRmsNorm { eps } => {
+                let [x, w, residual, gamma] = [0, 1, 2, 3].map(|i| float(handles, i));
+                let bias = (inputs.len() > 4).then(|| float(handles, 4));
+                let (h, y) = B::linear_add_rms_norm(x, w, bias, residual, gamma, eps);
+                handles.register_float_tensor::<B>(&outputs[0].id, h);
+                handles.register_float_tensor::<B>(&outputs[1].id, y);
             }
             Kind::Rope { rotated } => {
                 let x = float(handles, 0);
@@ -176,6 +187,35 @@ impl<B: FusionBackend + FusedOpsBackend> FusedOpsBackend for Fusion<B> {
             vec![shape],
         )
         .output()
+    }
+
+    /// One custom operation running the inner backend's fused path (the K split's partial
+    /// sums go straight into the norm there).
+    fn linear_add_rms_norm(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        bias: Option<FloatTensor<Self>>,
+        residual: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        eps: f64,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        if !crate::kernels_enabled() {
+            return reference::linear_add_rms_norm_prim::<Self>(
+                x, weight, bias, residual, gamma, eps,
+            );
+        }
+        let shape = residual.shape.clone();
+        let mut inputs = vec![x, weight, residual, gamma];
+        inputs.extend(bias);
+        let [h, y] = register::<B>(
+            "kernels::linear_add_rms_norm",
+            Kind::LinearAddRmsNorm { eps },
+            inputs,
+            None,
+            vec![shape.clone(), shape],
+        )
+        .outputs();
+        (h, y)
     }
 
     fn rope(

@@ -64,6 +64,26 @@ pub fn rms_norm_kernel<F: Float>(
         partial += hf * hf;
         c += threads;
     }
+    let inv = inv_rms(partial, cols, eps, threads);
+    let mut c = t;
+    while c < cols {
+        let h = if comptime!(with_residual) {
+            sum[row * cols + c]
+        } else {
+            x[x_at.offset(row, c)]
+        };
+        let normed = F::cast_from(f32::cast_from(h) * inv);
+        out[row * cols + c] =
+            F::cast_from(f32::cast_from(normed) * f32::cast_from(gamma[gamma_at.offset(0, c)]));
+        c += threads;
+    }
+}
+
+/// `1 / sqrt(mean(h²) + eps)` of a row of `cols` from each thread's share of `Σ h²`, summed
+/// through shared memory as a tree (no plane operations).
+#[cube]
+fn inv_rms(partial: f32, cols: usize, eps: f32, #[comptime] threads: usize) -> f32 {
+    let t = UNIT_POS as usize;
     let mut red = SharedMemory::<f32>::new(threads);
     red[t] = partial;
     sync_cube();
@@ -76,16 +96,77 @@ pub fn rms_norm_kernel<F: Float>(
         stride /= 2;
     }
     // As the reference: `(mean + eps).sqrt().recip()` in f32.
-    let inv = 1.0f32 / f32::sqrt(red[0] / f32::cast_from(cols) + eps);
+    1.0f32 / f32::sqrt(red[0] / f32::cast_from(cols) + eps)
+}
+
+/// [`rms_norm_kernel`] with a residual add whose addend is a skinny product `y = x·W (+ b)`
+/// still held as the f32 partial sums of its K split (`partial[split][row][col]`, `[splits,
+/// rows, cols]`): `y = round(Σ_split partial + bias)`, `h = round(x + y)` (written to `sum`),
+/// then the RMSNorm of `h` -- one pass where the split's reduction and the norm were two.
+///
+/// The splits are added in the order of the product's own reduction pass
+/// (`crate::linear::kernel::split_reduce_kernel` with `split_lanes` lanes per output: lane `g`
+/// sums splits `g, g + split_lanes, ...`, then the lanes' sums are added in order), so `y` has
+/// the bits the unfused product would have.
+#[allow(clippy::too_many_arguments)]
+#[cube(launch_unchecked)]
+pub fn split_add_rms_norm_kernel<F: Float>(
+    partial: &Array<f32>,
+    bias: &Array<F>,
+    x: &Array<F>,
+    x_at: Strided,
+    gamma: &Array<F>,
+    gamma_at: Strided,
+    sum: &mut Array<F>,
+    out: &mut Array<F>,
+    rows: u32,
+    cols: u32,
+    splits: u32,
+    split_lanes: u32,
+    eps: f32,
+    #[comptime] threads: usize,
+    #[comptime] with_bias: bool,
+    #[define(F)] _dtype: StorageType,
+) {
+    let row = (CUBE_POS_Y * CUBE_COUNT_X + CUBE_POS_X) as usize;
+    if row >= rows as usize {
+        terminate!();
+    }
+    let t = UNIT_POS as usize;
+    let cols = cols as usize;
+    let splits = splits as usize;
+    let split_lanes = split_lanes as usize;
+    let stride = rows as usize * cols;
+    let mut squares = 0.0f32;
     let mut c = t;
     while c < cols {
-        let h = if comptime!(with_residual) {
-            sum[row * cols + c]
-        } else {
-            x[x_at.offset(row, c)]
-        };
-        let normed = F::cast_from(f32::cast_from(h) * inv);
-        out[row * cols + c] =
+        let at = row * cols + c;
+        let mut total = 0.0f32;
+        for g in 0..split_lanes {
+            let mut lane = 0.0f32;
+            let mut s = g;
+            while s < splits {
+                lane += partial[s * stride + at];
+                s += split_lanes;
+            }
+            total += lane;
+        }
+        if comptime!(with_bias) {
+            total += f32::cast_from(bias[c]);
+        }
+        let y = F::cast_from(total);
+        let h = F::cast_from(f32::cast_from(x[x_at.offset(row, c)]) + f32::cast_from(y));
+        sum[at] = h;
+        let hf = f32::cast_from(h);
+        squares += hf * hf;
+        c += threads;
+    }
+    let inv = inv_rms(squares, cols, eps, threads);
+    let mut c = t;
+    while c < cols {
+        let at = row * cols + c;
+        let normed = F::cast_from(f32::cast_from(sum[at]) * inv);
+        out[at] =
             F::cast_from(f32::cast_from(normed) * f32::cast_from(gamma[gamma_at.offset(0, c)]));
         c += threads;
     }

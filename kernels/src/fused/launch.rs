@@ -6,8 +6,11 @@ use burn_cubecl::{
 };
 use cubecl::prelude::*;
 
-use super::kernel::{cache_write_kernel, rms_norm_kernel, rope_kernel, swiglu_kernel};
-use crate::args::{array_arg, strided_arg, strided_out_arg, unused_strided_arg};
+use super::kernel::{
+    cache_write_kernel, rms_norm_kernel, rope_kernel, split_add_rms_norm_kernel, swiglu_kernel,
+};
+use crate::args::{array_arg, strided_arg, strided_out_arg, unused_arg, unused_strided_arg};
+use crate::linear::launch::{LinearTuning, Product, SplitSums};
 
 /// Threads per cube of every launch here (the portable floor allows 256).
 const THREADS: usize = 256;
@@ -107,6 +110,98 @@ pub fn rms_norm<R: CubeRuntime>(
             eps as f32,
             threads,
             residual.is_some(),
+            dtype.into(),
+        );
+    }
+    (sum, out)
+}
+
+/// [`super::FusedOpsBackend::linear_add_rms_norm`] on CubeCL tensors: `x · w (+ bias)` through
+/// the SIMT skinny kernel ([`crate::linear::launch::linear`]) or with `tensor_cores` the
+/// tensor-core one ([`crate::linear::launch::linear_cmma`]), planned with `tuning`, then added
+/// to `residual` (`[m, n]`) and normalised. Returns `(h, norm(h), fused)`, `fused` when the
+/// product was split along K and the norm's kernel added its partial sums; otherwise the
+/// product's output went through the `add_rms_norm` kernel.
+///
+/// # Panics
+/// On inputs the chosen kernel does not take (see [`crate::linear::supported`] and
+/// [`crate::linear::cmma_usable`]) or a residual of another shape.
+#[allow(clippy::too_many_arguments)]
+pub fn linear_add_rms_norm<R: CubeRuntime>(
+    x: CubeTensor<R>,
+    w: CubeTensor<R>,
+    bias: Option<CubeTensor<R>>,
+    residual: CubeTensor<R>,
+    gamma: CubeTensor<R>,
+    eps: f64,
+    tensor_cores: bool,
+    tuning: &LinearTuning,
+) -> (CubeTensor<R>, CubeTensor<R>, bool) {
+    let product = if tensor_cores {
+        crate::linear::launch::product_cmma(x, w, bias, tuning)
+    } else {
+        crate::linear::launch::product(x, w, bias, tuning)
+    };
+    match product {
+        Product::Split(y) => {
+            let (h, normed) = split_add_rms_norm(y, residual, gamma, eps);
+            (h, normed, true)
+        }
+        Product::Done(y) => {
+            let (h, normed) = rms_norm(residual, Some(y), gamma, eps);
+            (h.expect("the sum of a residual add"), normed, false)
+        }
+    }
+}
+
+/// The RMSNorm after adding the skinny product held in `y`'s K-split partial sums to `x`
+/// (`[m, n]`, the residual stream): returns `(h, norm(h))` with `h = x + y`, both `[m, n]`.
+/// See [`super::FusedOpsBackend::linear_add_rms_norm`].
+fn split_add_rms_norm<R: CubeRuntime>(
+    y: SplitSums<R>,
+    x: CubeTensor<R>,
+    gamma: CubeTensor<R>,
+    eps: f64,
+) -> (CubeTensor<R>, CubeTensor<R>) {
+    let dtype = y.dtype;
+    let (rows, cols) = (y.m, y.n);
+    assert_eq!(
+        x.meta.shape().dims::<2>(),
+        [rows, cols],
+        "linear_add_rms_norm: the residual is not [{rows}, {cols}]"
+    );
+    let x = in_dtype(x, dtype);
+    let gamma = in_dtype(gamma, dtype);
+    let sum = empty_like(&x, Shape::new([rows, cols]), dtype);
+    let out = empty_like(&x, Shape::new([rows, cols]), dtype);
+    let threads = threads_for(&x);
+    let client = x.client.clone();
+    let bias_arg = match &y.bias {
+        Some(b) => array_arg(b.clone()),
+        None => unused_arg(&out),
+    };
+    let (x_arg, x_at) = strided_arg(x);
+    let (gamma_arg, gamma_at) = strided_arg(gamma);
+    unsafe {
+        split_add_rms_norm_kernel::launch_unchecked::<R>(
+            &client,
+            row_count(rows),
+            CubeDim::new_1d(threads as u32),
+            array_arg(y.partial),
+            bias_arg,
+            x_arg,
+            x_at,
+            gamma_arg,
+            gamma_at,
+            array_arg(sum.clone()),
+            array_arg(out.clone()),
+            rows as u32,
+            cols as u32,
+            y.splits as u32,
+            y.reduce.split_lanes as u32,
+            eps as f32,
+            threads,
+            y.bias.is_some(),
             dtype.into(),
         );
     }

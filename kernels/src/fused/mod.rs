@@ -23,7 +23,7 @@
 //! - the CPU backends (`flex`, `ndarray`) and `Autodiff<B>` use the reference (differentiable).
 
 pub mod kernel;
-mod launch;
+pub mod launch;
 pub mod reference;
 
 #[cfg(feature = "fusion")]
@@ -62,6 +62,19 @@ pub trait FusedOpsBackend: LinearBackend {
         bias: Option<FloatTensor<Self>>,
     ) -> FloatTensor<Self> {
         reference::linear_swiglu_prim::<Self>(x, weight, bias)
+    }
+
+    /// See [`linear_add_rms_norm`]; `x: [m, k]`, `weight: [k, n]`, `residual: [m, n]`; returns
+    /// `(h, norm(h))`, both `[m, n]`.
+    fn linear_add_rms_norm(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        bias: Option<FloatTensor<Self>>,
+        residual: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        eps: f64,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        reference::linear_add_rms_norm_prim::<Self>(x, weight, bias, residual, gamma, eps)
     }
 
     /// See [`rope`].
@@ -190,6 +203,59 @@ pub fn linear_swiglu<B: FusedOpsBackend, const D: usize>(
     let mut out = dims;
     out[D - 1] = n / 2;
     wrap::<B, 2>(y).reshape(out)
+}
+
+/// A projection added to the residual stream, and the RMSNorm after it: with
+/// `y = x · weight (+ bias)` ([`crate::linear`]), returns `h = residual + y` and
+/// [`rms_norm`]`(h, gamma)` -- exactly [`add_rms_norm`]`(residual, y, gamma, eps)`, with the
+/// same roundings.
+///
+/// This is how a decoder layer ends its attention (`o_proj`) and its MLP (`down_proj`). On the
+/// plain CubeCL backend, when the skinny product is split along K (as one-row products of the
+/// large projections are), the norm's kernel adds the split's partial sums itself: the
+/// product's reduction pass and one round trip of `y` disappear. Otherwise (one split,
+/// `Fusion`, CPU backends, `Autodiff`) it is the two ops.
+///
+/// # Shapes
+/// `x: [..., k]`, `weight: [k, n]`, `bias: [n]`, `residual: [..., n]` (the leading dimensions
+/// of `x`), `gamma: [n]`; both outputs have the shape of `residual`.
+///
+/// # Panics
+/// On inconsistent shapes.
+pub fn linear_add_rms_norm<B: FusedOpsBackend, const D: usize>(
+    x: Tensor<B, D>,
+    weight: Tensor<B, 2>,
+    bias: Option<Tensor<B, 1>>,
+    residual: Tensor<B, D>,
+    gamma: Tensor<B, 1>,
+    eps: f64,
+) -> (Tensor<B, D>, Tensor<B, D>) {
+    let dims = x.dims();
+    let (m, k, n) =
+        crate::linear::product_dims("linear_add_rms_norm", &dims, weight.dims(), bias.as_ref());
+    let mut out_dims = dims;
+    out_dims[D - 1] = n;
+    assert_eq!(
+        residual.dims(),
+        out_dims,
+        "linear_add_rms_norm: the residual's shape differs from the product's"
+    );
+    check_gamma(&out_dims, &gamma.dims());
+    if !crate::linear::takes_skinny(x.dtype(), m, k, n) {
+        return add_rms_norm(residual, crate::linear(x, weight, bias), gamma, eps);
+    }
+    let (h, y) = B::linear_add_rms_norm(
+        x.reshape([m, k]).into_primitive().tensor(),
+        weight.into_primitive().tensor(),
+        bias.map(|b| b.into_primitive().tensor()),
+        residual.reshape([m, n]).into_primitive().tensor(),
+        gamma.into_primitive().tensor(),
+        eps,
+    );
+    (
+        wrap::<B, 2>(h).reshape(out_dims),
+        wrap::<B, 2>(y).reshape(out_dims),
+    )
 }
 
 /// Rotary embeddings ("rotate half" convention) on `x: [batch, seq, heads, head_dim]` (a
@@ -323,6 +389,45 @@ where
         } else {
             reference::swiglu_halves::<Self>(y)
         }
+    }
+
+    /// The skinny kernel `linear_skinny` would run; where it splits K, the norm's kernel adds
+    /// the partial sums (one launch for the split's reduction and the norm). Otherwise the
+    /// product's own output goes through the `add_rms_norm` kernel.
+    fn linear_add_rms_norm(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        bias: Option<FloatTensor<Self>>,
+        residual: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        eps: f64,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        use crate::linear::{SkinnyKernel, skinny_kernel};
+        let kernel = if launch::supported(residual.dtype) {
+            skinny_kernel(&x, &weight, bias.as_ref())
+        } else {
+            None
+        };
+        let tensor_cores = match kernel {
+            Some(kernel) => matches!(kernel, SkinnyKernel::TensorCores),
+            None => {
+                return reference::linear_add_rms_norm_prim::<Self>(
+                    x, weight, bias, residual, gamma, eps,
+                );
+            }
+        };
+        let tuning = crate::linear::LinearTuning::default();
+        let (h, normed, _) = launch::linear_add_rms_norm(
+            x,
+            weight,
+            bias,
+            residual,
+            gamma,
+            eps,
+            tensor_cores,
+            &tuning,
+        );
+        (h, normed)
     }
 
     fn rope(

@@ -53,6 +53,21 @@ pub fn linear_swiglu_prim<B: super::FusedOpsBackend>(
     swiglu_halves::<B>(B::linear_skinny(x, weight, bias))
 }
 
+/// [`super::FusedOpsBackend::linear_add_rms_norm`] as two ops: the backend's skinny product
+/// `y`, then its RMSNorm with the residual add `residual + y`. Returns `(h, norm(h))`.
+pub fn linear_add_rms_norm_prim<B: super::FusedOpsBackend>(
+    x: FloatTensor<B>,
+    weight: FloatTensor<B>,
+    bias: Option<FloatTensor<B>>,
+    residual: FloatTensor<B>,
+    gamma: FloatTensor<B>,
+    eps: f64,
+) -> (FloatTensor<B>, FloatTensor<B>) {
+    let y = B::linear_skinny(x, weight, bias);
+    let (h, normed) = B::rms_norm::<2>(residual, Some(y), gamma, eps);
+    (h.expect("the sum of a residual add"), normed)
+}
+
 /// RoPE on `x: [batch, seq, heads, head_dim]` into `[batch, heads, seq, head_dim]`, rotating
 /// the first `rotated` heads: `x · cos + x[.., swap] · sin` per row, with `cos`/`sin`
 /// `[seq, head_dim]` (the sign of `rotate_half` folded into `sin`) and `swap` `[head_dim]` the

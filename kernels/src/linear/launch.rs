@@ -397,7 +397,7 @@ pub fn linear<R: CubeRuntime>(
     bias: Option<CubeTensor<R>>,
     tuning: &LinearTuning,
 ) -> CubeTensor<R> {
-    linear_with(x, w, bias, tuning, false).0
+    finish(product(x, w, bias, tuning), false).0
 }
 
 /// [`linear`] for a fused gate/up projection (`w = [gate | up]`): when the product is split
@@ -409,7 +409,7 @@ pub fn linear_swiglu<R: CubeRuntime>(
     bias: Option<CubeTensor<R>>,
     tuning: &LinearTuning,
 ) -> (CubeTensor<R>, bool) {
-    linear_with(x, w, bias, tuning, true)
+    finish(product(x, w, bias, tuning), true)
 }
 
 /// Whether a reduction pass can apply SwiGLU to an `n`-column product read in vectors of
@@ -418,13 +418,67 @@ fn swiglu_fits(n: usize, vector_size: usize) -> bool {
     n.is_multiple_of(2) && (n / 2).is_multiple_of(vector_size)
 }
 
-fn linear_with<R: CubeRuntime>(
+/// A launched skinny product: its output, or the f32 partial sums of a K split that a
+/// finishing pass still has to add up ([`finish`], or a consumer that reads them directly,
+/// such as [`crate::fused::FusedOpsBackend::linear_add_rms_norm`]).
+pub(crate) enum Product<R: CubeRuntime> {
+    Done(CubeTensor<R>),
+    Split(SplitSums<R>),
+}
+
+/// The f32 partial sums `partial[split][row][col]` (`[splits, m, n]`, contiguous) of a K-split
+/// product, with what the finishing pass needs.
+pub(crate) struct SplitSums<R: CubeRuntime> {
+    pub partial: CubeTensor<R>,
+    /// `[n]` in the output dtype, unit stride.
+    pub bias: Option<CubeTensor<R>>,
+    pub splits: usize,
+    pub m: usize,
+    pub n: usize,
+    /// Vector width the product used (divides `n`).
+    pub vector_size: usize,
+    /// The planned reduction pass (its split lanes fix the order the splits are added in).
+    pub reduce: ReduceConfig,
+    /// Dtype of the finished product (that of `x`).
+    pub dtype: DType,
+}
+
+/// Adds up a [`Product`]'s K split (plus bias) into `[m, n]`, or with `swiglu` into SwiGLU of
+/// the two column halves, `[m, n / 2]`, when the halves are whole vectors (`true`); a product
+/// without a split is returned as it is (`false`).
+pub(crate) fn finish<R: CubeRuntime>(product: Product<R>, swiglu: bool) -> (CubeTensor<R>, bool) {
+    let s = match product {
+        Product::Done(out) => return (out, false),
+        Product::Split(s) => s,
+    };
+    let swiglu = swiglu && swiglu_fits(s.n, s.vector_size);
+    let out = empty_device_contiguous_dtype::<R>(
+        s.partial.client.clone(),
+        s.partial.device.clone(),
+        Shape::new([s.m, if swiglu { s.n / 2 } else { s.n }]),
+        s.dtype,
+    );
+    launch_reduce(
+        &s.partial.client.clone(),
+        ReduceConfig { swiglu, ..s.reduce },
+        s.vector_size,
+        s.partial,
+        s.bias.as_ref(),
+        &out,
+        s.splits,
+        s.m,
+        s.n,
+    );
+    (out, swiglu)
+}
+
+/// Launches the SIMT product of [`linear`]; a K split is left unfinished.
+pub(crate) fn product<R: CubeRuntime>(
     x: CubeTensor<R>,
     w: CubeTensor<R>,
     bias: Option<CubeTensor<R>>,
     tuning: &LinearTuning,
-    swiglu: bool,
-) -> (CubeTensor<R>, bool) {
+) -> Product<R> {
     let dtype = x.dtype;
     assert!(
         matches!(dtype, DType::F32 | DType::F16 | DType::BF16),
@@ -484,27 +538,11 @@ fn linear_with<R: CubeRuntime>(
     };
     let plan = plan(&problem, multiprocessors, max_threads, shared_limit, tuning);
     let n_vec = n / vector_size;
-    let swiglu = swiglu && plan.splits > 1 && swiglu_fits(n, vector_size);
-    let out = empty_device_contiguous_dtype::<R>(
-        client.clone(),
-        device.clone(),
-        Shape::new([m, if swiglu { n / 2 } else { n }]),
-        dtype,
-    );
-
-    // The f32 partial sums of a K split; without one (and without a bias) the kernel's
-    // parameter is switched off at compile time and bound to `out`.
-    let partial = (plan.splits > 1).then(|| {
-        empty_device_contiguous_dtype::<R>(
-            client.clone(),
-            device.clone(),
-            Shape::new([plan.splits * m * n]),
-            DType::F32,
-        )
-    });
+    let target = Target::new(&client, &device, plan.splits, m, n, dtype);
+    let out = target.buffer();
     let bias_arg = || match &bias {
         Some(b) => array_arg(b.clone()),
-        None => unused_arg(&out),
+        None => unused_arg(out),
     };
     let (x_row_stride, x_col_stride) = (x.meta.strides()[0], x.meta.strides()[1]);
     let w_row_vectors = w.meta.strides()[0] / vector_size;
@@ -523,11 +561,8 @@ fn linear_with<R: CubeRuntime>(
             array_arg(x),
             array_arg(w),
             bias_arg(),
-            array_arg(out.clone()),
-            match &partial {
-                Some(p) => array_arg(p.clone()),
-                None => unused_arg(&out),
-            },
+            target.out_arg(),
+            target.partial_arg(),
             u32::try_from(x_row_stride).expect("linear: x stride exceeds 32 bits"),
             u32::try_from(x_col_stride).expect("linear: x stride exceeds 32 bits"),
             w_row_vectors as u32,
@@ -539,21 +574,90 @@ fn linear_with<R: CubeRuntime>(
             dtype.into(),
         );
     }
+    target.into_product(plan.reduce, bias, vector_size)
+}
 
-    if let (Some(reduce), Some(partial)) = (plan.reduce, partial) {
-        launch_reduce(
-            &client,
-            ReduceConfig { swiglu, ..reduce },
-            vector_size,
+/// Where a product kernel writes: the `[m, n]` output, or with a K split the f32 partial sums
+/// `[splits, m, n]` (the parameter switched off at compile time is bound to the other buffer).
+struct Target<R: CubeRuntime> {
+    out: Option<CubeTensor<R>>,
+    partial: Option<CubeTensor<R>>,
+    splits: usize,
+    m: usize,
+    n: usize,
+    dtype: DType,
+}
+
+impl<R: CubeRuntime> Target<R> {
+    fn new(
+        client: &ComputeClient<R>,
+        device: &R::Device,
+        splits: usize,
+        m: usize,
+        n: usize,
+        dtype: DType,
+    ) -> Self {
+        let empty = |shape: Shape, dtype: DType| {
+            empty_device_contiguous_dtype::<R>(client.clone(), device.clone(), shape, dtype)
+        };
+        let (out, partial) = if splits > 1 {
+            (None, Some(empty(Shape::new([splits * m * n]), DType::F32)))
+        } else {
+            (Some(empty(Shape::new([m, n]), dtype)), None)
+        };
+        Self {
+            out,
             partial,
-            bias.as_ref(),
-            &out,
-            plan.splits,
+            splits,
             m,
             n,
-        );
+            dtype,
+        }
     }
-    (out, swiglu)
+
+    /// The buffer the kernel writes.
+    fn buffer(&self) -> &CubeTensor<R> {
+        self.out
+            .as_ref()
+            .or(self.partial.as_ref())
+            .expect("an output or partial sums")
+    }
+
+    fn out_arg(&self) -> ArrayArg<R> {
+        match &self.out {
+            Some(o) => array_arg(o.clone()),
+            None => unused_arg(self.buffer()),
+        }
+    }
+
+    fn partial_arg(&self) -> ArrayArg<R> {
+        match &self.partial {
+            Some(p) => array_arg(p.clone()),
+            None => unused_arg(self.buffer()),
+        }
+    }
+
+    fn into_product(
+        self,
+        reduce: Option<ReduceConfig>,
+        bias: Option<CubeTensor<R>>,
+        vector_size: usize,
+    ) -> Product<R> {
+        match (self.out, self.partial) {
+            (Some(out), _) => Product::Done(out),
+            (None, Some(partial)) => Product::Split(SplitSums {
+                partial,
+                bias,
+                splits: self.splits,
+                m: self.m,
+                n: self.n,
+                vector_size,
+                reduce: reduce.expect("a K split plans its reduction"),
+                dtype: self.dtype,
+            }),
+            (None, None) => unreachable!("Target::new allocates one of them"),
+        }
+    }
 }
 
 /// The bias as the kernels read it: `[n]`, in `x`'s dtype, unit stride.
@@ -765,7 +869,7 @@ pub fn linear_cmma<R: CubeRuntime>(
     bias: Option<CubeTensor<R>>,
     tuning: &LinearTuning,
 ) -> CubeTensor<R> {
-    linear_cmma_with(x, w, bias, tuning, false).0
+    finish(product_cmma(x, w, bias, tuning), false).0
 }
 
 /// [`linear_cmma`] for a fused gate/up projection, as [`linear_swiglu`] is for [`linear`].
@@ -775,16 +879,16 @@ pub fn linear_cmma_swiglu<R: CubeRuntime>(
     bias: Option<CubeTensor<R>>,
     tuning: &LinearTuning,
 ) -> (CubeTensor<R>, bool) {
-    linear_cmma_with(x, w, bias, tuning, true)
+    finish(product_cmma(x, w, bias, tuning), true)
 }
 
-fn linear_cmma_with<R: CubeRuntime>(
+/// Launches the tensor-core product of [`linear_cmma`]; a K split is left unfinished.
+pub(crate) fn product_cmma<R: CubeRuntime>(
     x: CubeTensor<R>,
     w: CubeTensor<R>,
     bias: Option<CubeTensor<R>>,
     tuning: &LinearTuning,
-    swiglu: bool,
-) -> (CubeTensor<R>, bool) {
+) -> Product<R> {
     assert!(
         cmma_usable(&x, &w, bias.as_ref()),
         "linear_cmma: inputs the tensor-core kernel does not take (see cmma_usable)"
@@ -822,22 +926,7 @@ fn linear_cmma_with<R: CubeRuntime>(
     };
     let plan = plan_cmma(&problem, multiprocessors, shared_limit, tuning)
         .expect("linear_cmma: no tensor-core plan fits this device");
-    let swiglu = swiglu && plan.splits > 1 && swiglu_fits(n, vector_size);
-    let out = empty_device_contiguous_dtype::<R>(
-        client.clone(),
-        device.clone(),
-        Shape::new([m, if swiglu { n / 2 } else { n }]),
-        dtype,
-    );
-
-    let partial = (plan.splits > 1).then(|| {
-        empty_device_contiguous_dtype::<R>(
-            client.clone(),
-            device.clone(),
-            Shape::new([plan.splits * m * n]),
-            DType::F32,
-        )
-    });
+    let target = Target::new(&client, &device, plan.splits, m, n, dtype);
     let cfg = plan.config;
     unsafe {
         linear_cmma_kernel::launch_unchecked::<R>(
@@ -849,13 +938,10 @@ fn linear_cmma_with<R: CubeRuntime>(
             array_arg(w.clone()),
             match &bias {
                 Some(b) if cfg.bias => array_arg(b.clone()),
-                _ => unused_arg(&out),
+                _ => unused_arg(target.buffer()),
             },
-            array_arg(out.clone()),
-            match &partial {
-                Some(p) => array_arg(p.clone()),
-                None => unused_arg(&out),
-            },
+            target.out_arg(),
+            target.partial_arg(),
             u32::try_from(x.meta.strides()[0]).expect("linear: x stride exceeds 32 bits"),
             w.meta.strides()[0] as u32,
             m as u32,
@@ -866,20 +952,7 @@ fn linear_cmma_with<R: CubeRuntime>(
             dtype.into(),
         );
     }
-    if let (Some(reduce), Some(partial)) = (plan.reduce, partial) {
-        launch_reduce(
-            &client,
-            ReduceConfig { swiglu, ..reduce },
-            vector_size,
-            partial,
-            bias.as_ref(),
-            &out,
-            plan.splits,
-            m,
-            n,
-        );
-    }
-    (out, swiglu)
+    target.into_product(plan.reduce, bias, vector_size)
 }
 
 /// The plan [`linear`] would use for these shapes on `client`'s device (for tests and
