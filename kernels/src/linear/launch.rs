@@ -421,6 +421,8 @@ fn swiglu_fits(n: usize, vector_size: usize) -> bool {
 /// A launched skinny product: its output, or the f32 partial sums of a K split that a
 /// finishing pass still has to add up ([`finish`], or a consumer that reads them directly,
 /// such as [`crate::fused::FusedOpsBackend::linear_add_rms_norm`]).
+// One per launch, moved once: the size difference does not matter.
+#[allow(clippy::large_enum_variant)]
 pub(crate) enum Product<R: CubeRuntime> {
     Done(CubeTensor<R>),
     Split(SplitSums<R>),
