@@ -197,17 +197,25 @@ pub fn run<B: FlashAttentionBackend>(
         &options.clone().with_fuse_projections(false),
         device,
     )?;
-    for (label, kernels_on, model) in [
-        ("ours (CubeCL attention + linear kernels)", true, &model),
+    for (label, kernels_on, fold, model) in [
+        ("ours (CubeCL attention + linear kernels)", true, true, &model),
+        (
+            "ours, reductions apart (K-split sums finished before SwiGLU and the norms)",
+            true,
+            false,
+            &model,
+        ),
         (
             "ours, projections apart (q, k, v, gate, up unfused)",
             true,
+            true,
             &apart,
         ),
-        ("stock Burn (matmul + attention)", false, &model),
+        ("stock Burn (matmul + attention)", false, true, &model),
     ] {
         progress.set_message(format!("scale: decoding, {label}"));
         kernels::set_kernels_enabled(kernels_on);
+        kernels::set_fold_reductions(fold);
         generate(model, &prompt, &gen_config, |_| {})?; // warm-up: compilation, autotune
         let out = generate(model, &prompt, &gen_config, |_| {})?;
         let per_token = out.decode.as_secs_f64() / (out.tokens.len() - 1) as f64;
@@ -224,6 +232,7 @@ pub fn run<B: FlashAttentionBackend>(
         });
     }
     kernels::set_kernels_enabled(true);
+    kernels::set_fold_reductions(true);
     drop(apart);
 
     progress.set_message("scale: projection shapes".to_string());

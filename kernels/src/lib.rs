@@ -77,6 +77,33 @@ pub fn set_kernels_enabled(on: bool) {
     );
 }
 
+static FOLD: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(UNSET);
+
+/// Whether CubeCL backends fold a skinny product's K-split reduction into the op that consumes
+/// it ([`linear_swiglu`]'s SwiGLU, [`linear_add_rms_norm`]'s residual add and norm; default) or
+/// finish the product first and run the op after it (one launch more each, same values): the
+/// benchmark's measure of what folding saves. Initialised from `BURN_DECODE_FOLD=0` (off).
+pub fn fold_reductions() -> bool {
+    use std::sync::atomic::Ordering;
+    match FOLD.load(Ordering::Relaxed) {
+        ON => true,
+        OFF => false,
+        _ => {
+            let on = std::env::var("BURN_DECODE_FOLD").as_deref() != Ok("0");
+            FOLD.store(if on { ON } else { OFF }, Ordering::Relaxed);
+            on
+        }
+    }
+}
+
+/// Switches [`fold_reductions`] on or off for the whole process.
+pub fn set_fold_reductions(on: bool) {
+    FOLD.store(
+        if on { ON } else { OFF },
+        std::sync::atomic::Ordering::Relaxed,
+    );
+}
+
 /// A Burn backend that can run [`flash_attention`].
 ///
 /// Implemented for every CubeCL backend (kernel path), `Fusion` over those, the CPU backends

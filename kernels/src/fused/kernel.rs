@@ -99,6 +99,19 @@ fn inv_rms(partial: f32, cols: usize, eps: f32, #[comptime] threads: usize) -> f
     1.0f32 / f32::sqrt(red[0] / f32::cast_from(cols) + eps)
 }
 
+/// Compile-time shape of [`split_add_rms_norm_kernel`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct SplitNormConfig {
+    /// Threads per cube (a power of two).
+    pub threads: usize,
+    /// K splits of the product.
+    pub splits: usize,
+    /// Split lanes of the product's own reduction pass (fixes the order of the sum).
+    pub split_lanes: usize,
+    /// Add a bias to the product.
+    pub bias: bool,
+}
+
 /// [`rms_norm_kernel`] with a residual add whose addend is a skinny product `y = x·W (+ b)`
 /// still held as the f32 partial sums of its K split (`partial[split][row][col]`, `[splits,
 /// rows, cols]`): `y = round(Σ_split partial + bias)`, `h = round(x + y)` (written to `sum`),
@@ -107,7 +120,10 @@ fn inv_rms(partial: f32, cols: usize, eps: f32, #[comptime] threads: usize) -> f
 /// The splits are added in the order of the product's own reduction pass
 /// (`crate::linear::kernel::split_reduce_kernel` with `split_lanes` lanes per output: lane `g`
 /// sums splits `g, g + split_lanes, ...`, then the lanes' sums are added in order), so `y` has
-/// the bits the unfused product would have.
+/// the bits the unfused product would have. One cube per row reads all of the row's partial
+/// sums, so every load of a column is issued before any is used (the split count is a
+/// compile-time constant and the loops unroll): a loop of dependent loads made this kernel
+/// latency-bound (measured on an H200: a Llama-3-8B decode step 1.2 ms slower).
 #[allow(clippy::too_many_arguments)]
 #[cube(launch_unchecked)]
 pub fn split_add_rms_norm_kernel<F: Float>(
@@ -121,11 +137,8 @@ pub fn split_add_rms_norm_kernel<F: Float>(
     out: &mut Array<F>,
     rows: u32,
     cols: u32,
-    splits: u32,
-    split_lanes: u32,
     eps: f32,
-    #[comptime] threads: usize,
-    #[comptime] with_bias: bool,
+    #[comptime] cfg: SplitNormConfig,
     #[define(F)] _dtype: StorageType,
 ) {
     let row = (CUBE_POS_Y * CUBE_COUNT_X + CUBE_POS_X) as usize;
@@ -133,25 +146,34 @@ pub fn split_add_rms_norm_kernel<F: Float>(
         terminate!();
     }
     let t = UNIT_POS as usize;
+    let threads = cfg.threads;
     let cols = cols as usize;
-    let splits = splits as usize;
-    let split_lanes = split_lanes as usize;
     let stride = rows as usize * cols;
+    let lanes = cfg.split_lanes;
+    let loads = comptime!(cfg.splits.div_ceil(cfg.split_lanes));
     let mut squares = 0.0f32;
     let mut c = t;
     while c < cols {
         let at = row * cols + c;
+        let mut p = Array::<f32>::new(cfg.splits);
+        #[unroll]
+        for s in 0..cfg.splits {
+            p[s] = partial[s * stride + at];
+        }
         let mut total = 0.0f32;
-        for g in 0..split_lanes {
+        #[unroll]
+        for g in 0..lanes {
             let mut lane = 0.0f32;
-            let mut s = g;
-            while s < splits {
-                lane += partial[s * stride + at];
-                s += split_lanes;
+            #[unroll]
+            for u in 0..loads {
+                let s = g + u * lanes;
+                if s < cfg.splits {
+                    lane += p[s];
+                }
             }
             total += lane;
         }
-        if comptime!(with_bias) {
+        if comptime!(cfg.bias) {
             total += f32::cast_from(bias[c]);
         }
         let y = F::cast_from(total);

@@ -7,7 +7,8 @@ use burn_cubecl::{
 use cubecl::prelude::*;
 
 use super::kernel::{
-    cache_write_kernel, rms_norm_kernel, rope_kernel, split_add_rms_norm_kernel, swiglu_kernel,
+    SplitNormConfig, cache_write_kernel, rms_norm_kernel, rope_kernel, split_add_rms_norm_kernel,
+    swiglu_kernel,
 };
 use crate::args::{array_arg, strided_arg, strided_out_arg, unused_arg, unused_strided_arg};
 use crate::linear::launch::{LinearTuning, Product, SplitSums};
@@ -42,7 +43,16 @@ fn elementwise_count(total: usize) -> CubeCount {
 
 /// Threads of a row-per-cube launch: [`THREADS`], or the device's largest power of two below.
 fn threads_for<R: CubeRuntime>(t: &CubeTensor<R>) -> usize {
-    let n = THREADS
+    threads_for_max(t, THREADS)
+}
+
+/// Threads of the row-per-cube launch that sums a K split's partials: a cube reads the whole
+/// row's partial sums, so it takes as many threads as the portable floor allows.
+const SPLIT_NORM_THREADS: usize = 1024;
+
+/// `most` threads, or the device's largest power of two below.
+fn threads_for_max<R: CubeRuntime>(t: &CubeTensor<R>, most: usize) -> usize {
+    let n = most
         .min(t.client.properties().hardware.max_units_per_cube as usize)
         .max(1);
     1 << (usize::BITS - 1 - n.leading_zeros())
@@ -174,7 +184,14 @@ fn split_add_rms_norm<R: CubeRuntime>(
     let gamma = in_dtype(gamma, dtype);
     let sum = empty_like(&x, Shape::new([rows, cols]), dtype);
     let out = empty_like(&x, Shape::new([rows, cols]), dtype);
-    let threads = threads_for(&x);
+    // As many threads as a cube takes: the row's partial sums are read once, by this cube.
+    let threads = threads_for_max(&x, SPLIT_NORM_THREADS);
+    let cfg = SplitNormConfig {
+        threads,
+        splits: y.splits,
+        split_lanes: y.reduce.split_lanes,
+        bias: y.bias.is_some(),
+    };
     let client = x.client.clone();
     let bias_arg = match &y.bias {
         Some(b) => array_arg(b.clone()),
@@ -197,11 +214,8 @@ fn split_add_rms_norm<R: CubeRuntime>(
             array_arg(out.clone()),
             rows as u32,
             cols as u32,
-            y.splits as u32,
-            y.reduce.split_lanes as u32,
             eps as f32,
-            threads,
-            y.bias.is_some(),
+            cfg,
             dtype.into(),
         );
     }

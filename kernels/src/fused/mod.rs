@@ -380,6 +380,9 @@ where
         use crate::linear::{SkinnyKernel, launch as skinny, skinny_kernel};
         let tuning = skinny::LinearTuning::default();
         let (y, done) = match skinny_kernel(&x, &weight, bias.as_ref()) {
+            _ if !crate::fold_reductions() => {
+                return reference::linear_swiglu_prim::<Self>(x, weight, bias);
+            }
             Some(SkinnyKernel::Simt) => skinny::linear_swiglu(x, weight, bias, &tuning),
             Some(SkinnyKernel::TensorCores) => skinny::linear_cmma_swiglu(x, weight, bias, &tuning),
             None => return reference::linear_swiglu_prim::<Self>(x, weight, bias),
@@ -403,7 +406,7 @@ where
         eps: f64,
     ) -> (FloatTensor<Self>, FloatTensor<Self>) {
         use crate::linear::{SkinnyKernel, skinny_kernel};
-        let kernel = if launch::supported(residual.dtype) {
+        let kernel = if launch::supported(residual.dtype) && crate::fold_reductions() {
             skinny_kernel(&x, &weight, bias.as_ref())
         } else {
             None
