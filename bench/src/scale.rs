@@ -198,7 +198,12 @@ pub fn run<B: FlashAttentionBackend>(
         device,
     )?;
     for (label, kernels_on, fold, model) in [
-        ("ours (CubeCL attention + linear kernels)", true, true, &model),
+        (
+            "ours (CubeCL attention + linear kernels)",
+            true,
+            true,
+            &model,
+        ),
         (
             "ours, reductions apart (K-split sums finished before SwiGLU and the norms)",
             true,

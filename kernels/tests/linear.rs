@@ -1007,3 +1007,219 @@ fn norm_adds_the_split_sums() {
         );
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// The K split's partial sums of a fused q/k/v projection finished inside RoPE + cache write.
+
+/// `launch::RopeCache` from `kernels::fused::launch::linear_rope_cache` gives the same bits as
+/// the product followed by the RoPE and cache-write kernels, and the f64 reference within
+/// tolerance (queries rotated, keys rotated into the cache rows, values copied, other cache
+/// rows untouched): K splits forced (batch 1–2, 1–3 tokens, with and without bias, past 16
+/// split lanes); the public `kernels::linear_rope_cache` agrees with the public ops in a row,
+/// on the plain and the fusion backend.
+#[test]
+fn rope_and_cache_take_the_split_sums() {
+    use burn::tensor::{Int, TensorData};
+    /// `(i + d/2) % d`: the dimension each one rotates with.
+    fn swap_of<B: Backend>(d: usize, device: &B::Device) -> Tensor<B, 1, Int> {
+        let idx = (0..d).map(|i| ((i + d / 2) % d) as i64).collect();
+        Tensor::from_data(TensorData::new(idx, [d]), device)
+    }
+    let device = Device::default();
+    let client = Runtime::client(&device);
+    // (batch, seq, k, n_heads, n_kv, head_dim, bias, splits)
+    let cases = [
+        (1, 1, 1024, 3, 1, 16, false, 4),
+        (2, 3, 300, 4, 2, 8, true, 3),
+        (1, 1, 16384, 2, 1, 8, true, 24),
+        (1, 2, 128, 2, 2, 8, false, 1),
+    ];
+    let (cap, start) = (8, 2);
+    for dtype in [DType::F32, DType::F16, DType::BF16] {
+        if !supports(dtype) {
+            continue;
+        }
+        let (round, tol) = rounding(dtype);
+        let (mut written, mut split) = (0, 0);
+        for (b, s, k, nh, nkv, d, bias, splits) in cases {
+            let heads = nh + 2 * nkv;
+            let (m, n) = (b * s, heads * d);
+            let case = Case::new(m, k, n, bias);
+            let inp = make_inputs(&case, round);
+            let y = reference(&case, &inp);
+            let mut rng = StdRng::seed_from_u64(case.seed() + 2);
+            let cos = draw(&mut rng, s * d, round);
+            let sin = draw(&mut rng, s * d, round);
+            let cache_len = b * nkv * cap * d;
+            let k0 = draw(&mut rng, cache_len, round);
+            let v0 = draw(&mut rng, cache_len, round);
+            // f64: rotated queries, and the caches with rotated keys and values at start.. .
+            let half = d / 2;
+            let value = |bb: usize, ss: usize, h: usize, i: usize| {
+                let row = (bb * s + ss) * n + h * d;
+                if h >= nh + nkv {
+                    return y[row + i];
+                }
+                let partner = if i < half { i + half } else { i - half };
+                y[row + i] * cos[ss * d + i] as f64 + y[row + partner] * sin[ss * d + i] as f64
+            };
+            let mut q_ref = vec![0.0f64; b * nh * s * d];
+            let mut k_ref: Vec<f64> = k0.iter().map(|&v| v as f64).collect();
+            let mut v_ref: Vec<f64> = v0.iter().map(|&v| v as f64).collect();
+            for bb in 0..b {
+                for ss in 0..s {
+                    for i in 0..d {
+                        for h in 0..nh {
+                            q_ref[((bb * nh + h) * s + ss) * d + i] = value(bb, ss, h, i);
+                        }
+                        for h in 0..nkv {
+                            let at = ((bb * nkv + h) * cap + start + ss) * d + i;
+                            k_ref[at] = value(bb, ss, nh + h, i);
+                            v_ref[at] = value(bb, ss, nh + nkv + h, i);
+                        }
+                    }
+                }
+            }
+            let tuning = LinearTuning {
+                splits: Some(splits),
+                ..Default::default()
+            };
+            let plan = plan_for(&client, dtype, m, k, n, bias, &tuning);
+            let name = format!(
+                "{b}x{s} {k} -> {nh}+2x{nkv} heads of {d} {dtype:?} splits {}",
+                plan.splits
+            );
+            println!("{name}");
+            split += usize::from(plan.splits > 1);
+            let d_in = upload::<Cube>(&case, &inp, dtype, Layout::Contiguous, &device);
+            let table = |v: &[f32]| tensor::<Cube, 2>(v, [s, d], dtype, &device);
+            let cache = |v: &[f32]| tensor::<Cube, 4>(v, [b, nkv, cap, d], dtype, &device);
+            let prim2 = |t: Tensor<Cube, 2>| t.into_primitive().tensor();
+            let prim4 = |t: Tensor<Cube, 4>| t.into_primitive().tensor();
+            let wrap4 = |t| Tensor::<Cube, 4>::from_primitive(TensorPrimitive::Float(t));
+            let out = kernels::fused::launch::linear_rope_cache::<Runtime>(
+                prim2(d_in.x.clone()),
+                prim2(d_in.w.clone()),
+                d_in.b.clone().map(|b| b.into_primitive().tensor()),
+                prim2(table(&cos)),
+                prim2(table(&sin)),
+                prim4(cache(&k0)),
+                prim4(cache(&v0)),
+                start,
+                nh,
+                false,
+                &tuning,
+            );
+            let got = match out {
+                kernels::fused::launch::RopeCache::Written(q, kc, vc) => {
+                    written += 1;
+                    [q, kc, vc].map(|t| read(wrap4(t)))
+                }
+                kernels::fused::launch::RopeCache::Product(..) => {
+                    assert_eq!(plan.splits, 1, "{name}: a split product must be written");
+                    continue;
+                }
+            };
+            // The product, then the RoPE and cache-write kernels.
+            let yd = Tensor::<Cube, 2>::from_primitive(TensorPrimitive::Float(launch::linear::<
+                Runtime,
+            >(
+                prim2(d_in.x.clone()),
+                prim2(d_in.w.clone()),
+                d_in.b.clone().map(|b| b.into_primitive().tensor()),
+                &tuning,
+            )));
+            let rotated = kernels::rope(
+                yd.reshape([b, s, heads, d]),
+                table(&cos),
+                table(&sin),
+                swap_of(d, &device),
+                nh + nkv,
+            );
+            let (kc, vc) = kernels::cache_write(
+                cache(&k0),
+                cache(&v0),
+                rotated.clone().narrow(1, nh, nkv),
+                rotated.clone().narrow(1, nh + nkv, nkv),
+                start,
+            );
+            let two_ops = [read(rotated.narrow(1, 0, nh)), read(kc), read(vc)];
+            assert_eq!(got, two_ops, "{name}: not the ops' bits");
+            for (what, got, expected) in [
+                ("q", &got[0], &q_ref),
+                ("k cache", &got[1], &k_ref),
+                ("v cache", &got[2], &v_ref),
+            ] {
+                assert_close(&format!("{name} {what}"), got, expected, tol);
+            }
+
+            // The public op, plain and fused backends.
+            let public = kernels::linear_rope_cache(
+                d_in.x.clone().reshape([b, s, k]),
+                d_in.w.clone(),
+                d_in.b.clone(),
+                table(&cos),
+                table(&sin),
+                swap_of(d, &device),
+                cache(&k0),
+                cache(&v0),
+                start,
+                nh,
+            );
+            let public_ops = {
+                let y = kernels::linear(d_in.x.clone(), d_in.w.clone(), d_in.b.clone());
+                let rotated = kernels::rope(
+                    y.reshape([b, s, heads, d]),
+                    table(&cos),
+                    table(&sin),
+                    swap_of(d, &device),
+                    nh + nkv,
+                );
+                let (kc, vc) = kernels::cache_write(
+                    cache(&k0),
+                    cache(&v0),
+                    rotated.clone().narrow(1, nh, nkv),
+                    rotated.clone().narrow(1, nh + nkv, nkv),
+                    start,
+                );
+                [read(rotated.narrow(1, 0, nh)), read(kc), read(vc)]
+            };
+            assert_eq!(
+                [read(public.0), read(public.1), read(public.2)],
+                public_ops,
+                "{name}: kernels::linear_rope_cache"
+            );
+            #[cfg(feature = "fusion")]
+            {
+                type Fused = burn_fusion::Fusion<Cube>;
+                let fused = kernels::linear_rope_cache(
+                    tensor::<Fused, 3>(&inp.x, [b, s, k], dtype, &device),
+                    tensor::<Fused, 2>(&inp.w, [k, n], dtype, &device),
+                    inp.b
+                        .as_ref()
+                        .map(|v| tensor::<Fused, 1>(v, [n], dtype, &device)),
+                    tensor::<Fused, 2>(&cos, [s, d], dtype, &device),
+                    tensor::<Fused, 2>(&sin, [s, d], dtype, &device),
+                    swap_of(d, &device),
+                    tensor::<Fused, 4>(&k0, [b, nkv, cap, d], dtype, &device),
+                    tensor::<Fused, 4>(&v0, [b, nkv, cap, d], dtype, &device),
+                    start,
+                    nh,
+                );
+                assert_eq!(
+                    [read(fused.0), read(fused.1), read(fused.2)],
+                    public_ops,
+                    "{name}: on Fusion"
+                );
+            }
+        }
+        assert_eq!(
+            written, split,
+            "every split product must reach the fused kernel"
+        );
+        assert!(
+            written >= 2,
+            "the forced splits must reach the fused kernel"
+        );
+    }
+}

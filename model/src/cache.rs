@@ -38,6 +38,22 @@ impl<B: FusedOpsBackend> LayerCache<B> {
         self.v = Some(vc.clone());
         (kc, vc)
     }
+
+    /// Hands the buffers by value to `write` (an op that writes into them, in place when it
+    /// holds their only reference, e.g. [`kernels::linear_rope_cache`]), keeps the buffers it
+    /// returns beside `T`, and returns them for attention: `(T, keys, values)`.
+    pub fn update<T>(
+        &mut self,
+        write: impl FnOnce(Tensor<B, 4>, Tensor<B, 4>) -> (T, Tensor<B, 4>, Tensor<B, 4>),
+    ) -> (T, Tensor<B, 4>, Tensor<B, 4>) {
+        let (out, kc, vc) = write(
+            self.k.take().expect("cache buffer present"),
+            self.v.take().expect("cache buffer present"),
+        );
+        self.k = Some(kc.clone());
+        self.v = Some(vc.clone());
+        (out, kc, vc)
+    }
 }
 
 impl<B: Backend> LayerCache<B> {

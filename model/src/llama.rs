@@ -236,25 +236,31 @@ impl<B: FlashAttentionBackend> Attention<B> {
     ) -> Tensor<B, 3> {
         let [b, s, _] = x.dims();
         let (nh, nkv, d) = (self.n_heads, self.n_kv_heads, self.head_dim);
-        let [q, k, v]: [Tensor<B, 4>; 3] = if self.qkv_proj.is_fused() {
-            // One RoPE launch over the fused result rotates q and k and moves the heads first;
-            // q, k and v are then head ranges of it (views).
-            let qkv = self.qkv_proj.parts[0]
-                .forward(x)
-                .reshape([b, s, nh + 2 * nkv, d]);
-            let qkv = apply_rope(qkv, rope, nh + nkv);
-            [(0, nh), (nh, nkv), (nh + nkv, nkv)].map(|(at, n)| qkv.clone().narrow(1, at, n))
+        let (q, k_all, v_all) = if self.qkv_proj.is_fused() {
+            // One op projects q/k/v, rotates q and k, and appends k and v to the cache (on the
+            // plain CubeCL backend one launch after the product, which finishes its K split).
+            let proj = &self.qkv_proj.parts[0];
+            cache.update(|k_cache, v_cache| {
+                kernels::linear_rope_cache(
+                    x,
+                    proj.weight.val(),
+                    proj.bias.as_ref().map(|b| b.val()),
+                    rope.cos.clone(),
+                    rope.sin_signed.clone(),
+                    rope.swap.clone(),
+                    k_cache,
+                    v_cache,
+                    start,
+                    nh,
+                )
+            })
         } else {
             let mut out = self.qkv_proj.forward(x).into_iter();
             let [q, k, v] = [nh, nkv, nkv]
                 .map(|n| out.next().expect("three projections").reshape([b, s, n, d]));
-            [
-                apply_rope(q, rope, nh),
-                apply_rope(k, rope, nkv),
-                v.swap_dims(1, 2),
-            ]
+            let (k_all, v_all) = cache.write(start, apply_rope(k, rope, nkv), v.swap_dims(1, 2));
+            (apply_rope(q, rope, nh), k_all, v_all)
         };
-        let (k_all, v_all) = cache.write(start, k, v);
         let options = FlashAttentionOptions::new(self.head_dim, start + s);
         let out = flash_attention(q, k_all, v_all, mask, options);
         // `[b, heads, s, d]` to `[b, s, heads * d]`. With one new token the two layouts hold the

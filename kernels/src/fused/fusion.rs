@@ -34,6 +34,12 @@ enum Kind {
     Rope {
         rotated: usize,
     },
+    /// Inputs `x, weight, cos, sin, k_cache, v_cache`, a bias when there are eight, and
+    /// `swap` last.
+    LinearRopeCache {
+        start: usize,
+        n_heads: usize,
+    },
     CacheWrite {
         start: usize,
     },
@@ -99,6 +105,16 @@ impl<B: FusionBackend + FusedOpsBackend> Operation<B::FusionRuntime> for FusedOp
                 let swap = handles.get_int_tensor::<B>(&inputs[3]);
                 let y = B::rope(x, cos, sin, swap, rotated);
                 handles.register_float_tensor::<B>(&outputs[0].id, y);
+            }
+            Kind::LinearRopeCache { start, n_heads } => {
+                let [x, w, cos, sin, kc, vc] = [0, 1, 2, 3, 4, 5].map(|i| float(handles, i));
+                let bias = (inputs.len() > 7).then(|| float(handles, 6));
+                let swap = handles.get_int_tensor::<B>(&inputs[inputs.len() - 1]);
+                let (q, kc, vc) =
+                    B::linear_rope_cache(x, w, bias, cos, sin, swap, kc, vc, start, n_heads);
+                handles.register_float_tensor::<B>(&outputs[0].id, q);
+                handles.register_float_tensor::<B>(&outputs[1].id, kc);
+                handles.register_float_tensor::<B>(&outputs[2].id, vc);
             }
             Kind::CacheWrite { start } => {
                 let [kc, vc, k, v] = [0, 1, 2, 3].map(|i| float(handles, i));
@@ -237,6 +253,41 @@ impl<B: FusionBackend + FusedOpsBackend> FusedOpsBackend for Fusion<B> {
             vec![Shape::new([b, h, s, d])],
         )
         .output()
+    }
+
+    /// One custom operation running the inner backend's fused path.
+    fn linear_rope_cache(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        bias: Option<FloatTensor<Self>>,
+        cos: FloatTensor<Self>,
+        sin: FloatTensor<Self>,
+        swap: IntTensor<Self>,
+        k_cache: FloatTensor<Self>,
+        v_cache: FloatTensor<Self>,
+        start: usize,
+        n_heads: usize,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        if !crate::kernels_enabled() {
+            return reference::linear_rope_cache_prim::<Self>(
+                x, weight, bias, cos, sin, swap, k_cache, v_cache, start, n_heads,
+            );
+        }
+        let [m, _] = x.shape.dims::<2>();
+        let cache = k_cache.shape.clone();
+        let [b, _, _, d] = cache.dims::<4>();
+        let q = Shape::new([b, n_heads, m / b, d]);
+        let mut inputs = vec![x, weight, cos, sin, k_cache, v_cache];
+        inputs.extend(bias);
+        let [q, kc, vc] = register::<B>(
+            "kernels::linear_rope_cache",
+            Kind::LinearRopeCache { start, n_heads },
+            inputs,
+            Some(swap),
+            vec![q, cache.clone(), cache],
+        )
+        .outputs();
+        (q, kc, vc)
     }
 
     fn cache_write(

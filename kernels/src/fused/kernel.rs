@@ -149,34 +149,20 @@ pub fn split_add_rms_norm_kernel<F: Float>(
     let threads = cfg.threads;
     let cols = cols as usize;
     let stride = rows as usize * cols;
-    let lanes = cfg.split_lanes;
-    let loads = comptime!(cfg.splits.div_ceil(cfg.split_lanes));
     let mut squares = 0.0f32;
     let mut c = t;
     while c < cols {
         let at = row * cols + c;
-        let mut p = Array::<f32>::new(cfg.splits);
-        #[unroll]
-        for s in 0..cfg.splits {
-            p[s] = partial[s * stride + at];
-        }
-        let mut total = 0.0f32;
-        #[unroll]
-        for g in 0..lanes {
-            let mut lane = 0.0f32;
-            #[unroll]
-            for u in 0..loads {
-                let s = g + u * lanes;
-                if s < cfg.splits {
-                    lane += p[s];
-                }
-            }
-            total += lane;
-        }
-        if comptime!(cfg.bias) {
-            total += f32::cast_from(bias[c]);
-        }
-        let y = F::cast_from(total);
+        let y = split_sum::<F>(
+            partial,
+            bias,
+            at,
+            c,
+            stride,
+            cfg.splits,
+            cfg.split_lanes,
+            cfg.bias,
+        );
         let h = F::cast_from(f32::cast_from(x[x_at.offset(row, c)]) + f32::cast_from(y));
         sum[at] = h;
         let hf = f32::cast_from(h);
@@ -191,6 +177,154 @@ pub fn split_add_rms_norm_kernel<F: Float>(
         out[at] =
             F::cast_from(f32::cast_from(normed) * f32::cast_from(gamma[gamma_at.offset(0, c)]));
         c += threads;
+    }
+}
+
+/// `round(Σ_split partial[split][at] (+ bias[col]))`: one output of a K-split skinny product,
+/// its splits added in the order of the product's own reduction pass (see
+/// [`split_add_rms_norm_kernel`]), every load issued before the first add.
+#[cube]
+fn split_sum<F: Float>(
+    partial: &Array<f32>,
+    bias: &Array<F>,
+    at: usize,
+    col: usize,
+    stride: usize,
+    #[comptime] splits: usize,
+    #[comptime] split_lanes: usize,
+    #[comptime] with_bias: bool,
+) -> F {
+    let loads = comptime!(splits.div_ceil(split_lanes));
+    let mut p = Array::<f32>::new(splits);
+    #[unroll]
+    for s in 0..splits {
+        p[s] = partial[s * stride + at];
+    }
+    let mut total = 0.0f32;
+    #[unroll]
+    for g in 0..split_lanes {
+        let mut lane = 0.0f32;
+        #[unroll]
+        for u in 0..loads {
+            let s = g + u * split_lanes;
+            if s < splits {
+                lane += p[s];
+            }
+        }
+        total += lane;
+    }
+    if comptime!(with_bias) {
+        total += f32::cast_from(bias[col]);
+    }
+    F::cast_from(total)
+}
+
+/// Compile-time shape of [`split_rope_cache_kernel`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct SplitRopeConfig {
+    /// K splits of the product.
+    pub splits: usize,
+    /// Split lanes of the product's own reduction pass (fixes the order of the sum).
+    pub split_lanes: usize,
+    /// Add a bias to the product.
+    pub bias: bool,
+}
+
+/// A fused q/k/v projection still held as the f32 partial sums of its K split
+/// (`partial[split][row][col]`, rows `[batch, seq]`, columns `[heads, head_dim]` with the
+/// `n_heads` query heads, then `n_kv` key heads, then `n_kv` value heads) finished, rotated
+/// and put where attention reads it, one thread per element: queries rotated into
+/// `q: [batch, n_heads, seq, head_dim]` (contiguous), keys rotated and values as they are into
+/// rows `start..start + seq` of `k_cache`, `v_cache` (`[batch, n_kv, capacity, head_dim]`).
+///
+/// Each value is [`split_sum`] (the bits of the finished product) and the rotation that of
+/// [`rope_kernel`], so the result is exactly the product, [`rope_kernel`] and
+/// [`cache_write_kernel`] in a row -- one launch where those were three.
+#[allow(clippy::too_many_arguments)]
+#[cube(launch_unchecked)]
+pub fn split_rope_cache_kernel<F: Float>(
+    partial: &Array<f32>,
+    bias: &Array<F>,
+    cos: &Array<F>,
+    cos_at: Strided,
+    sin: &Array<F>,
+    sin_at: Strided,
+    q: &mut Array<F>,
+    k_cache: &mut Array<F>,
+    k_cache_at: Strided,
+    v_cache: &mut Array<F>,
+    v_cache_at: Strided,
+    batch: u32,
+    seq: u32,
+    n_heads: u32,
+    n_kv: u32,
+    head_dim: u32,
+    capacity: u32,
+    start: u32,
+    #[comptime] cfg: SplitRopeConfig,
+    #[define(F)] _dtype: StorageType,
+) {
+    let pos = element_pos();
+    let (seq, nh, nkv, d) = (
+        seq as usize,
+        n_heads as usize,
+        n_kv as usize,
+        head_dim as usize,
+    );
+    let heads = nh + 2 * nkv;
+    if pos >= batch as usize * seq * heads * d {
+        terminate!();
+    }
+    // `pos` walks [batch, heads, seq, head_dim], as `rope_kernel`'s output.
+    let i = pos % d;
+    let s = (pos / d) % seq;
+    let h = (pos / (d * seq)) % heads;
+    let b = pos / (d * seq * heads);
+    let n = heads * d;
+    let row = b * seq + s;
+    let stride = batch as usize * seq * n;
+    let col = h * d + i;
+    let xi = split_sum::<F>(
+        partial,
+        bias,
+        row * n + col,
+        col,
+        stride,
+        cfg.splits,
+        cfg.split_lanes,
+        cfg.bias,
+    );
+    let mut y = xi;
+    if h < nh + nkv {
+        let half = d / 2;
+        let partner = if i < half { i + half } else { i - half };
+        let pcol = h * d + partner;
+        let xp = f32::cast_from(split_sum::<F>(
+            partial,
+            bias,
+            row * n + pcol,
+            pcol,
+            stride,
+            cfg.splits,
+            cfg.split_lanes,
+            cfg.bias,
+        ));
+        let c = f32::cast_from(cos[cos_at.offset(s, i)]);
+        let sn = f32::cast_from(sin[sin_at.offset(s, i)]);
+        let a = F::cast_from(f32::cast_from(xi) * c);
+        let p = F::cast_from(xp * sn);
+        y = F::cast_from(f32::cast_from(a) + f32::cast_from(p));
+    }
+    if h < nh {
+        q[((b * nh + h) * seq + s) * d + i] = y;
+    } else {
+        let kv = if h < nh + nkv { h - nh } else { h - nh - nkv };
+        let dst = (b * nkv + kv) * capacity as usize + start as usize + s;
+        if h < nh + nkv {
+            k_cache[k_cache_at.offset(dst, i)] = y;
+        } else {
+            v_cache[v_cache_at.offset(dst, i)] = y;
+        }
     }
 }
 

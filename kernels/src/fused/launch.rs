@@ -7,8 +7,8 @@ use burn_cubecl::{
 use cubecl::prelude::*;
 
 use super::kernel::{
-    SplitNormConfig, cache_write_kernel, rms_norm_kernel, rope_kernel, split_add_rms_norm_kernel,
-    swiglu_kernel,
+    SplitNormConfig, SplitRopeConfig, cache_write_kernel, rms_norm_kernel, rope_kernel,
+    split_add_rms_norm_kernel, split_rope_cache_kernel, swiglu_kernel,
 };
 use crate::args::{array_arg, strided_arg, strided_out_arg, unused_arg, unused_strided_arg};
 use crate::linear::launch::{LinearTuning, Product, SplitSums};
@@ -162,6 +162,129 @@ pub fn linear_add_rms_norm<R: CubeRuntime>(
             (h.expect("the sum of a residual add"), normed, false)
         }
     }
+}
+
+/// What [`linear_rope_cache`] did.
+pub enum RopeCache<R: CubeRuntime> {
+    /// The product was split along K and one kernel finished, rotated and wrote it:
+    /// `(q, k_cache, v_cache)`.
+    Written(CubeTensor<R>, CubeTensor<R>, CubeTensor<R>),
+    /// The product did not split: its finished `[m, n]` output, for RoPE and the cache write,
+    /// and the caches as they were passed.
+    Product(CubeTensor<R>, CubeTensor<R>, CubeTensor<R>),
+}
+
+/// [`super::FusedOpsBackend::linear_rope_cache`] on CubeCL tensors: the fused q/k/v product
+/// `x · w (+ bias)` (`x: [batch · seq, k]`, rows batch-major) through the SIMT skinny kernel or
+/// with `tensor_cores` the tensor-core one, planned with `tuning`. When it splits along K, one
+/// kernel adds the partial sums, applies RoPE to the query and key heads and writes queries to
+/// a new `q: [batch, n_heads, seq, head_dim]` and keys and values to rows `start..start + seq`
+/// of the caches (`[batch, n_kv, capacity, head_dim]`, in place when uniquely owned, as
+/// [`cache_write`] does); otherwise the finished product is returned.
+///
+/// # Panics
+/// On inputs the chosen kernel does not take, or a product whose width is not
+/// `(n_heads + 2 · n_kv) · head_dim`.
+#[allow(clippy::too_many_arguments)]
+pub fn linear_rope_cache<R: CubeRuntime>(
+    x: CubeTensor<R>,
+    w: CubeTensor<R>,
+    bias: Option<CubeTensor<R>>,
+    cos: CubeTensor<R>,
+    sin: CubeTensor<R>,
+    k_cache: CubeTensor<R>,
+    v_cache: CubeTensor<R>,
+    start: usize,
+    n_heads: usize,
+    tensor_cores: bool,
+    tuning: &LinearTuning,
+) -> RopeCache<R> {
+    let product = if tensor_cores {
+        crate::linear::launch::product_cmma(x, w, bias, tuning)
+    } else {
+        crate::linear::launch::product(x, w, bias, tuning)
+    };
+    let y = match product {
+        Product::Done(y) => return RopeCache::Product(y, k_cache, v_cache),
+        Product::Split(y) => y,
+    };
+    let dtype = y.dtype;
+    let [batch, n_kv, capacity, d] = k_cache.meta.shape().dims::<4>();
+    assert_eq!(
+        v_cache.meta.shape().dims::<4>(),
+        [batch, n_kv, capacity, d],
+        "linear_rope_cache: key and value caches differ"
+    );
+    let (m, n) = (y.m, y.n);
+    assert!(
+        batch > 0 && m.is_multiple_of(batch) && n == (n_heads + 2 * n_kv) * d && d % 2 == 0,
+        "linear_rope_cache: a [{m}, {n}] product does not hold {n_heads} query and 2 x {n_kv} \
+         key/value heads of {d} for a batch of {batch}"
+    );
+    let seq = m / batch;
+    assert!(
+        start + seq <= capacity,
+        "linear_rope_cache: rows {start}..{} do not fit a cache of {capacity}",
+        start + seq
+    );
+    let exclusive = |t: CubeTensor<R>| {
+        if t.can_mut() && t.is_nonoverlapping() {
+            t
+        } else {
+            t.copy()
+        }
+    };
+    let (k_cache, v_cache) = (exclusive(k_cache), exclusive(v_cache));
+    assert!(
+        k_cache.meta.shape().iter().product::<usize>() < u32::MAX as usize,
+        "linear_rope_cache: cache too large"
+    );
+    let cos = in_dtype(cos, dtype);
+    let sin = in_dtype(sin, dtype);
+    let q = empty_like(&k_cache, Shape::new([batch, n_heads, seq, d]), dtype);
+    let total = m * n;
+    let cfg = SplitRopeConfig {
+        splits: y.splits,
+        split_lanes: y.reduce.split_lanes,
+        bias: y.bias.is_some(),
+    };
+    let client = k_cache.client.clone();
+    let bias_arg = match &y.bias {
+        Some(b) => array_arg(b.clone()),
+        None => unused_arg(&q),
+    };
+    let (cos_arg, cos_at) = strided_arg(cos);
+    let (sin_arg, sin_at) = strided_arg(sin);
+    let (k_cache_arg, k_cache_at) = strided_out_arg(k_cache.clone());
+    let (v_cache_arg, v_cache_at) = strided_out_arg(v_cache.clone());
+    unsafe {
+        split_rope_cache_kernel::launch_unchecked::<R>(
+            &client,
+            elementwise_count(total),
+            CubeDim::new_1d(THREADS as u32),
+            array_arg(y.partial),
+            bias_arg,
+            cos_arg,
+            cos_at,
+            sin_arg,
+            sin_at,
+            array_arg(q.clone()),
+            k_cache_arg,
+            k_cache_at,
+            v_cache_arg,
+            v_cache_at,
+            batch as u32,
+            seq as u32,
+            n_heads as u32,
+            n_kv as u32,
+            d as u32,
+            capacity as u32,
+            start as u32,
+            cfg,
+            dtype.into(),
+        );
+    }
+    RopeCache::Written(q, k_cache, v_cache)
 }
 
 /// The RMSNorm after adding the skinny product held in `y`'s K-split partial sums to `x`

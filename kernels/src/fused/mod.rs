@@ -77,6 +77,27 @@ pub trait FusedOpsBackend: LinearBackend {
         reference::linear_add_rms_norm_prim::<Self>(x, weight, bias, residual, gamma, eps)
     }
 
+    /// See [`linear_rope_cache`]; `x: [batch · seq, k]` (batch-major), `weight: [k, (n_heads +
+    /// 2 · n_kv) · head_dim]`, the caches `[batch, n_kv, capacity, head_dim]`; returns `(q,
+    /// k_cache, v_cache)`.
+    #[allow(clippy::too_many_arguments)]
+    fn linear_rope_cache(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        bias: Option<FloatTensor<Self>>,
+        cos: FloatTensor<Self>,
+        sin: FloatTensor<Self>,
+        swap: IntTensor<Self>,
+        k_cache: FloatTensor<Self>,
+        v_cache: FloatTensor<Self>,
+        start: usize,
+        n_heads: usize,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        reference::linear_rope_cache_prim::<Self>(
+            x, weight, bias, cos, sin, swap, k_cache, v_cache, start, n_heads,
+        )
+    }
+
     /// See [`rope`].
     fn rope(
         x: FloatTensor<Self>,
@@ -258,6 +279,96 @@ pub fn linear_add_rms_norm<B: FusedOpsBackend, const D: usize>(
     )
 }
 
+/// A fused q/k/v projection, RoPE and the KV-cache append: with `y = x · weight (+ bias)`
+/// ([`crate::linear`]) split into `n_heads` query heads, then key and value heads of the
+/// caches' `head_dim` (`weight: [k, (n_heads + 2 · n_kv) · head_dim]`), returns the rotated
+/// queries `q: [batch, n_heads, seq, head_dim]` and the caches with the rotated keys and the
+/// values written to rows `start..start + seq` -- exactly [`rope`] of the product's heads
+/// (`rotated = n_heads + n_kv`) followed by [`cache_write`], with the same roundings.
+///
+/// This is how a decoder layer's attention begins. On the plain CubeCL backend, when the
+/// skinny product is split along K (as one-row products of large projections are), one kernel
+/// adds the split's partial sums, rotates and writes: the product's reduction pass, the RoPE
+/// pass and the cache write become one launch. Otherwise (one split, `Fusion`, CPU backends,
+/// `Autodiff`) it is the ops in a row.
+///
+/// `x: [batch, seq, k]`; `cos`, `sin`, `swap` as for [`rope`] (`[seq, head_dim]` rows for
+/// these tokens' positions); `k_cache`, `v_cache`: `[batch, n_kv, capacity, head_dim]`,
+/// written in place when uniquely owned (pass them by value and drop other clones).
+///
+/// # Panics
+/// On inconsistent shapes or `start + seq > capacity`.
+#[allow(clippy::too_many_arguments)]
+pub fn linear_rope_cache<B: FusedOpsBackend>(
+    x: Tensor<B, 3>,
+    weight: Tensor<B, 2>,
+    bias: Option<Tensor<B, 1>>,
+    cos: Tensor<B, 2>,
+    sin: Tensor<B, 2>,
+    swap: Tensor<B, 1, Int>,
+    k_cache: Tensor<B, 4>,
+    v_cache: Tensor<B, 4>,
+    start: usize,
+    n_heads: usize,
+) -> (Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>) {
+    let [b, seq, _] = x.dims();
+    let (m, k, n) =
+        crate::linear::product_dims("linear_rope_cache", &x.dims(), weight.dims(), bias.as_ref());
+    let [cb, n_kv, cap, d] = k_cache.dims();
+    assert_eq!(
+        v_cache.dims(),
+        [cb, n_kv, cap, d],
+        "linear_rope_cache: key and value caches differ"
+    );
+    assert!(
+        cb == b && d % 2 == 0 && n == (n_heads + 2 * n_kv) * d,
+        "linear_rope_cache: a [{b}, {seq}, {n}] projection does not hold {n_heads} query and \
+         2 x {n_kv} key/value heads of the [{cb}, {n_kv}, {cap}, {d}] cache"
+    );
+    assert!(
+        start + seq <= cap,
+        "linear_rope_cache: rows {start}..{} do not fit a cache of {cap}",
+        start + seq
+    );
+    assert_eq!(
+        cos.dims(),
+        [seq, d],
+        "linear_rope_cache: cos must be [{seq}, {d}]"
+    );
+    assert_eq!(
+        sin.dims(),
+        [seq, d],
+        "linear_rope_cache: sin must be [{seq}, {d}]"
+    );
+    assert_eq!(swap.dims(), [d], "linear_rope_cache: swap must be [{d}]");
+    if !crate::linear::takes_skinny(x.dtype(), m, k, n) {
+        let y = crate::linear(x, weight, bias).reshape([b, seq, n / d, d]);
+        let rotated = rope(y, cos, sin, swap, n_heads + n_kv);
+        let head = |at: usize, count: usize| rotated.clone().narrow(1, at, count);
+        let (kc, vc) = cache_write(
+            k_cache,
+            v_cache,
+            head(n_heads, n_kv),
+            head(n_heads + n_kv, n_kv),
+            start,
+        );
+        return (head(0, n_heads), kc, vc);
+    }
+    let (q, kc, vc) = B::linear_rope_cache(
+        x.reshape([m, k]).into_primitive().tensor(),
+        weight.into_primitive().tensor(),
+        bias.map(|b| b.into_primitive().tensor()),
+        cos.into_primitive().tensor(),
+        sin.into_primitive().tensor(),
+        swap.into_primitive(),
+        k_cache.into_primitive().tensor(),
+        v_cache.into_primitive().tensor(),
+        start,
+        n_heads,
+    );
+    (wrap(q), wrap(kc), wrap(vc))
+}
+
 /// Rotary embeddings ("rotate half" convention) on `x: [batch, seq, heads, head_dim]` (a
 /// projection's output with its last dimension split into heads; any strides), returned
 /// head-major as `[batch, heads, seq, head_dim]` as attention wants it. Only the first
@@ -431,6 +542,53 @@ where
             &tuning,
         );
         (h, normed)
+    }
+
+    /// The skinny kernel `linear_skinny` would run; where it splits K, one kernel finishes,
+    /// rotates and writes the heads. Otherwise the RoPE and cache-write kernels follow the
+    /// product.
+    fn linear_rope_cache(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        bias: Option<FloatTensor<Self>>,
+        cos: FloatTensor<Self>,
+        sin: FloatTensor<Self>,
+        swap: IntTensor<Self>,
+        k_cache: FloatTensor<Self>,
+        v_cache: FloatTensor<Self>,
+        start: usize,
+        n_heads: usize,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        use crate::linear::{SkinnyKernel, skinny_kernel};
+        let kernel = if launch::supported(k_cache.dtype) && crate::fold_reductions() {
+            skinny_kernel(&x, &weight, bias.as_ref())
+        } else {
+            None
+        };
+        let Some(kernel) = kernel else {
+            return reference::linear_rope_cache_prim::<Self>(
+                x, weight, bias, cos, sin, swap, k_cache, v_cache, start, n_heads,
+            );
+        };
+        let tuning = crate::linear::LinearTuning::default();
+        match launch::linear_rope_cache(
+            x,
+            weight,
+            bias,
+            cos.clone(),
+            sin.clone(),
+            k_cache,
+            v_cache,
+            start,
+            n_heads,
+            matches!(kernel, SkinnyKernel::TensorCores),
+            &tuning,
+        ) {
+            launch::RopeCache::Written(q, kc, vc) => (q, kc, vc),
+            launch::RopeCache::Product(y, k_cache, v_cache) => reference::rope_cache_prim::<Self>(
+                y, cos, sin, swap, k_cache, v_cache, start, n_heads,
+            ),
+        }
     }
 
     fn rope(

@@ -3,7 +3,7 @@
 //! rounds like.
 
 use burn::tensor::{
-    DType, Int, Tensor, TensorPrimitive,
+    DType, Int, Tensor, TensorMetadata, TensorPrimitive,
     activation::silu,
     backend::Backend,
     ops::{FloatTensor, IntTensor},
@@ -66,6 +66,63 @@ pub fn linear_add_rms_norm_prim<B: super::FusedOpsBackend>(
     let y = B::linear_skinny(x, weight, bias);
     let (h, normed) = B::rms_norm::<2>(residual, Some(y), gamma, eps);
     (h.expect("the sum of a residual add"), normed)
+}
+
+/// [`super::FusedOpsBackend::linear_rope_cache`] as the backend's ops: the skinny product, then
+/// [`rope_cache_prim`].
+#[allow(clippy::too_many_arguments)]
+pub fn linear_rope_cache_prim<B: super::FusedOpsBackend>(
+    x: FloatTensor<B>,
+    weight: FloatTensor<B>,
+    bias: Option<FloatTensor<B>>,
+    cos: FloatTensor<B>,
+    sin: FloatTensor<B>,
+    swap: IntTensor<B>,
+    k_cache: FloatTensor<B>,
+    v_cache: FloatTensor<B>,
+    start: usize,
+    n_heads: usize,
+) -> (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>) {
+    let y = B::linear_skinny(x, weight, bias);
+    rope_cache_prim::<B>(y, cos, sin, swap, k_cache, v_cache, start, n_heads)
+}
+
+/// A finished fused q/k/v product `y: [batch · seq, (n_heads + 2 · n_kv) · head_dim]` through
+/// the backend's [`super::FusedOpsBackend::rope`] (query and key heads rotated, head-major)
+/// and [`super::FusedOpsBackend::cache_write`] (keys and values into rows `start..` of the
+/// caches): returns `(q, k_cache, v_cache)`, `q` a head range of the rotated tensor.
+#[allow(clippy::too_many_arguments)]
+pub fn rope_cache_prim<B: super::FusedOpsBackend>(
+    y: FloatTensor<B>,
+    cos: FloatTensor<B>,
+    sin: FloatTensor<B>,
+    swap: IntTensor<B>,
+    k_cache: FloatTensor<B>,
+    v_cache: FloatTensor<B>,
+    start: usize,
+    n_heads: usize,
+) -> (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>) {
+    let [batch, n_kv, _, d] = k_cache.shape().dims::<4>();
+    let y: Tensor<B, 2> = Tensor::from_primitive(TensorPrimitive::Float(y));
+    let [m, n] = y.dims();
+    let y = y.reshape([batch, m / batch, n / d, d]);
+    let rotated: Tensor<B, 4> = Tensor::from_primitive(TensorPrimitive::Float(B::rope(
+        y.into_primitive().tensor(),
+        cos,
+        sin,
+        swap,
+        n_heads + n_kv,
+    )));
+    let head = |at: usize, count: usize| {
+        rotated
+            .clone()
+            .narrow(1, at, count)
+            .into_primitive()
+            .tensor()
+    };
+    let (k, v) = (head(n_heads, n_kv), head(n_heads + n_kv, n_kv));
+    let (kc, vc) = B::cache_write(k_cache, v_cache, k, v, start);
+    (head(0, n_heads), kc, vc)
 }
 
 /// RoPE on `x: [batch, seq, heads, head_dim]` into `[batch, heads, seq, head_dim]`, rotating
