@@ -41,14 +41,18 @@ fn elementwise_count(total: usize) -> CubeCount {
     CubeCount::Static(x as u32, cubes.div_ceil(x) as u32, 1)
 }
 
-/// Threads of a row-per-cube launch: [`THREADS`], or the device's largest power of two below.
-fn threads_for<R: CubeRuntime>(t: &CubeTensor<R>) -> usize {
-    threads_for_max(t, THREADS)
-}
+/// Threads of the row-per-cube RMSNorm launches, with or without a K split's partial sums to
+/// add: as many as the portable floor allows, because a split-sum cube reads the whole row's
+/// partials (one cube per row of a decode step). Both kernels use the same count so that they
+/// sum the row's squares in the same order: the split-sum norm then has the bits of the product
+/// followed by the plain norm.
+const NORM_THREADS: usize = 1024;
 
-/// Threads of the row-per-cube launch that sums a K split's partials: a cube reads the whole
-/// row's partial sums, so it takes as many threads as the portable floor allows.
-const SPLIT_NORM_THREADS: usize = 1024;
+/// Threads of a row-per-cube RMSNorm launch: [`NORM_THREADS`], or the device's largest power of
+/// two below.
+fn threads_for<R: CubeRuntime>(t: &CubeTensor<R>) -> usize {
+    threads_for_max(t, NORM_THREADS)
+}
 
 /// `most` threads, or the device's largest power of two below.
 fn threads_for_max<R: CubeRuntime>(t: &CubeTensor<R>, most: usize) -> usize {
@@ -307,8 +311,7 @@ fn split_add_rms_norm<R: CubeRuntime>(
     let gamma = in_dtype(gamma, dtype);
     let sum = empty_like(&x, Shape::new([rows, cols]), dtype);
     let out = empty_like(&x, Shape::new([rows, cols]), dtype);
-    // As many threads as a cube takes: the row's partial sums are read once, by this cube.
-    let threads = threads_for_max(&x, SPLIT_NORM_THREADS);
+    let threads = threads_for(&x);
     let cfg = SplitNormConfig {
         threads,
         splits: y.splits,
