@@ -80,7 +80,8 @@ pub fn set_kernels_enabled(on: bool) {
 static FOLD: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(UNSET);
 
 /// Whether CubeCL backends fold a skinny product's K-split reduction into the op that consumes
-/// it ([`linear_swiglu`]'s SwiGLU, [`linear_add_rms_norm`]'s residual add and norm; default) or
+/// it ([`linear_swiglu`]'s SwiGLU, [`linear_add_rms_norm`]'s residual add and norm,
+/// [`linear_rope_cache`]'s RoPE and cache write; default) or
 /// finish the product first and run the op after it (one launch more each, same values): the
 /// benchmark's measure of what folding saves. Initialised from `BURN_DECODE_FOLD=0` (off).
 pub fn fold_reductions() -> bool {

@@ -906,6 +906,8 @@ fn norm_adds_the_split_sums() {
         (Case::new(1, 8192, 64, true), 24),
         // A width that is no multiple of the vector size.
         (Case::new(2, 300, 202, true), 2),
+        // Rows wider than a cube's threads: several columns per thread.
+        (Case::new(1, 1024, 4096, true), 4),
     ];
     for dtype in [DType::F32, DType::F16, DType::BF16] {
         if !supports(dtype) {
@@ -1002,7 +1004,7 @@ fn norm_adds_the_split_sums() {
             }
         }
         assert_eq!(
-            in_norm, 5,
+            in_norm, 6,
             "the forced splits must reach the norm's reduction"
         );
     }
@@ -1220,6 +1222,128 @@ fn rope_and_cache_take_the_split_sums() {
         assert!(
             written >= 2,
             "the forced splits must reach the fused kernel"
+        );
+    }
+}
+
+/// The tensor-core kernel's K split folded into the norm and into RoPE + cache write (CUDA
+/// only; f16/bf16 at 64 rows, as a Medusa tree step): the same bits as `launch::linear_cmma`
+/// followed by the unfolded ops.
+#[test]
+fn tensor_cores_fold_into_norm_and_rope() {
+    use burn::tensor::{Int, TensorData};
+    let device = Device::default();
+    let eps = 1e-5;
+    for dtype in [DType::F16, DType::BF16] {
+        if !supports(dtype) {
+            continue;
+        }
+        let (round, _) = rounding(dtype);
+        let tuning = LinearTuning {
+            splits: Some(4),
+            ..Default::default()
+        };
+        let (nh, nkv, d, cap, start) = (4, 2, 64, 128, 10);
+        let case = Case::new(64, 1024, (nh + 2 * nkv) * d, true);
+        let (m, n) = (case.m, case.n);
+        let inp = make_inputs(&case, round);
+        let dev = upload::<Cube>(&case, &inp, dtype, Layout::Contiguous, &device);
+        let prim2 = |t: Tensor<Cube, 2>| t.into_primitive().tensor();
+        let prims = || {
+            (
+                prim2(dev.x.clone()),
+                prim2(dev.w.clone()),
+                dev.b.clone().map(|b| b.into_primitive().tensor()),
+            )
+        };
+        let (x, w, b) = prims();
+        if !cmma_usable(&x, &w, b.as_ref()) {
+            println!("{dtype:?}: no tensor-core kernel on {}", runtime::NAME);
+            return;
+        }
+        let product = || {
+            let (x, w, b) = prims();
+            Tensor::<Cube, 2>::from_primitive(TensorPrimitive::Float(
+                launch::linear_cmma::<Runtime>(x, w, b, &tuning),
+            ))
+        };
+        let mut rng = StdRng::seed_from_u64(case.seed() + 3);
+        let r = tensor::<Cube, 2>(&draw(&mut rng, m * n, round), [m, n], dtype, &device);
+        let g = tensor::<Cube, 1>(&draw(&mut rng, n, round), [n], dtype, &device);
+        let (h, normed, fused) = kernels::fused::launch::linear_add_rms_norm::<Runtime>(
+            x,
+            w,
+            b,
+            prim2(r.clone()),
+            g.clone().into_primitive().tensor(),
+            eps,
+            true,
+            &tuning,
+        );
+        assert!(fused, "{dtype:?}: four K splits must reach the norm");
+        let wrap2 = |t| Tensor::<Cube, 2>::from_primitive(TensorPrimitive::Float(t));
+        let (h2, normed2) = kernels::add_rms_norm(r, product(), g, eps);
+        assert_eq!(read(wrap2(h)), read(h2), "{dtype:?}: h (tensor cores)");
+        assert_eq!(
+            read(wrap2(normed)),
+            read(normed2),
+            "{dtype:?}: norm (tensor cores)"
+        );
+
+        let table =
+            |rng: &mut StdRng| tensor::<Cube, 2>(&draw(rng, m * d, round), [m, d], dtype, &device);
+        let (cos, sin) = (table(&mut rng), table(&mut rng));
+        let cache = |rng: &mut StdRng| {
+            tensor::<Cube, 4>(
+                &draw(rng, nkv * cap * d, round),
+                [1, nkv, cap, d],
+                dtype,
+                &device,
+            )
+        };
+        let (k0, v0) = (cache(&mut rng), cache(&mut rng));
+        let swap = Tensor::<Cube, 1, Int>::from_data(
+            TensorData::new((0..d).map(|i| ((i + d / 2) % d) as i64).collect(), [d]),
+            &device,
+        );
+        let (x, w, b) = prims();
+        let got = match kernels::fused::launch::linear_rope_cache::<Runtime>(
+            x,
+            w,
+            b,
+            prim2(cos.clone()),
+            prim2(sin.clone()),
+            k0.clone().into_primitive().tensor(),
+            v0.clone().into_primitive().tensor(),
+            start,
+            nh,
+            true,
+            &tuning,
+        ) {
+            kernels::fused::launch::RopeCache::Written(q, kc, vc) => [q, kc, vc]
+                .map(|t| read(Tensor::<Cube, 4>::from_primitive(TensorPrimitive::Float(t)))),
+            kernels::fused::launch::RopeCache::Product(..) => {
+                panic!("{dtype:?}: four K splits must reach the RoPE kernel")
+            }
+        };
+        let rotated = kernels::rope(
+            product().reshape([1, m, nh + 2 * nkv, d]),
+            cos,
+            sin,
+            swap,
+            nh + nkv,
+        );
+        let (kc, vc) = kernels::cache_write(
+            k0,
+            v0,
+            rotated.clone().narrow(1, nh, nkv),
+            rotated.clone().narrow(1, nh + nkv, nkv),
+            start,
+        );
+        assert_eq!(
+            got,
+            [read(rotated.narrow(1, 0, nh)), read(kc), read(vc)],
+            "{dtype:?}: q, k and v caches (tensor cores)"
         );
     }
 }

@@ -42,7 +42,7 @@ fn elementwise_count(total: usize) -> CubeCount {
 }
 
 /// Threads of the row-per-cube RMSNorm launches, with or without a K split's partial sums to
-/// add: as many as the portable floor allows, because a split-sum cube reads the whole row's
+/// add (clamped to the device's limit): many, because a split-sum cube reads the whole row's
 /// partials (one cube per row of a decode step). Both kernels use the same count so that they
 /// sum the row's squares in the same order: the split-sum norm then has the bits of the product
 /// followed by the plain norm.
@@ -213,7 +213,10 @@ pub fn linear_rope_cache<R: CubeRuntime>(
         Product::Split(y) => y,
     };
     let dtype = y.dtype;
-    let [batch, n_kv, capacity, d] = k_cache.meta.shape().dims::<4>();
+    let shape = k_cache.meta.shape().to_vec();
+    let [batch, n_kv, capacity, d]: [usize; 4] = shape.clone().try_into().unwrap_or_else(|_| {
+        panic!("linear_rope_cache: the key cache must be [batch, n_kv, capacity, head_dim], got {shape:?}")
+    });
     assert_eq!(
         v_cache.meta.shape().dims::<4>(),
         [batch, n_kv, capacity, d],
@@ -226,6 +229,13 @@ pub fn linear_rope_cache<R: CubeRuntime>(
          key/value heads of {d} for a batch of {batch}"
     );
     let seq = m / batch;
+    for (name, t) in [("cos", &cos), ("sin", &sin)] {
+        assert_eq!(
+            t.meta.shape().to_vec(),
+            [seq, d],
+            "linear_rope_cache: {name} must be [{seq}, {d}]"
+        );
+    }
     assert!(
         start + seq <= capacity,
         "linear_rope_cache: rows {start}..{} do not fit a cache of {capacity}",
@@ -303,9 +313,14 @@ fn split_add_rms_norm<R: CubeRuntime>(
     let dtype = y.dtype;
     let (rows, cols) = (y.m, y.n);
     assert_eq!(
-        x.meta.shape().dims::<2>(),
+        x.meta.shape().to_vec(),
         [rows, cols],
         "linear_add_rms_norm: the residual is not [{rows}, {cols}]"
+    );
+    assert_eq!(
+        gamma.meta.shape().to_vec(),
+        [cols],
+        "linear_add_rms_norm: gamma must be [{cols}]"
     );
     let x = in_dtype(x, dtype);
     let gamma = in_dtype(gamma, dtype);

@@ -234,8 +234,9 @@ pub fn linear_swiglu<B: FusedOpsBackend, const D: usize>(
 /// This is how a decoder layer ends its attention (`o_proj`) and its MLP (`down_proj`). On the
 /// plain CubeCL backend, when the skinny product is split along K (as one-row products of the
 /// large projections are), the norm's kernel adds the split's partial sums itself: the
-/// product's reduction pass and one round trip of `y` disappear. Otherwise (one split,
-/// `Fusion`, CPU backends, `Autodiff`) it is the two ops.
+/// product's reduction pass and one round trip of `y` disappear; `Fusion` registers one
+/// operation that runs its inner backend's path. Otherwise (one split, mixed dtypes, CPU
+/// backends, `Autodiff`) it is the two ops.
 ///
 /// # Shapes
 /// `x: [..., k]`, `weight: [k, n]`, `bias: [n]`, `residual: [..., n]` (the leading dimensions
@@ -289,8 +290,9 @@ pub fn linear_add_rms_norm<B: FusedOpsBackend, const D: usize>(
 /// This is how a decoder layer's attention begins. On the plain CubeCL backend, when the
 /// skinny product is split along K (as one-row products of large projections are), one kernel
 /// adds the split's partial sums, rotates and writes: the product's reduction pass, the RoPE
-/// pass and the cache write become one launch. Otherwise (one split, `Fusion`, CPU backends,
-/// `Autodiff`) it is the ops in a row.
+/// pass and the cache write become one launch; `Fusion` registers one operation that runs its
+/// inner backend's path. Otherwise (one split, mixed dtypes, CPU backends, `Autodiff`) it is
+/// the ops in a row.
 ///
 /// `x: [batch, seq, k]`; `cos`, `sin`, `swap` as for [`rope`] (`[seq, head_dim]` rows for
 /// these tokens' positions); `k_cache`, `v_cache`: `[batch, n_kv, capacity, head_dim]`,
@@ -517,7 +519,11 @@ where
         eps: f64,
     ) -> (FloatTensor<Self>, FloatTensor<Self>) {
         use crate::linear::{SkinnyKernel, skinny_kernel};
-        let kernel = if launch::supported(residual.dtype) && crate::fold_reductions() {
+        // The fused kernels compute in one dtype: other mixes take the ops in a row.
+        let kernel = if launch::supported(residual.dtype)
+            && residual.dtype == x.dtype
+            && crate::fold_reductions()
+        {
             skinny_kernel(&x, &weight, bias.as_ref())
         } else {
             None
@@ -560,7 +566,11 @@ where
         n_heads: usize,
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
         use crate::linear::{SkinnyKernel, skinny_kernel};
-        let kernel = if launch::supported(k_cache.dtype) && crate::fold_reductions() {
+        let kernel = if launch::supported(k_cache.dtype)
+            && k_cache.dtype == x.dtype
+            && v_cache.dtype == x.dtype
+            && crate::fold_reductions()
+        {
             skinny_kernel(&x, &weight, bias.as_ref())
         } else {
             None
