@@ -1013,6 +1013,42 @@ fn norm_adds_the_split_sums() {
 // ---------------------------------------------------------------------------------------------
 // The K split's partial sums of a fused q/k/v projection finished inside RoPE + cache write.
 
+/// `(i + d/2) % d`: the dimension each one rotates with.
+fn swap_of<B: Backend>(d: usize, device: &B::Device) -> Tensor<B, 1, burn::tensor::Int> {
+    let idx = (0..d).map(|i| ((i + d / 2) % d) as i64).collect();
+    Tensor::from_data(burn::tensor::TensorData::new(idx, [d]), device)
+}
+
+/// What `linear_rope_cache` must reproduce from a finished fused q/k/v product
+/// `y: [batch · seq, (n_heads + 2 · n_kv) · head_dim]`: the public RoPE on its heads, then the
+/// public cache write; `[q, k cache, v cache]` on the host. `heads`: `[batch, n_heads, n_kv]`.
+fn rope_then_cache<B: kernels::FusedOpsBackend>(
+    y: Tensor<B, 2>,
+    [batch, nh, nkv]: [usize; 3],
+    cos: Tensor<B, 2>,
+    sin: Tensor<B, 2>,
+    [k_cache, v_cache]: [Tensor<B, 4>; 2],
+    start: usize,
+) -> [Vec<f32>; 3] {
+    let ([m, n], d) = (y.dims(), cos.dims()[1]);
+    let swap = swap_of(d, &y.device());
+    let rotated = kernels::rope(
+        y.reshape([batch, m / batch, n / d, d]),
+        cos,
+        sin,
+        swap,
+        nh + nkv,
+    );
+    let (kc, vc) = kernels::cache_write(
+        k_cache,
+        v_cache,
+        rotated.clone().narrow(1, nh, nkv),
+        rotated.clone().narrow(1, nh + nkv, nkv),
+        start,
+    );
+    [read(rotated.narrow(1, 0, nh)), read(kc), read(vc)]
+}
+
 /// `launch::RopeCache` from `kernels::fused::launch::linear_rope_cache` gives the same bits as
 /// the product followed by the RoPE and cache-write kernels, and the f64 reference within
 /// tolerance (queries rotated, keys rotated into the cache rows, values copied, other cache
@@ -1021,12 +1057,6 @@ fn norm_adds_the_split_sums() {
 /// on the plain and the fusion backend.
 #[test]
 fn rope_and_cache_take_the_split_sums() {
-    use burn::tensor::{Int, TensorData};
-    /// `(i + d/2) % d`: the dimension each one rotates with.
-    fn swap_of<B: Backend>(d: usize, device: &B::Device) -> Tensor<B, 1, Int> {
-        let idx = (0..d).map(|i| ((i + d / 2) % d) as i64).collect();
-        Tensor::from_data(TensorData::new(idx, [d]), device)
-    }
     let device = Device::default();
     let client = Runtime::client(&device);
     // (batch, seq, k, n_heads, n_kv, head_dim, bias, splits)
@@ -1131,21 +1161,14 @@ fn rope_and_cache_take_the_split_sums() {
                 d_in.b.clone().map(|b| b.into_primitive().tensor()),
                 &tuning,
             )));
-            let rotated = kernels::rope(
-                yd.reshape([b, s, heads, d]),
+            let two_ops = rope_then_cache(
+                yd,
+                [b, nh, nkv],
                 table(&cos),
                 table(&sin),
-                swap_of(d, &device),
-                nh + nkv,
-            );
-            let (kc, vc) = kernels::cache_write(
-                cache(&k0),
-                cache(&v0),
-                rotated.clone().narrow(1, nh, nkv),
-                rotated.clone().narrow(1, nh + nkv, nkv),
+                [cache(&k0), cache(&v0)],
                 start,
             );
-            let two_ops = [read(rotated.narrow(1, 0, nh)), read(kc), read(vc)];
             assert_eq!(got, two_ops, "{name}: not the ops' bits");
             for (what, got, expected) in [
                 ("q", &got[0], &q_ref),
@@ -1168,24 +1191,14 @@ fn rope_and_cache_take_the_split_sums() {
                 start,
                 nh,
             );
-            let public_ops = {
-                let y = kernels::linear(d_in.x.clone(), d_in.w.clone(), d_in.b.clone());
-                let rotated = kernels::rope(
-                    y.reshape([b, s, heads, d]),
-                    table(&cos),
-                    table(&sin),
-                    swap_of(d, &device),
-                    nh + nkv,
-                );
-                let (kc, vc) = kernels::cache_write(
-                    cache(&k0),
-                    cache(&v0),
-                    rotated.clone().narrow(1, nh, nkv),
-                    rotated.clone().narrow(1, nh + nkv, nkv),
-                    start,
-                );
-                [read(rotated.narrow(1, 0, nh)), read(kc), read(vc)]
-            };
+            let public_ops = rope_then_cache(
+                kernels::linear(d_in.x.clone(), d_in.w.clone(), d_in.b.clone()),
+                [b, nh, nkv],
+                table(&cos),
+                table(&sin),
+                [cache(&k0), cache(&v0)],
+                start,
+            );
             assert_eq!(
                 [read(public.0), read(public.1), read(public.2)],
                 public_ops,
@@ -1231,7 +1244,6 @@ fn rope_and_cache_take_the_split_sums() {
 /// followed by the unfolded ops.
 #[test]
 fn tensor_cores_fold_into_norm_and_rope() {
-    use burn::tensor::{Int, TensorData};
     let device = Device::default();
     let eps = 1e-5;
     for dtype in [DType::F16, DType::BF16] {
@@ -1302,10 +1314,6 @@ fn tensor_cores_fold_into_norm_and_rope() {
             )
         };
         let (k0, v0) = (cache(&mut rng), cache(&mut rng));
-        let swap = Tensor::<Cube, 1, Int>::from_data(
-            TensorData::new((0..d).map(|i| ((i + d / 2) % d) as i64).collect(), [d]),
-            &device,
-        );
         let (x, w, b) = prims();
         let got = match kernels::fused::launch::linear_rope_cache::<Runtime>(
             x,
@@ -1326,23 +1334,9 @@ fn tensor_cores_fold_into_norm_and_rope() {
                 panic!("{dtype:?}: four K splits must reach the RoPE kernel")
             }
         };
-        let rotated = kernels::rope(
-            product().reshape([1, m, nh + 2 * nkv, d]),
-            cos,
-            sin,
-            swap,
-            nh + nkv,
-        );
-        let (kc, vc) = kernels::cache_write(
-            k0,
-            v0,
-            rotated.clone().narrow(1, nh, nkv),
-            rotated.clone().narrow(1, nh + nkv, nkv),
-            start,
-        );
         assert_eq!(
             got,
-            [read(rotated.narrow(1, 0, nh)), read(kc), read(vc)],
+            rope_then_cache(product(), [1, nh, nkv], cos, sin, [k0, v0], start),
             "{dtype:?}: q, k and v caches (tensor cores)"
         );
     }

@@ -72,11 +72,16 @@ pub fn rms_norm_kernel<F: Float>(
         } else {
             x[x_at.offset(row, c)]
         };
-        let normed = F::cast_from(f32::cast_from(h) * inv);
-        out[row * cols + c] =
-            F::cast_from(f32::cast_from(normed) * f32::cast_from(gamma[gamma_at.offset(0, c)]));
+        out[row * cols + c] = scale_norm::<F>(h, inv, gamma[gamma_at.offset(0, c)]);
         c += threads;
     }
+}
+
+/// `round(round(h · inv) · γ)`: one normed element, rounded as the reference rounds it.
+#[cube]
+fn scale_norm<F: Float>(h: F, inv: f32, gamma: F) -> F {
+    let normed = F::cast_from(f32::cast_from(h) * inv);
+    F::cast_from(f32::cast_from(normed) * f32::cast_from(gamma))
 }
 
 /// `1 / sqrt(mean(h²) + eps)` of a row of `cols` from each thread's share of `Σ h²`, summed
@@ -99,11 +104,9 @@ fn inv_rms(partial: f32, cols: usize, eps: f32, #[comptime] threads: usize) -> f
     1.0f32 / f32::sqrt(red[0] / f32::cast_from(cols) + eps)
 }
 
-/// Compile-time shape of [`split_add_rms_norm_kernel`].
+/// Compile-time shape of the K-split partial sums a kernel finishes ([`split_sum`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct SplitNormConfig {
-    /// Threads per cube (a power of two).
-    pub threads: usize,
+pub struct SplitSumConfig {
     /// K splits of the product.
     pub splits: usize,
     /// Split lanes of the product's own reduction pass (fixes the order of the sum).
@@ -138,7 +141,8 @@ pub fn split_add_rms_norm_kernel<F: Float>(
     rows: u32,
     cols: u32,
     eps: f32,
-    #[comptime] cfg: SplitNormConfig,
+    #[comptime] threads: usize,
+    #[comptime] sums: SplitSumConfig,
     #[define(F)] _dtype: StorageType,
 ) {
     let row = (CUBE_POS_Y * CUBE_COUNT_X + CUBE_POS_X) as usize;
@@ -146,23 +150,13 @@ pub fn split_add_rms_norm_kernel<F: Float>(
         terminate!();
     }
     let t = UNIT_POS as usize;
-    let threads = cfg.threads;
     let cols = cols as usize;
     let stride = rows as usize * cols;
     let mut squares = 0.0f32;
     let mut c = t;
     while c < cols {
         let at = row * cols + c;
-        let y = split_sum::<F>(
-            partial,
-            bias,
-            at,
-            c,
-            stride,
-            cfg.splits,
-            cfg.split_lanes,
-            cfg.bias,
-        );
+        let y = split_sum::<F>(partial, bias, at, c, stride, sums);
         let h = F::cast_from(f32::cast_from(x[x_at.offset(row, c)]) + f32::cast_from(y));
         sum[at] = h;
         let hf = f32::cast_from(h);
@@ -173,9 +167,7 @@ pub fn split_add_rms_norm_kernel<F: Float>(
     let mut c = t;
     while c < cols {
         let at = row * cols + c;
-        let normed = F::cast_from(f32::cast_from(sum[at]) * inv);
-        out[at] =
-            F::cast_from(f32::cast_from(normed) * f32::cast_from(gamma[gamma_at.offset(0, c)]));
+        out[at] = scale_norm::<F>(sum[at], inv, gamma[gamma_at.offset(0, c)]);
         c += threads;
     }
 }
@@ -190,11 +182,11 @@ fn split_sum<F: Float>(
     at: usize,
     col: usize,
     stride: usize,
-    #[comptime] splits: usize,
-    #[comptime] split_lanes: usize,
-    #[comptime] with_bias: bool,
+    #[comptime] cfg: SplitSumConfig,
 ) -> F {
-    let loads = comptime!(splits.div_ceil(split_lanes));
+    let splits = cfg.splits;
+    let split_lanes = cfg.split_lanes;
+    let loads = comptime!(cfg.splits.div_ceil(cfg.split_lanes));
     let mut p = Array::<f32>::new(splits);
     #[unroll]
     for s in 0..splits {
@@ -213,21 +205,10 @@ fn split_sum<F: Float>(
         }
         total += lane;
     }
-    if comptime!(with_bias) {
+    if comptime!(cfg.bias) {
         total += f32::cast_from(bias[col]);
     }
     F::cast_from(total)
-}
-
-/// Compile-time shape of [`split_rope_cache_kernel`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct SplitRopeConfig {
-    /// K splits of the product.
-    pub splits: usize,
-    /// Split lanes of the product's own reduction pass (fixes the order of the sum).
-    pub split_lanes: usize,
-    /// Add a bias to the product.
-    pub bias: bool,
 }
 
 /// A fused q/k/v projection still held as the f32 partial sums of its K split
@@ -261,7 +242,7 @@ pub fn split_rope_cache_kernel<F: Float>(
     head_dim: u32,
     capacity: u32,
     start: u32,
-    #[comptime] cfg: SplitRopeConfig,
+    #[comptime] sums: SplitSumConfig,
     #[define(F)] _dtype: StorageType,
 ) {
     let pos = element_pos();
@@ -284,36 +265,12 @@ pub fn split_rope_cache_kernel<F: Float>(
     let row = b * seq + s;
     let stride = batch as usize * seq * n;
     let col = h * d + i;
-    let xi = split_sum::<F>(
-        partial,
-        bias,
-        row * n + col,
-        col,
-        stride,
-        cfg.splits,
-        cfg.split_lanes,
-        cfg.bias,
-    );
+    let xi = split_sum::<F>(partial, bias, row * n + col, col, stride, sums);
     let mut y = xi;
     if h < nh + nkv {
-        let half = d / 2;
-        let partner = if i < half { i + half } else { i - half };
-        let pcol = h * d + partner;
-        let xp = f32::cast_from(split_sum::<F>(
-            partial,
-            bias,
-            row * n + pcol,
-            pcol,
-            stride,
-            cfg.splits,
-            cfg.split_lanes,
-            cfg.bias,
-        ));
-        let c = f32::cast_from(cos[cos_at.offset(s, i)]);
-        let sn = f32::cast_from(sin[sin_at.offset(s, i)]);
-        let a = F::cast_from(f32::cast_from(xi) * c);
-        let p = F::cast_from(xp * sn);
-        y = F::cast_from(f32::cast_from(a) + f32::cast_from(p));
+        let pcol = h * d + rotation_partner(i, d);
+        let xp = split_sum::<F>(partial, bias, row * n + pcol, pcol, stride, sums);
+        y = rotate::<F>(xi, xp, cos[cos_at.offset(s, i)], sin[sin_at.offset(s, i)]);
     }
     if h < nh {
         q[((b * nh + h) * seq + s) * d + i] = y;
@@ -391,17 +348,27 @@ pub fn rope_kernel<F: Float>(
     let row = (b * seq + s) * heads + h;
     let xi = x[x_at.offset(row, i)];
     if h < rotated as usize {
-        let half = d / 2;
-        let partner = if i < half { i + half } else { i - half };
-        let xp = f32::cast_from(x[x_at.offset(row, partner)]);
-        let c = f32::cast_from(cos[cos_at.offset(s, i)]);
-        let sn = f32::cast_from(sin[sin_at.offset(s, i)]);
-        let a = F::cast_from(f32::cast_from(xi) * c);
-        let p = F::cast_from(xp * sn);
-        out[pos] = F::cast_from(f32::cast_from(a) + f32::cast_from(p));
+        let xp = x[x_at.offset(row, rotation_partner(i, d))];
+        out[pos] = rotate::<F>(xi, xp, cos[cos_at.offset(s, i)], sin[sin_at.offset(s, i)]);
     } else {
         out[pos] = xi;
     }
+}
+
+/// The dimension `i` rotates with in "rotate half" RoPE: `i ± head_dim / 2`.
+#[cube]
+fn rotation_partner(i: usize, d: usize) -> usize {
+    let half = d / 2;
+    if i < half { i + half } else { i - half }
+}
+
+/// `round(round(x · cos) + round(partner · sin))`: one rotated element (the sign of
+/// `rotate_half` is folded into `sin`), rounded as the reference rounds it.
+#[cube]
+fn rotate<F: Float>(x: F, partner: F, cos: F, sin: F) -> F {
+    let a = F::cast_from(f32::cast_from(x) * f32::cast_from(cos));
+    let p = F::cast_from(f32::cast_from(partner) * f32::cast_from(sin));
+    F::cast_from(f32::cast_from(a) + f32::cast_from(p))
 }
 
 /// Writes the new keys and values `k`, `v` (`[batch, heads, n, head_dim]`, any strides) into

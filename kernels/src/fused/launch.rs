@@ -7,8 +7,8 @@ use burn_cubecl::{
 use cubecl::prelude::*;
 
 use super::kernel::{
-    SplitNormConfig, SplitRopeConfig, cache_write_kernel, rms_norm_kernel, rope_kernel,
-    split_add_rms_norm_kernel, split_rope_cache_kernel, swiglu_kernel,
+    SplitSumConfig, cache_write_kernel, rms_norm_kernel, rope_kernel, split_add_rms_norm_kernel,
+    split_rope_cache_kernel, swiglu_kernel,
 };
 use crate::args::{array_arg, strided_arg, strided_out_arg, unused_arg, unused_strided_arg};
 use crate::linear::launch::{LinearTuning, Product, SplitSums};
@@ -151,11 +151,7 @@ pub fn linear_add_rms_norm<R: CubeRuntime>(
     tensor_cores: bool,
     tuning: &LinearTuning,
 ) -> (CubeTensor<R>, CubeTensor<R>, bool) {
-    let product = if tensor_cores {
-        crate::linear::launch::product_cmma(x, w, bias, tuning)
-    } else {
-        crate::linear::launch::product(x, w, bias, tuning)
-    };
+    let product = crate::linear::launch::product_on(tensor_cores, x, w, bias, tuning);
     match product {
         Product::Split(y) => {
             let (h, normed) = split_add_rms_norm(y, residual, gamma, eps);
@@ -165,6 +161,15 @@ pub fn linear_add_rms_norm<R: CubeRuntime>(
             let (h, normed) = rms_norm(residual, Some(y), gamma, eps);
             (h.expect("the sum of a residual add"), normed, false)
         }
+    }
+}
+
+/// The compile-time shape of `y`'s partial sums for [`super::kernel::split_sum`].
+fn sum_config<R: CubeRuntime>(y: &SplitSums<R>) -> SplitSumConfig {
+    SplitSumConfig {
+        splits: y.splits,
+        split_lanes: y.reduce.split_lanes,
+        bias: y.bias.is_some(),
     }
 }
 
@@ -203,11 +208,7 @@ pub fn linear_rope_cache<R: CubeRuntime>(
     tensor_cores: bool,
     tuning: &LinearTuning,
 ) -> RopeCache<R> {
-    let product = if tensor_cores {
-        crate::linear::launch::product_cmma(x, w, bias, tuning)
-    } else {
-        crate::linear::launch::product(x, w, bias, tuning)
-    };
+    let product = crate::linear::launch::product_on(tensor_cores, x, w, bias, tuning);
     let y = match product {
         Product::Done(y) => return RopeCache::Product(y, k_cache, v_cache),
         Product::Split(y) => y,
@@ -257,11 +258,7 @@ pub fn linear_rope_cache<R: CubeRuntime>(
     let sin = in_dtype(sin, dtype);
     let q = empty_like(&k_cache, Shape::new([batch, n_heads, seq, d]), dtype);
     let total = m * n;
-    let cfg = SplitRopeConfig {
-        splits: y.splits,
-        split_lanes: y.reduce.split_lanes,
-        bias: y.bias.is_some(),
-    };
+    let sums = sum_config(&y);
     let client = k_cache.client.clone();
     let bias_arg = match &y.bias {
         Some(b) => array_arg(b.clone()),
@@ -294,7 +291,7 @@ pub fn linear_rope_cache<R: CubeRuntime>(
             d as u32,
             capacity as u32,
             start as u32,
-            cfg,
+            sums,
             dtype.into(),
         );
     }
@@ -327,12 +324,7 @@ fn split_add_rms_norm<R: CubeRuntime>(
     let sum = empty_like(&x, Shape::new([rows, cols]), dtype);
     let out = empty_like(&x, Shape::new([rows, cols]), dtype);
     let threads = threads_for(&x);
-    let cfg = SplitNormConfig {
-        threads,
-        splits: y.splits,
-        split_lanes: y.reduce.split_lanes,
-        bias: y.bias.is_some(),
-    };
+    let sums = sum_config(&y);
     let client = x.client.clone();
     let bias_arg = match &y.bias {
         Some(b) => array_arg(b.clone()),
@@ -356,7 +348,8 @@ fn split_add_rms_norm<R: CubeRuntime>(
             rows as u32,
             cols as u32,
             eps as f32,
-            cfg,
+            threads,
+            sums,
             dtype.into(),
         );
     }

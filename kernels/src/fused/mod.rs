@@ -33,7 +33,9 @@ use burn::tensor::{
     Int, Tensor, TensorPrimitive,
     ops::{FloatTensor, IntTensor},
 };
-use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElement};
+use burn_cubecl::{
+    BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElement, tensor::CubeTensor,
+};
 
 use crate::LinearBackend;
 
@@ -343,31 +345,33 @@ pub fn linear_rope_cache<B: FusedOpsBackend>(
         "linear_rope_cache: sin must be [{seq}, {d}]"
     );
     assert_eq!(swap.dims(), [d], "linear_rope_cache: swap must be [{d}]");
-    if !crate::linear::takes_skinny(x.dtype(), m, k, n) {
-        let y = crate::linear(x, weight, bias).reshape([b, seq, n / d, d]);
-        let rotated = rope(y, cos, sin, swap, n_heads + n_kv);
-        let head = |at: usize, count: usize| rotated.clone().narrow(1, at, count);
-        let (kc, vc) = cache_write(
-            k_cache,
-            v_cache,
-            head(n_heads, n_kv),
-            head(n_heads + n_kv, n_kv),
+    let prim = |t: Tensor<B, 2>| t.into_primitive().tensor();
+    let (q, kc, vc) = if crate::linear::takes_skinny(x.dtype(), m, k, n) {
+        B::linear_rope_cache(
+            prim(x.reshape([m, k])),
+            prim(weight),
+            bias.map(|b| b.into_primitive().tensor()),
+            prim(cos),
+            prim(sin),
+            swap.into_primitive(),
+            k_cache.into_primitive().tensor(),
+            v_cache.into_primitive().tensor(),
             start,
-        );
-        return (head(0, n_heads), kc, vc);
-    }
-    let (q, kc, vc) = B::linear_rope_cache(
-        x.reshape([m, k]).into_primitive().tensor(),
-        weight.into_primitive().tensor(),
-        bias.map(|b| b.into_primitive().tensor()),
-        cos.into_primitive().tensor(),
-        sin.into_primitive().tensor(),
-        swap.into_primitive(),
-        k_cache.into_primitive().tensor(),
-        v_cache.into_primitive().tensor(),
-        start,
-        n_heads,
-    );
+            n_heads,
+        )
+    } else {
+        // Burn's linear for many rows, then the backend's RoPE and cache write.
+        reference::rope_cache_prim::<B>(
+            prim(crate::linear(x, weight, bias).reshape([m, n])),
+            prim(cos),
+            prim(sin),
+            swap.into_primitive(),
+            k_cache.into_primitive().tensor(),
+            v_cache.into_primitive().tensor(),
+            start,
+            n_heads,
+        )
+    };
     (wrap(q), wrap(kc), wrap(vc))
 }
 
@@ -490,16 +494,12 @@ where
         weight: FloatTensor<Self>,
         bias: Option<FloatTensor<Self>>,
     ) -> FloatTensor<Self> {
-        use crate::linear::{SkinnyKernel, launch as skinny, skinny_kernel};
-        let tuning = skinny::LinearTuning::default();
-        let (y, done) = match skinny_kernel(&x, &weight, bias.as_ref()) {
-            _ if !crate::fold_reductions() => {
-                return reference::linear_swiglu_prim::<Self>(x, weight, bias);
-            }
-            Some(SkinnyKernel::Simt) => skinny::linear_swiglu(x, weight, bias, &tuning),
-            Some(SkinnyKernel::TensorCores) => skinny::linear_cmma_swiglu(x, weight, bias, &tuning),
-            None => return reference::linear_swiglu_prim::<Self>(x, weight, bias),
+        let Some(tensor_cores) = fold_on(&x, &weight, bias.as_ref(), &[]) else {
+            return reference::linear_swiglu_prim::<Self>(x, weight, bias);
         };
+        let tuning = crate::linear::LinearTuning::default();
+        let product = crate::linear::launch::product_on(tensor_cores, x, weight, bias, &tuning);
+        let (y, done) = crate::linear::launch::finish(product, true);
         if done {
             y
         } else {
@@ -518,23 +518,10 @@ where
         gamma: FloatTensor<Self>,
         eps: f64,
     ) -> (FloatTensor<Self>, FloatTensor<Self>) {
-        use crate::linear::{SkinnyKernel, skinny_kernel};
-        // The fused kernels compute in one dtype: other mixes take the ops in a row.
-        let kernel = if launch::supported(residual.dtype)
-            && residual.dtype == x.dtype
-            && crate::fold_reductions()
-        {
-            skinny_kernel(&x, &weight, bias.as_ref())
-        } else {
-            None
-        };
-        let tensor_cores = match kernel {
-            Some(kernel) => matches!(kernel, SkinnyKernel::TensorCores),
-            None => {
-                return reference::linear_add_rms_norm_prim::<Self>(
-                    x, weight, bias, residual, gamma, eps,
-                );
-            }
+        let Some(tensor_cores) = fold_on(&x, &weight, bias.as_ref(), &[&residual]) else {
+            return reference::linear_add_rms_norm_prim::<Self>(
+                x, weight, bias, residual, gamma, eps,
+            );
         };
         let tuning = crate::linear::LinearTuning::default();
         let (h, normed, _) = launch::linear_add_rms_norm(
@@ -565,17 +552,7 @@ where
         start: usize,
         n_heads: usize,
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
-        use crate::linear::{SkinnyKernel, skinny_kernel};
-        let kernel = if launch::supported(k_cache.dtype)
-            && k_cache.dtype == x.dtype
-            && v_cache.dtype == x.dtype
-            && crate::fold_reductions()
-        {
-            skinny_kernel(&x, &weight, bias.as_ref())
-        } else {
-            None
-        };
-        let Some(kernel) = kernel else {
+        let Some(tensor_cores) = fold_on(&x, &weight, bias.as_ref(), &[&k_cache, &v_cache]) else {
             return reference::linear_rope_cache_prim::<Self>(
                 x, weight, bias, cos, sin, swap, k_cache, v_cache, start, n_heads,
             );
@@ -591,7 +568,7 @@ where
             v_cache,
             start,
             n_heads,
-            matches!(kernel, SkinnyKernel::TensorCores),
+            tensor_cores,
             &tuning,
         ) {
             launch::RopeCache::Written(q, kc, vc) => (q, kc, vc),
@@ -626,6 +603,25 @@ where
         }
         launch::cache_write(k_cache, v_cache, k, v, start)
     }
+}
+
+/// How a CubeCL backend folds the K split of `x · w (+ bias)` into the op that reads it:
+/// `Some(tensor_cores)`, the skinny kernel the product runs on ([`crate::linear::LinearBackend`]'s
+/// choice); `None` for the ops in a row -- folding off ([`crate::fold_reductions`]), a dtype
+/// the kernels do not take, a `consumer` operand in another dtype than `x` (the fused kernels
+/// compute in one), or no skinny kernel for the product.
+fn fold_on<R: CubeRuntime>(
+    x: &CubeTensor<R>,
+    w: &CubeTensor<R>,
+    bias: Option<&CubeTensor<R>>,
+    consumer: &[&CubeTensor<R>],
+) -> Option<bool> {
+    use crate::linear::{SkinnyKernel, skinny_kernel};
+    let same_dtype = consumer.iter().all(|t| t.dtype == x.dtype);
+    if !(crate::fold_reductions() && launch::supported(x.dtype) && same_dtype) {
+        return None;
+    }
+    skinny_kernel(x, w, bias).map(|k| matches!(k, SkinnyKernel::TensorCores))
 }
 
 #[cfg(feature = "flex")]

@@ -460,8 +460,9 @@ pub(crate) fn finish<R: CubeRuntime>(product: Product<R>, swiglu: bool) -> (Cube
         Shape::new([s.m, if swiglu { s.n / 2 } else { s.n }]),
         s.dtype,
     );
+    let client = s.partial.client.clone();
     launch_reduce(
-        &s.partial.client.clone(),
+        &client,
         ReduceConfig { swiglu, ..s.reduce },
         s.vector_size,
         s.partial,
@@ -882,6 +883,21 @@ pub fn linear_cmma_swiglu<R: CubeRuntime>(
     tuning: &LinearTuning,
 ) -> (CubeTensor<R>, bool) {
     finish(product_cmma(x, w, bias, tuning), true)
+}
+
+/// [`product_cmma`] with `tensor_cores`, else [`product`].
+pub(crate) fn product_on<R: CubeRuntime>(
+    tensor_cores: bool,
+    x: CubeTensor<R>,
+    w: CubeTensor<R>,
+    bias: Option<CubeTensor<R>>,
+    tuning: &LinearTuning,
+) -> Product<R> {
+    if tensor_cores {
+        product_cmma(x, w, bias, tuning)
+    } else {
+        product(x, w, bias, tuning)
+    }
 }
 
 /// Launches the tensor-core product of [`linear_cmma`]; a K split is left unfinished.
