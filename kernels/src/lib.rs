@@ -48,36 +48,62 @@ use burn::tensor::{
     ops::{BoolTensor, FloatTensor},
 };
 
-static KERNELS: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(UNSET);
-const UNSET: u8 = 0;
-const ON: u8 = 1;
-const OFF: u8 = 2;
+/// A process-wide on/off switch initialised from an environment variable on first use.
+struct Switch {
+    state: std::sync::atomic::AtomicU8,
+    /// The variable, and the value of it that means off.
+    env: &'static str,
+    off: &'static str,
+}
+
+impl Switch {
+    const UNSET: u8 = 0;
+    const ON: u8 = 1;
+    const OFF: u8 = 2;
+
+    const fn new(env: &'static str, off: &'static str) -> Self {
+        Self {
+            state: std::sync::atomic::AtomicU8::new(Self::UNSET),
+            env,
+            off,
+        }
+    }
+
+    fn get(&self) -> bool {
+        use std::sync::atomic::Ordering;
+        match self.state.load(Ordering::Relaxed) {
+            Self::ON => true,
+            Self::OFF => false,
+            _ => {
+                let on = std::env::var(self.env).as_deref() != Ok(self.off);
+                self.set(on);
+                on
+            }
+        }
+    }
+
+    fn set(&self, on: bool) {
+        let state = if on { Self::ON } else { Self::OFF };
+        self.state
+            .store(state, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+static KERNELS: Switch = Switch::new("BURN_DECODE_ATTENTION", "reference");
+static FOLD: Switch = Switch::new("BURN_DECODE_FOLD", "0");
+static REGISTER_MMA: Switch = Switch::new("BURN_DECODE_MMA", "0");
 
 /// Whether CubeCL backends run the kernels (default) or the tensor-op reference: the "stock
 /// Burn" baseline of the benchmarks, and an escape hatch when debugging. Initialised from
 /// `BURN_DECODE_ATTENTION=reference`.
 pub fn kernels_enabled() -> bool {
-    use std::sync::atomic::Ordering;
-    match KERNELS.load(Ordering::Relaxed) {
-        ON => true,
-        OFF => false,
-        _ => {
-            let on = std::env::var("BURN_DECODE_ATTENTION").as_deref() != Ok("reference");
-            KERNELS.store(if on { ON } else { OFF }, Ordering::Relaxed);
-            on
-        }
-    }
+    KERNELS.get()
 }
 
 /// Switches the CubeCL kernels on or off for the whole process (see [`kernels_enabled`]).
 pub fn set_kernels_enabled(on: bool) {
-    KERNELS.store(
-        if on { ON } else { OFF },
-        std::sync::atomic::Ordering::Relaxed,
-    );
+    KERNELS.set(on)
 }
-
-static FOLD: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(UNSET);
 
 /// Whether CubeCL backends fold a skinny product's K-split reduction into the op that consumes
 /// it ([`linear_swiglu`]'s SwiGLU, [`linear_add_rms_norm`]'s residual add and norm,
@@ -85,24 +111,25 @@ static FOLD: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(UNSE
 /// finish the product first and run the op after it (one launch more each, same values): the
 /// benchmark's measure of what folding saves. Initialised from `BURN_DECODE_FOLD=0` (off).
 pub fn fold_reductions() -> bool {
-    use std::sync::atomic::Ordering;
-    match FOLD.load(Ordering::Relaxed) {
-        ON => true,
-        OFF => false,
-        _ => {
-            let on = std::env::var("BURN_DECODE_FOLD").as_deref() != Ok("0");
-            FOLD.store(if on { ON } else { OFF }, Ordering::Relaxed);
-            on
-        }
-    }
+    FOLD.get()
 }
 
 /// Switches [`fold_reductions`] on or off for the whole process.
 pub fn set_fold_reductions(on: bool) {
-    FOLD.store(
-        if on { ON } else { OFF },
-        std::sync::atomic::Ordering::Relaxed,
-    );
+    FOLD.set(on)
+}
+
+/// Whether f16/bf16 prefill attention on CUDA runs the register-level `mma.sync` kernel
+/// ([`cube::mma`]; default) where it applies, or the `wmma` kernel ([`cube::cmma`]) that keeps
+/// scores and output in shared memory: the benchmark's measure of the difference. Initialised
+/// from `BURN_DECODE_MMA=0` (off).
+pub fn register_mma() -> bool {
+    REGISTER_MMA.get()
+}
+
+/// Switches [`register_mma`] on or off for the whole process.
+pub fn set_register_mma(on: bool) {
+    REGISTER_MMA.set(on)
 }
 
 /// A Burn backend that can run [`flash_attention`].

@@ -571,10 +571,12 @@ fn bf16_inputs() {
     );
 }
 
-/// Prefill shapes for f16 and bf16 that take the tensor-core kernel on CUDA (rows above the
+/// Prefill shapes for f16 and bf16 that take the tensor-core kernels on CUDA (rows above the
 /// decode configuration, `head_dim` a multiple of 16): causal, tree-masked and unmasked, GQA,
-/// ragged row blocks, a cache offset with poisoned capacity, d = 64/80/96/128/256. Elsewhere
-/// (and with `BURN_DECODE_CMMA=0`) they exercise the SIMT kernel in half precision.
+/// ragged row blocks, a cache offset with poisoned capacity, d = 64/80/96/128/256. On CUDA
+/// each runs twice: as selected (the register-level `mma` kernel for d = 64/96/128 without a
+/// KV split, else `wmma`) and with `mma` switched off (the `wmma` kernel). Elsewhere (and with
+/// `BURN_DECODE_CMMA=0`) they exercise the SIMT kernel in half precision.
 fn half_prefill_grid(dtype: DType) {
     let cases = [
         Case::new(4, 1, 256, 256, 128).causal(),
@@ -594,6 +596,24 @@ fn half_prefill_grid(dtype: DType) {
     ];
     for case in &cases {
         check(case, dtype);
+        if cfg!(feature = "cuda") {
+            let wmma = LaunchTuning {
+                register_mma: Some(false),
+                ..Default::default()
+            };
+            check_tuned(case, dtype, wmma);
+            // Small grids take a KV split, which only `wmma` does: without it, `mma` runs
+            // (d = 64/96/128), with 4 and 8 planes per cube.
+            for warps in [4, 8] {
+                let mma = LaunchTuning {
+                    splits: Some(1),
+                    register_mma: Some(true),
+                    mma_warps: Some(warps),
+                    ..Default::default()
+                };
+                check_tuned(case, dtype, mma);
+            }
+        }
     }
     // KV split inside the tensor-core kernel (partial outputs + combine).
     let splits = |n| LaunchTuning {
@@ -637,7 +657,9 @@ fn bf16_prefill_grid() {
 #[cfg(feature = "cuda")]
 #[test]
 fn tensor_core_path_is_selected() {
-    use kernels::cube::{Problem, cmma_supported, select_cmma, tensor_cores_enabled};
+    use kernels::cube::{
+        Problem, cmma_supported, mma_supported, select_cmma, select_mma, tensor_cores_enabled,
+    };
     let client = Runtime::client(&Device::default());
     let problem = |q_len: usize, group: usize, head_dim: usize, elem_size: usize| Problem {
         batch_kv_heads: 2,
@@ -660,7 +682,23 @@ fn tensor_core_path_is_selected() {
             let plan = select_cmma(&client, dtype, &problem(q_len, group, d, 2), &tuning);
             println!("{dtype:?} q_len {q_len} group {group} d {d}: {plan:?}");
             assert_eq!(plan.is_some(), tensor_cores_enabled(), "{plan:?}");
+            // The register-level kernel takes d = 64/128 (multiples of 32 up to 128) when the
+            // grid needs no KV split.
+            if let Some(cmma) = plan {
+                let on = LaunchTuning {
+                    register_mma: Some(true),
+                    ..Default::default()
+                };
+                let mma = select_mma(&client, dtype, &problem(q_len, group, d, 2), &cmma, &on);
+                println!("  mma: {mma:?}");
+                let expected = d <= 128 && d % 32 == 0 && cmma.splits == 1;
+                assert_eq!(mma.is_some(), expected, "{mma:?}");
+            }
         }
+        assert!(
+            mma_supported(&client, dtype),
+            "no m16n8k16 {dtype:?} mma on this CUDA device"
+        );
         // Decode shapes keep the SIMT split-KV kernel.
         assert!(select_cmma(&client, dtype, &problem(1, 4, 128, 2), &tuning).is_none());
         // Forced off.
@@ -678,7 +716,7 @@ fn tensor_core_path_is_selected() {
 }
 
 /// Throughput of the prefill kernels at b1 h32 n=8192 d=128 causal bf16 (the benchmark
-/// shape), tensor cores against SIMT, with the two outputs compared to each other (an f64
+/// shape), the two tensor-core kernels against SIMT, with the two outputs compared to each other (an f64
 /// reference at this size would take minutes). Run with
 /// `cargo test --release -p kernels --features cuda --test attention -- --ignored --nocapture`.
 #[cfg(feature = "cuda")]
@@ -704,9 +742,17 @@ fn prefill_throughput() {
     // Causal: half of the n² score matrix, two products of 2·d flops per score.
     let flops = 4.0 * (n as f64) * (n as f64) / 2.0 * d as f64 * h as f64;
     let mut outputs = Vec::new();
-    for tensor_cores in [true, false] {
+    let variants = [
+        ("mma, 4 planes", true, true, 4),
+        ("mma, 8 planes", true, true, 8),
+        ("wmma", true, false, 4),
+        ("SIMT", false, false, 4),
+    ];
+    for (name, tensor_cores, register_mma, warps) in variants {
         let tuning = LaunchTuning {
             tensor_cores: Some(tensor_cores),
+            register_mma: Some(register_mma),
+            mma_warps: Some(warps),
             ..Default::default()
         };
         let run = || {
@@ -731,16 +777,18 @@ fn prefill_throughput() {
         Cube::sync(&device).unwrap();
         let secs = start.elapsed().as_secs_f64() / reps as f64;
         println!(
-            "tensor cores {tensor_cores}: {:.2} ms, {:.1} TFLOP/s",
+            "{name}: {:.2} ms, {:.1} TFLOP/s",
             secs * 1e3,
             flops / secs / 1e12
         );
         outputs.push(read(out.unwrap()));
     }
-    let reference: Vec<f64> = outputs[1].iter().map(|&x| x as f64).collect();
-    let err = rel_l2(&outputs[0], &reference);
-    println!("tensor cores vs SIMT: rel_l2 = {err:.2e}");
-    assert!(err <= 1e-2, "tensor-core and SIMT outputs differ: {err:e}");
+    let reference: Vec<f64> = outputs[3].iter().map(|&x| x as f64).collect();
+    for (i, (name, ..)) in variants.iter().enumerate().take(3) {
+        let err = rel_l2(&outputs[i], &reference);
+        println!("{name} vs SIMT: rel_l2 = {err:.2e}");
+        assert!(err <= 1e-2, "{name} and SIMT outputs differ: {err:e}");
+    }
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ use cubecl::{calculate_cube_count_elemwise, prelude::*};
 
 use super::cmma::{CmmaConfig, FRAG, PLANE, attention_cmma_kernel};
 use super::kernel::{AttentionConfig, QkvStridesLaunch, attention_kernel, combine_kernel};
+use super::mma::{MmaAttentionConfig, attention_mma_kernel};
 use crate::FlashAttentionOptions;
 use crate::args::{array_arg, unused_arg};
 
@@ -39,6 +40,12 @@ pub struct LaunchTuning {
     /// the device supports them (ignoring `BURN_DECODE_CMMA`), `None` as
     /// [`tensor_cores_enabled`] says. Decode configurations and f32 never use them.
     pub tensor_cores: Option<bool>,
+    /// Among tensor-core launches, the register-level `mma.sync` kernel where it applies:
+    /// `Some(false)` never (the `wmma` kernel runs), `Some(true)` whenever the device supports
+    /// it, `None` as [`crate::register_mma`] says.
+    pub register_mma: Option<bool>,
+    /// Planes per cube of the register-level kernel (16 rows each; default 4).
+    pub mma_warps: Option<usize>,
 }
 
 /// Whether the tensor-core (`cmma`) prefill kernel may be used on devices that support it:
@@ -65,6 +72,7 @@ pub struct LaunchPlan {
 
 /// The kernel a launch runs.
 enum Launch {
+    Mma(MmaPlan),
     Cmma(CmmaPlan),
     Simt(LaunchPlan),
 }
@@ -364,12 +372,105 @@ pub fn select_cmma<R: CubeRuntime>(
     plan_cmma(problem, shared_limit, multiprocessors, tuning)
 }
 
-/// Largest vector width in {4, 2, 1} that divides `head_dim`, every stride of the tensors and
-/// the element offset of their buffers (slices of a bigger buffer).
-fn vector_size_for<R: CubeRuntime>(tensors: &[&CubeTensor<R>], head_dim: usize) -> usize {
+/// What a register-level tensor-core launch will do; returned by [`plan_mma`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MmaPlan {
+    /// The comptime configuration of [`attention_mma_kernel`].
+    pub config: MmaAttentionConfig,
+    /// Row blocks (grid x); the kernel takes no KV split.
+    pub row_blocks: usize,
+    /// Shared memory of the kernel, in bytes (upper bound).
+    pub shared_bytes: usize,
+}
+
+/// The register-level kernel's configuration for a problem the `wmma` kernel would run as
+/// `cmma` (its plan), or `None` where that one stays: a KV split (the `mma` kernel writes
+/// only final rows), `head_dim` not a multiple of 32 or above 128 (its operand loads and
+/// register budget), or tiles that do not fit `shared_limit`.
+pub fn plan_mma(
+    p: &Problem,
+    cmma: &CmmaPlan,
+    shared_limit: usize,
+    tuning: &LaunchTuning,
+) -> Option<MmaPlan> {
+    // `cp.async` copies 4, 8 or 16 bytes: vectors of 2 to 8 half-precision elements.
+    if cmma.splits != 1
+        || !p.head_dim.is_multiple_of(32)
+        || p.head_dim > 128
+        || !(2..=8).contains(&p.vector_size)
+    {
+        return None;
+    }
+    // 64 rows (4 planes) by 64 keys: 52 KiB of shared memory at d = 128.
+    let config = MmaAttentionConfig {
+        head_dim: p.head_dim,
+        vector_size: p.vector_size,
+        warps: tuning.mma_warps.unwrap_or(4),
+        block_k: 64,
+        causal: p.causal,
+        tree: p.tree,
+    };
+    let shared_bytes = config.shared_bytes(p.elem_size);
+    (shared_bytes <= shared_limit).then(|| MmaPlan {
+        config,
+        row_blocks: (p.group * p.q_len).div_ceil(config.block_q()),
+        shared_bytes,
+    })
+}
+
+/// Whether the device behind `client` runs `mma.sync` m16n8k16 with `dtype` inputs and f32
+/// accumulators (as the runtime reports; CUDA sm_80 and later), on top of
+/// [`cmma_supported`]'s conditions.
+pub fn mma_supported<R: CubeRuntime>(client: &ComputeClient<R>, dtype: DType) -> bool {
+    use cubecl::ir::features::MmaConfig;
+    if !cmma_supported(client, dtype) {
+        return false;
+    }
+    let elem: cubecl::ir::StorageType = dtype.into();
+    let f32_ty: cubecl::ir::StorageType = DType::F32.into();
+    let mma = MmaConfig {
+        a_type: elem,
+        b_type: elem,
+        cd_type: f32_ty,
+        m: 16,
+        n: 8,
+        k: 16,
+    };
+    client.properties().features.matmul.mma.contains(&mma)
+}
+
+/// The register-level plan [`attention`] will use for these inputs, if any (`problem` with the
+/// vector width of its loads, up to 8): the tensor-core plan ([`select_cmma`]), `tuning.register_mma` or [`crate::register_mma`], device support
+/// ([`mma_supported`]) and [`plan_mma`] together.
+pub fn select_mma<R: CubeRuntime>(
+    client: &ComputeClient<R>,
+    dtype: DType,
+    problem: &Problem,
+    cmma: &CmmaPlan,
+    tuning: &LaunchTuning,
+) -> Option<MmaPlan> {
+    let wanted = tuning.register_mma.unwrap_or_else(crate::register_mma);
+    if !wanted || !mma_supported(client, dtype) {
+        return None;
+    }
+    let shared_limit = tuning
+        .shared_memory
+        .unwrap_or(usize::MAX)
+        .min(client.properties().hardware.max_shared_memory_size);
+    plan_mma(problem, cmma, shared_limit, tuning)
+}
+
+/// Largest vector width in {8, 4, 2, 1}, at most `widest`, that divides `head_dim`, every
+/// stride of the tensors and the element offset of their buffers (slices of a bigger buffer).
+fn vector_size_for<R: CubeRuntime>(
+    tensors: &[&CubeTensor<R>],
+    head_dim: usize,
+    widest: usize,
+) -> usize {
     let max = tensors[0].client.properties().hardware.max_vector_size;
-    [4usize, 2, 1]
+    [8usize, 4, 2, 1]
         .into_iter()
+        .filter(|&n| n <= widest)
         .find(|&n| {
             n <= max.max(1)
                 && head_dim.is_multiple_of(n)
@@ -448,7 +549,7 @@ pub fn attention<R: CubeRuntime>(
         return out;
     }
 
-    let vector_size = vector_size_for(&[&q, &k, &v], head_dim);
+    let mut vector_size = vector_size_for(&[&q, &k, &v], head_dim, 4);
     let props = client.properties();
     let problem = Problem {
         batch_kv_heads: batch * n_kv_heads,
@@ -473,7 +574,20 @@ pub fn attention<R: CubeRuntime>(
     let max_threads = props.hardware.max_units_per_cube as usize;
     // Tensor cores where possible (f16/bf16 prefill on CUDA), else the portable SIMT kernel.
     let launch = match select_cmma(&client, dtype, &problem, tuning) {
-        Some(cmma) => Launch::Cmma(cmma),
+        Some(cmma) => {
+            // 16-byte `cp.async` copies where the layout allows.
+            let wide = Problem {
+                vector_size: vector_size_for(&[&q, &k, &v], head_dim, 8),
+                ..problem
+            };
+            match select_mma(&client, dtype, &wide, &cmma, tuning) {
+                Some(mma) => {
+                    vector_size = mma.config.vector_size;
+                    Launch::Mma(mma)
+                }
+                None => Launch::Cmma(cmma),
+            }
+        }
         None => Launch::Simt(plan(
             &problem,
             shared_limit,
@@ -483,6 +597,7 @@ pub fn attention<R: CubeRuntime>(
         )),
     };
     let (row_blocks, splits, chunk_len) = match &launch {
+        Launch::Mma(p) => (p.row_blocks, 1, kv_len),
         Launch::Cmma(p) => (p.row_blocks, p.splits, p.chunk_len),
         Launch::Simt(p) => (p.row_blocks, p.splits, p.chunk_len),
     };
@@ -551,6 +666,27 @@ pub fn attention<R: CubeRuntime>(
         array_arg(v.clone()),
     );
     match launch {
+        Launch::Mma(plan) => unsafe {
+            attention_mma_kernel::launch_unchecked::<R>(
+                &client,
+                cube_count,
+                CubeDim::new_2d(PLANE as u32, plan.config.warps as u32),
+                vector_size,
+                qkv_args.0,
+                qkv_args.1,
+                qkv_args.2,
+                arg_or_unused(&mask),
+                array_arg(out.clone()),
+                strides(),
+                options.scale,
+                kv_len as u32,
+                q_len as u32,
+                problem.group as u32,
+                n_kv_heads as u32,
+                plan.config,
+                dtype.into(),
+            );
+        },
         Launch::Cmma(plan) => unsafe {
             attention_cmma_kernel::launch_unchecked::<R>(
                 &client,

@@ -63,6 +63,7 @@
 pub mod cmma;
 pub mod kernel;
 pub mod launch;
+pub mod mma;
 
 #[cfg(feature = "fusion")]
 mod fusion;
@@ -70,9 +71,11 @@ mod fusion;
 pub use cmma::CmmaConfig;
 pub use kernel::AttentionConfig;
 pub use launch::{
-    CmmaPlan, DECODE_MAX_ROWS, LaunchPlan, LaunchTuning, Problem, attention, cmma_supported, plan,
-    plan_cmma, select_cmma, tensor_cores_enabled,
+    CmmaPlan, DECODE_MAX_ROWS, LaunchPlan, LaunchTuning, MmaPlan, Problem, attention,
+    cmma_supported, mma_supported, plan, plan_cmma, plan_mma, select_cmma, select_mma,
+    tensor_cores_enabled,
 };
+pub use mma::MmaAttentionConfig;
 
 use burn::tensor::{
     DType, IntDType,

@@ -1,0 +1,544 @@
+//! Register-level tensor-core prefill kernel (`mma.sync` m16n8k16) for f16/bf16 on CUDA.
+//!
+//! Same contract, grid, masking rule and f32 online softmax as
+//! [`super::kernel::attention_kernel`] without a KV split; what differs from the `wmma` kernel
+//! ([`super::cmma`]) is where the intermediate tiles live. `wmma` fragments have no documented
+//! register layout, so that kernel stores every score tile to shared memory for the softmax and
+//! keeps the output accumulator there too, reloading and storing it for every key tile. With
+//! CubeCL's manual MMA ([`MmaDefinition`]) the layout is PTX's, documented: a lane holds the
+//! accumulator elements `(g, 2c..2c+1)` and `(g + 8, 2c..2c+1)` of each 16×8 tile
+//! (`g = lane / 4`, `c = lane % 4`). So, as in FlashAttention-2:
+//!
+//! * scores `S = Q Kᵀ` stay in registers; a row's max and sum need only the four lanes of a
+//!   quad (`plane_shuffle_xor` by 1 and 2), and the running sum is kept per lane, reduced once
+//!   at the end;
+//! * the probabilities are re-packed in registers as the A operand of `P V`: the accumulator
+//!   layout of two adjacent 16×8 score tiles *is* the A layout of one 16×16 tile;
+//! * the output accumulator stays in registers for the whole key loop (rescaled in place);
+//! * operands come from shared memory with `ldmatrix` (`.trans` for V, which is stored
+//!   `[key][d]` and read as a `[key × d]` B operand).
+//!
+//! Shared memory holds only the staged Q, K and V tiles; per key tile the cube synchronises
+//! twice (after staging, before overwriting).
+//!
+//! # Layout
+//! A cube is `warps` planes of 32 units (`CubeDim = (32, warps)`); plane `w` owns the 16 rows
+//! `16w .. 16w + 16` of the row block (`block_q = 16 · warps`). `head_dim` is a multiple of 32
+//! (operands are loaded four 8×8 matrices at a time) and at most 128 (the output accumulator
+//! takes `head_dim / 2` registers per lane).
+//!
+//! # Alignment
+//! `ldmatrix` reads 16-byte rows at 16-byte aligned shared addresses: rows are padded by 8
+//! elements (16 bytes, which also staggers them across banks) and every column offset is a
+//! multiple of 8 elements.
+
+use cubecl::{
+    cmma::MmaDefinition,
+    ir::{FastMath, MatrixIdent},
+    prelude::barrier::{Barrier, copy_async_checked},
+    prelude::*,
+};
+
+use super::kernel::{NEG, QkvStrides};
+
+/// Rows per plane: the `m` of m16n8k16.
+pub(crate) const ROWS: usize = 16;
+/// Keys (of `S`) or head-dim columns (of `O`) per accumulator tile: the `n` of m16n8k16.
+const COLS: usize = 8;
+/// Units per plane the layout is written for.
+pub(crate) const PLANE: usize = 32;
+/// Scores below this are masked ones (`NEG` plus rounding).
+const NEG_THRESHOLD: f32 = -1.0e29;
+/// Byte alignment of the shared arrays.
+const SHARED_ALIGN: usize = 128;
+
+/// Compile-time shape of a launch; chosen by [`super::launch::plan_mma`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct MmaAttentionConfig {
+    /// Head dimension (a multiple of 32, at most 128).
+    pub head_dim: usize,
+    /// Vector width `N` of global loads (divides 8 and `head_dim`).
+    pub vector_size: usize,
+    /// Planes per cube; `block_q = 16 · warps` rows.
+    pub warps: usize,
+    /// Keys per shared-memory tile (a multiple of 16).
+    pub block_k: usize,
+    /// Causal masking among the new tokens.
+    pub causal: bool,
+    /// An explicit `[q_len, q_len]` mask among the new tokens (overrides `causal`).
+    pub tree: bool,
+}
+
+impl MmaAttentionConfig {
+    /// Rows per cube.
+    pub fn block_q(&self) -> usize {
+        ROWS * self.warps
+    }
+    /// Units per cube.
+    pub fn threads(&self) -> usize {
+        PLANE * self.warps
+    }
+    pub(crate) fn nv(&self) -> usize {
+        self.head_dim / self.vector_size
+    }
+    /// Row stride of the staged tiles, in elements (16 bytes of padding).
+    pub(crate) fn stride(&self) -> usize {
+        self.head_dim + 8
+    }
+    pub(crate) fn stride_v(&self) -> usize {
+        self.stride() / self.vector_size
+    }
+    pub(crate) fn q_load_iters(&self) -> usize {
+        (self.block_q() * self.nv()).div_ceil(self.threads())
+    }
+    pub(crate) fn kv_load_iters(&self) -> usize {
+        (self.block_k * self.nv()).div_ceil(self.threads())
+    }
+    /// Shared memory of one cube, in bytes (before alignment padding).
+    pub fn shared_bytes(&self, elem_size: usize) -> usize {
+        elem_size * (self.block_q() + 2 * self.block_k) * self.stride() + 3 * SHARED_ALIGN
+    }
+}
+
+/// Whether key `j` is visible to query `i` (see [`super`] for the rule).
+#[allow(clippy::too_many_arguments)]
+#[cube]
+fn visible(
+    mask: &Array<u32>,
+    j: usize,
+    i: usize,
+    kv_end: usize,
+    prefix: usize,
+    q_len: usize,
+    #[comptime] causal: bool,
+    #[comptime] tree: bool,
+) -> bool {
+    let mut visible = false;
+    if j < kv_end {
+        visible = true;
+        if j >= prefix {
+            let tj = j - prefix;
+            if comptime!(tree) {
+                let i_c = if i < q_len { i } else { q_len - 1 };
+                visible = mask[i_c * q_len + tj] != 0u32;
+            } else if comptime!(causal) {
+                visible = tj <= i;
+            }
+        }
+    }
+    visible
+}
+
+/// Two f32 accumulator elements rounded to one A-operand register.
+#[cube]
+fn pack<F: Float>(x: Vector<f32, Const<2>>) -> Vector<F, Const<2>> {
+    Vector::cast_from(x)
+}
+
+/// Issues the asynchronous copies (`cp.async`, `N` elements each) of the K or V tile of keys
+/// `tile_start ..` into `tile`; keys at or past `kv_end` are zero-filled (a zero-length source)
+/// rather than read, so the unused capacity of a cache is never touched.
+#[allow(clippy::too_many_arguments)]
+#[cube]
+fn stage_async<F: Float, N: Size>(
+    src: &Array<Vector<F, N>>,
+    tile: &mut SharedMemory<Vector<F, N>>,
+    base: usize,
+    row_stride: usize,
+    tile_start: usize,
+    kv_end: usize,
+    #[comptime] cfg: MmaAttentionConfig,
+) {
+    let nv = comptime!(cfg.nv());
+    let vs = cfg.vector_size;
+    let sv = comptime!(cfg.stride_v());
+    let t = UNIT_POS as usize;
+    #[unroll]
+    for it in 0..comptime!(cfg.kv_load_iters()) {
+        let e = t + it * comptime!(cfg.threads());
+        if e < comptime!(cfg.block_k * cfg.nv()) {
+            let c = e / nv;
+            let dv = e % nv;
+            let j = tile_start + c;
+            let valid = j < kv_end;
+            let mut row = 0usize;
+            let mut len = 0usize;
+            if valid {
+                row = j;
+                len = 1usize;
+            }
+            let idx = (base + row * row_stride) / vs + dv;
+            let dst = c * sv + dv;
+            copy_async_checked(
+                &src.slice(idx, idx + len),
+                &mut tile.slice_mut(dst, dst + 1),
+                comptime!(cfg.vector_size as u32),
+            );
+        }
+    }
+}
+
+/// Tensor-core attention of a block of `16 · warps` rows of one KV head against all the keys
+/// it may see. Arguments and grid as [`super::kernel::attention_kernel`] without a KV split
+/// (grid z = 1); `CubeDim = (32, warps)`.
+#[allow(clippy::too_many_arguments)]
+#[cube(launch_unchecked, fast_math = FastMath::all())]
+pub fn attention_mma_kernel<F: Float, N: Size>(
+    q: &Array<Vector<F, N>>,
+    k: &Array<Vector<F, N>>,
+    v: &Array<Vector<F, N>>,
+    mask: &Array<u32>,
+    out: &mut Array<Vector<F, N>>,
+    strides: QkvStrides,
+    scale: f32,
+    kv_len: u32,
+    q_len: u32,
+    group: u32,
+    n_kv_heads: u32,
+    #[comptime] cfg: MmaAttentionConfig,
+    #[define(F)] _dtype: StorageType,
+) {
+    let def = MmaDefinition::<F, F, f32>::new(ROWS, COLS, 16usize);
+    let nv = comptime!(cfg.nv());
+    let vs = cfg.vector_size;
+    let bq = comptime!(cfg.block_q());
+    let bk = cfg.block_k;
+    let threads = comptime!(cfg.threads());
+    let stride = comptime!(cfg.stride());
+    let sv = comptime!(cfg.stride_v());
+    // Vectors per 8-element (16-byte) `ldmatrix` row.
+    let row_v = comptime!(8 / cfg.vector_size);
+    let d_tiles = comptime!(cfg.head_dim / COLS);
+    let k_tiles = comptime!(cfg.block_k / COLS);
+
+    let lane = UNIT_POS_X as usize;
+    let warp = UNIT_POS_Y as usize;
+    let t = warp * PLANE + lane;
+    let row_block = CUBE_POS_X as usize;
+    let bh = CUBE_POS_Y as usize;
+    // Accumulator coordinates of this lane: rows `quad` and `quad + 8`, columns `2 pair ..`.
+    let quad = lane / 4;
+    let pair = lane % 4;
+    // `ldmatrix` row this lane addresses: matrix `lane / 8`, row `lane % 8` of it.
+    let ld_row = lane % 8;
+    let ld_mat = lane / 8;
+
+    let kv_len = kv_len as usize;
+    let q_len = q_len as usize;
+    let group = group as usize;
+    let n_kv_heads = n_kv_heads as usize;
+
+    let batch = bh / n_kv_heads;
+    let kv_head = bh % n_kv_heads;
+    let rows = group * q_len;
+    let prefix = kv_len - q_len;
+    let row0 = row_block * bq;
+
+    // Q is staged as scalars: it is read once (by `ldmatrix`) and later holds the output rows,
+    // which the lanes write two columns at a time.
+    let mut q_s = SharedMemory::<F>::new_aligned(comptime!(bq * cfg.stride()), SHARED_ALIGN);
+    let mut k_s = SharedMemory::<Vector<F, N>>::new_aligned(comptime!(bk * sv), SHARED_ALIGN);
+    let mut v_s = SharedMemory::<Vector<F, N>>::new_aligned(comptime!(bk * sv), SHARED_ALIGN);
+
+    // Stage the Q rows of this block (zeros past the last row).
+    #[unroll]
+    for it in 0..comptime!(cfg.q_load_iters()) {
+        let e = t + it * threads;
+        if e < bq * nv {
+            let r = e / nv;
+            let dv = e % nv;
+            let rho = row0 + r;
+            let mut val = Vector::<F, N>::new(F::new(0.0));
+            if rho < rows {
+                let i = rho / group;
+                let head = kv_head * group + rho % group;
+                let idx = (batch * strides.q_batch as usize
+                    + head * strides.q_head as usize
+                    + i * strides.q_row as usize)
+                    / vs
+                    + dv;
+                val = q[idx];
+            }
+            #[unroll]
+            for e in 0..vs {
+                q_s[r * stride + dv * vs + e] = val[e];
+            }
+        }
+    }
+    sync_cube();
+
+    // This plane's Q as `head_dim / 16` A operands: matrices (rows 0-7 | 8-15) × (cols 0-7 |
+    // 8-15) of each 16×16 tile, in the A register order.
+    let mut q_frags = Sequence::<Array<Vector<F, Const<2>>>>::new();
+    #[unroll]
+    for kt in 0..comptime!(cfg.head_dim / 16) {
+        let r = warp * ROWS + ld_row + (ld_mat % 2) * 8;
+        let start = r * stride + comptime!(kt * 16) + (ld_mat / 2) * 8;
+        let regs = def.load_matrix::<F, Const<2>>(
+            &q_s.slice(start, start + 8),
+            MatrixIdent::A,
+            4usize,
+            false,
+        );
+        q_frags.push(regs);
+    }
+
+    // The output accumulator: one 16×8 tile per 8 head-dim columns.
+    let mut o_acc = Sequence::<Array<Vector<f32, Const<2>>>>::new();
+    #[unroll]
+    for _ in 0..d_tiles {
+        let mut acc = Array::<Vector<f32, Const<2>>>::new(2usize);
+        acc[0usize] = Vector::new(0.0f32);
+        acc[1usize] = Vector::new(0.0f32);
+        o_acc.push(acc);
+    }
+    // Running max and per-lane partial sum (the quad's sum at the end) of rows quad, quad + 8.
+    let mut m_run = Array::<f32>::new(2usize);
+    let mut l_run = Array::<f32>::new(2usize);
+    m_run[0usize] = f32::new(NEG);
+    m_run[1usize] = f32::new(NEG);
+    l_run[0usize] = 0.0f32;
+    l_run[1usize] = 0.0f32;
+
+    // Keys this row block may see: causal blocks stop after their last query's position.
+    let block_end = if row0 + bq < rows { row0 + bq } else { rows };
+    let mut kv_end = kv_len;
+    if comptime!(cfg.causal && !cfg.tree) {
+        let causal_end = prefix + (block_end - 1) / group + 1;
+        if causal_end < kv_end {
+            kv_end = causal_end;
+        }
+    }
+    // Tiles ending at or before this key need no mask: it is the first position a new token
+    // of the block may not see (the block's first query's own position + 1 under the causal
+    // rule; the start of the new tokens for a tree).
+    let mut unmasked_end = kv_end;
+    if comptime!(cfg.tree) {
+        unmasked_end = prefix;
+    } else if comptime!(cfg.causal) {
+        unmasked_end = prefix + row0 / group + 1;
+    }
+
+    let my_row = row0 + warp * ROWS + quad;
+    let mut query = Array::<usize>::new(2usize);
+    query[0usize] = my_row / group;
+    query[1usize] = (my_row + 8) / group;
+
+    let k_base = batch * strides.k_batch as usize + kv_head * strides.k_head as usize;
+    let v_base = batch * strides.v_batch as usize + kv_head * strides.v_head as usize;
+    let k_row_stride = strides.k_row as usize;
+    let v_row_stride = strides.v_row as usize;
+
+    // Software pipeline (as FlashAttention-2): V of this tile is copied while the scores are
+    // computed, K of the next tile while `P V` runs. `arrive_and_wait` on a barrier waits for
+    // this unit's committed copies and for every unit, so it also orders the reads of the
+    // previous contents before the next copy into the same tile.
+    let bar_k = Barrier::shared(CUBE_DIM, UNIT_POS == 0);
+    let bar_v = Barrier::shared(CUBE_DIM, UNIT_POS == 0);
+    stage_async::<F, N>(k, &mut k_s, k_base, k_row_stride, 0usize, kv_end, cfg);
+    bar_k.commit_copy_async();
+    bar_k.arrive_and_wait();
+
+    let mut tile_start = 0usize;
+    while tile_start < kv_end {
+        stage_async::<F, N>(v, &mut v_s, v_base, v_row_stride, tile_start, kv_end, cfg);
+        bar_v.commit_copy_async();
+
+        // (2) S = Q Kᵀ in registers. K is stored [key][d], which is Kᵀ as a column-major B:
+        // `ldmatrix` (no transpose) of keys `8 nt ..` × d columns `32 kt2 + 8 ld_mat ..` gives
+        // the two B registers of d tiles `2 kt2` and `2 kt2 + 1`.
+        let mut s_acc = Sequence::<Array<Vector<f32, Const<2>>>>::new();
+        #[unroll]
+        for nt in 0..k_tiles {
+            let mut acc = Array::<Vector<f32, Const<2>>>::new(2usize);
+            acc[0usize] = Vector::new(0.0f32);
+            acc[1usize] = Vector::new(0.0f32);
+            #[unroll]
+            for kt2 in 0..comptime!(cfg.head_dim / 32) {
+                let start = (comptime!(nt * COLS) + ld_row) * sv
+                    + comptime!(kt2 * 32 / cfg.vector_size)
+                    + ld_mat * row_v;
+                let regs = def.load_matrix::<Vector<F, N>, Const<2>>(
+                    &k_s.slice(start, start + row_v),
+                    MatrixIdent::B,
+                    4usize,
+                    false,
+                );
+                let mut b0 = Array::<Vector<F, Const<2>>>::new(2usize);
+                let mut b1 = Array::<Vector<F, Const<2>>>::new(2usize);
+                b0[0usize] = regs[0usize];
+                b0[1usize] = regs[1usize];
+                b1[0usize] = regs[2usize];
+                b1[1usize] = regs[3usize];
+                def.execute_inplace(q_frags.index(comptime!(2 * kt2)), &b0, &mut acc);
+                def.execute_inplace(q_frags.index(comptime!(2 * kt2 + 1)), &b1, &mut acc);
+            }
+            s_acc.push(acc);
+        }
+
+        // (3) Online softmax on the registers: scale, mask, the quad's row max, rescale.
+        let masked = tile_start + bk > unmasked_end;
+        let mut m_tile = Array::<f32>::new(2usize);
+        m_tile[0usize] = f32::new(NEG);
+        m_tile[1usize] = f32::new(NEG);
+        #[unroll]
+        for nt in 0..k_tiles {
+            let acc = s_acc.index_mut(nt);
+            #[unroll]
+            for h in 0..2usize {
+                let mut s = acc[h] * Vector::new(scale);
+                if masked {
+                    #[unroll]
+                    for e in 0..2usize {
+                        let j = tile_start + comptime!(nt * COLS) + 2 * pair + e;
+                        if !visible(
+                            mask, j, query[h], kv_end, prefix, q_len, cfg.causal, cfg.tree,
+                        ) {
+                            s[e] = f32::new(NEG);
+                        }
+                    }
+                }
+                acc[h] = s;
+                m_tile[h] = f32::max(m_tile[h], f32::max(s[0usize], s[1usize]));
+            }
+        }
+        let mut alpha = Array::<f32>::new(2usize);
+        #[unroll]
+        for h in 0..2usize {
+            let mut m = m_tile[h];
+            m = f32::max(m, plane_shuffle_xor(m, 1u32));
+            m = f32::max(m, plane_shuffle_xor(m, 2u32));
+            let m_new = f32::max(m_run[h], m);
+            alpha[h] = f32::exp(m_run[h] - m_new);
+            m_run[h] = m_new;
+        }
+        #[unroll]
+        for dt in 0..d_tiles {
+            let acc = o_acc.index_mut(dt);
+            acc[0usize] *= Vector::new(alpha[0usize]);
+            acc[1usize] *= Vector::new(alpha[1usize]);
+        }
+
+        // (4) P = exp(S - m), rounded to the input dtype; the sum adds the rounded values
+        // the matrix units use.
+        let mut l_tile = Array::<f32>::new(2usize);
+        l_tile[0usize] = 0.0f32;
+        l_tile[1usize] = 0.0f32;
+        let mut p_frags = Sequence::<Array<Vector<F, Const<2>>>>::new();
+        #[unroll]
+        for kk in 0..comptime!(cfg.block_k / 16) {
+            let mut a = Array::<Vector<F, Const<2>>>::new(4usize);
+            #[unroll]
+            for half in 0..2usize {
+                let acc = s_acc.index(comptime!(2 * kk + half));
+                #[unroll]
+                for h in 0..2usize {
+                    let s = acc[h];
+                    let mut p = Vector::<f32, Const<2>>::new(0.0f32);
+                    #[unroll]
+                    for e in 0..2usize {
+                        if s[e] > NEG_THRESHOLD {
+                            p[e] = f32::exp(s[e] - m_run[h]);
+                        }
+                    }
+                    let packed = pack::<F>(p);
+                    let rounded = Vector::<f32, Const<2>>::cast_from(packed);
+                    l_tile[h] += rounded[0usize] + rounded[1usize];
+                    a[comptime!(2 * half + h)] = packed;
+                }
+            }
+            p_frags.push(a);
+        }
+        l_run[0usize] = l_run[0usize] * alpha[0usize] + l_tile[0usize];
+        l_run[1usize] = l_run[1usize] * alpha[1usize] + l_tile[1usize];
+
+        bar_v.arrive_and_wait();
+        let next = tile_start + bk;
+        if next < kv_end {
+            stage_async::<F, N>(k, &mut k_s, k_base, k_row_stride, next, kv_end, cfg);
+            bar_k.commit_copy_async();
+        }
+
+        // (5) O += P V. The A operand of keys `16 kk ..` is the score tiles `2 kk` and
+        // `2 kk + 1` (rows quad / quad + 8 of each); V is read with `ldmatrix.trans`: keys
+        // `16 kk + 8 (ld_mat % 2) ..` × d columns `16 dt2 + 8 (ld_mat / 2) ..` give the B
+        // registers of d tiles `2 dt2` and `2 dt2 + 1`.
+        #[unroll]
+        for kk in 0..comptime!(cfg.block_k / 16) {
+            let a = p_frags.index(kk);
+            #[unroll]
+            for dt2 in 0..comptime!(cfg.head_dim / 16) {
+                let start = (comptime!(kk * 16) + ld_row + (ld_mat % 2) * 8) * sv
+                    + comptime!(dt2 * 16 / cfg.vector_size)
+                    + (ld_mat / 2) * row_v;
+                let regs = def.load_matrix::<Vector<F, N>, Const<2>>(
+                    &v_s.slice(start, start + row_v),
+                    MatrixIdent::B,
+                    4usize,
+                    true,
+                );
+                let mut b0 = Array::<Vector<F, Const<2>>>::new(2usize);
+                let mut b1 = Array::<Vector<F, Const<2>>>::new(2usize);
+                b0[0usize] = regs[0usize];
+                b0[1usize] = regs[1usize];
+                b1[0usize] = regs[2usize];
+                b1[1usize] = regs[3usize];
+                def.execute_inplace(a, &b0, o_acc.index_mut(comptime!(2 * dt2)));
+                def.execute_inplace(a, &b1, o_acc.index_mut(comptime!(2 * dt2 + 1)));
+            }
+        }
+        if next < kv_end {
+            bar_k.arrive_and_wait();
+        }
+        tile_start = next;
+    }
+
+    // Row sums over the quad; a row that sees no key at all gets zeros rather than NaN.
+    let mut inv = Array::<f32>::new(2usize);
+    #[unroll]
+    for h in 0..2usize {
+        let mut l = l_run[h];
+        l += plane_shuffle_xor(l, 1u32);
+        l += plane_shuffle_xor(l, 2u32);
+        inv[h] = if l > 0.0f32 {
+            1.0f32 / l
+        } else {
+            f32::new(0.0)
+        };
+    }
+
+    // Write through the Q tile (this plane's rows only): each lane holds two columns of a
+    // row per 8, so the rows are assembled in shared memory and written as whole vectors.
+    #[unroll]
+    for h in 0..2usize {
+        let r = warp * ROWS + quad + h * 8;
+        #[unroll]
+        for dt in 0..d_tiles {
+            let o = o_acc.index(dt)[h] * Vector::new(inv[h]);
+            let col = comptime!(dt * COLS) + 2 * pair;
+            q_s[r * stride + col] = F::cast_from(o[0usize]);
+            q_s[r * stride + col + 1] = F::cast_from(o[1usize]);
+        }
+    }
+    sync_cube();
+    #[unroll]
+    for it in 0..comptime!(cfg.q_load_iters()) {
+        let e = t + it * threads;
+        if e < bq * nv {
+            let r = e / nv;
+            let dv = e % nv;
+            let rho = row0 + r;
+            if rho < rows {
+                let head = kv_head * group + rho % group;
+                let n_heads = n_kv_heads * group;
+                let orow = (batch * n_heads + head) * q_len + rho / group;
+                let mut val = Vector::<F, N>::empty();
+                #[unroll]
+                for x in 0..vs {
+                    val[x] = q_s[r * stride + dv * vs + x];
+                }
+                out[orow * nv + dv] = val;
+            }
+        }
+    }
+}
