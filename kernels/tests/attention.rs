@@ -603,12 +603,14 @@ fn half_prefill_grid(dtype: DType) {
             };
             check_tuned(case, dtype, wmma);
             // Small grids take a KV split, which only `wmma` does: without it, `mma` runs
-            // (d = 64/96/128), with 4 and 8 planes per cube.
-            for warps in [4, 8] {
+            // (d = 64/96/128), with several (planes, m tiles per plane, keys per tile).
+            for (warps, m_tiles, block_k) in [(4, 1, 64), (8, 1, 64), (4, 2, 32), (4, 2, 64)] {
                 let mma = LaunchTuning {
                     splits: Some(1),
                     register_mma: Some(true),
                     mma_warps: Some(warps),
+                    mma_m_tiles: Some(m_tiles),
+                    mma_block_k: Some(block_k),
                     ..Default::default()
                 };
                 check_tuned(case, dtype, mma);
@@ -742,17 +744,25 @@ fn prefill_throughput() {
     // Causal: half of the n² score matrix, two products of 2·d flops per score.
     let flops = 4.0 * (n as f64) * (n as f64) / 2.0 * d as f64 * h as f64;
     let mut outputs = Vec::new();
+    // (name, tensor cores, mma, planes, m tiles, keys per tile)
     let variants = [
-        ("mma, 4 planes", true, true, 4),
-        ("mma, 8 planes", true, true, 8),
-        ("wmma", true, false, 4),
-        ("SIMT", false, false, 4),
+        ("mma 4x1 bk64", true, true, 4, 1, 64),
+        ("mma 4x1 bk32", true, true, 4, 1, 32),
+        ("mma 4x1 bk128", true, true, 4, 1, 128),
+        ("mma 8x1 bk64", true, true, 8, 1, 64),
+        ("mma 4x2 bk32", true, true, 4, 2, 32),
+        ("mma 4x2 bk64", true, true, 4, 2, 64),
+        ("mma 2x2 bk64", true, true, 2, 2, 64),
+        ("wmma", true, false, 4, 1, 64),
+        ("SIMT", false, false, 4, 1, 64),
     ];
-    for (name, tensor_cores, register_mma, warps) in variants {
+    for (name, tensor_cores, register_mma, warps, m_tiles, block_k) in variants {
         let tuning = LaunchTuning {
             tensor_cores: Some(tensor_cores),
             register_mma: Some(register_mma),
             mma_warps: Some(warps),
+            mma_m_tiles: Some(m_tiles),
+            mma_block_k: Some(block_k),
             ..Default::default()
         };
         let run = || {
@@ -783,8 +793,9 @@ fn prefill_throughput() {
         );
         outputs.push(read(out.unwrap()));
     }
-    let reference: Vec<f64> = outputs[3].iter().map(|&x| x as f64).collect();
-    for (i, (name, ..)) in variants.iter().enumerate().take(3) {
+    let simt = variants.len() - 1;
+    let reference: Vec<f64> = outputs[simt].iter().map(|&x| x as f64).collect();
+    for (i, (name, ..)) in variants.iter().enumerate().take(simt) {
         let err = rel_l2(&outputs[i], &reference);
         println!("{name} vs SIMT: rel_l2 = {err:.2e}");
         assert!(err <= 1e-2, "{name} and SIMT outputs differ: {err:e}");

@@ -12,7 +12,7 @@ pub(crate) const NEG: f32 = -1.0e30;
 const NEG_THRESHOLD: f32 = -1.0e29;
 
 /// Compile-time shape of one attention launch. Every field is chosen on the host by
-/// [`super::launch::AttentionConfig::choose`]; derived quantities are precomputed there so that
+/// [`super::launch::plan`]; derived quantities are precomputed there so that
 /// the kernel only does comptime arithmetic through loop bounds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct AttentionConfig {

@@ -44,8 +44,12 @@ pub struct LaunchTuning {
     /// `Some(false)` never (the `wmma` kernel runs), `Some(true)` whenever the device supports
     /// it, `None` as [`crate::register_mma`] says.
     pub register_mma: Option<bool>,
-    /// Planes per cube of the register-level kernel (16 rows each; default 4).
+    /// Planes per cube of the register-level kernel (default 4).
     pub mma_warps: Option<usize>,
+    /// 16-row tiles per plane of the register-level kernel (1 or 2).
+    pub mma_m_tiles: Option<usize>,
+    /// Keys per tile of the register-level kernel (a multiple of 16).
+    pub mma_block_k: Option<usize>,
 }
 
 /// Whether the tensor-core (`cmma`) prefill kernel may be used on devices that support it:
@@ -406,7 +410,8 @@ pub fn plan_mma(
         head_dim: p.head_dim,
         vector_size: p.vector_size,
         warps: tuning.mma_warps.unwrap_or(4),
-        block_k: 64,
+        m_tiles: tuning.mma_m_tiles.unwrap_or(1),
+        block_k: tuning.mma_block_k.unwrap_or(64),
         causal: p.causal,
         tree: p.tree,
     };

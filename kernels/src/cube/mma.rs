@@ -52,6 +52,10 @@ const NEG_THRESHOLD: f32 = -1.0e29;
 /// Byte alignment of the shared arrays.
 const SHARED_ALIGN: usize = 128;
 
+/// A lane's registers of one `mma` operand or accumulator: 32-bit registers holding two
+/// elements each (PTX's fragment layout).
+type Regs<E> = Array<Vector<E, Const<2>>>;
+
 /// Compile-time shape of a launch; chosen by [`super::launch::plan_mma`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct MmaAttentionConfig {
@@ -59,8 +63,11 @@ pub struct MmaAttentionConfig {
     pub head_dim: usize,
     /// Vector width `N` of global loads (divides 8 and `head_dim`).
     pub vector_size: usize,
-    /// Planes per cube; `block_q = 16 · warps` rows.
+    /// Planes per cube.
     pub warps: usize,
+    /// 16-row tiles per plane: every K/V operand loaded from shared memory serves this many
+    /// products. `block_q = 16 · m_tiles · warps`.
+    pub m_tiles: usize,
     /// Keys per shared-memory tile (a multiple of 16).
     pub block_k: usize,
     /// Causal masking among the new tokens.
@@ -72,7 +79,7 @@ pub struct MmaAttentionConfig {
 impl MmaAttentionConfig {
     /// Rows per cube.
     pub fn block_q(&self) -> usize {
-        ROWS * self.warps
+        ROWS * self.m_tiles * self.warps
     }
     /// Units per cube.
     pub fn threads(&self) -> usize {
@@ -133,6 +140,46 @@ fn visible(
 #[cube]
 fn pack<F: Float>(x: Vector<f32, Const<2>>) -> Vector<F, Const<2>> {
     Vector::cast_from(x)
+}
+
+/// A zeroed 16×8 f32 accumulator (two registers of two elements per lane).
+#[cube]
+fn zero_acc() -> Regs<f32> {
+    let mut acc = Array::<Vector<f32, Const<2>>>::new(2usize);
+    acc[0usize] = Vector::new(0.0f32);
+    acc[1usize] = Vector::new(0.0f32);
+    acc
+}
+
+/// The four registers of an `ldmatrix.x4` of B operands as the operands of two products.
+#[cube]
+fn split_b<F: Float>(
+    regs: &Regs<F>,
+) -> (Regs<F>, Regs<F>) {
+    let mut b0 = Array::<Vector<F, Const<2>>>::new(2usize);
+    let mut b1 = Array::<Vector<F, Const<2>>>::new(2usize);
+    b0[0usize] = regs[0usize];
+    b0[1usize] = regs[1usize];
+    b1[0usize] = regs[2usize];
+    b1[1usize] = regs[3usize];
+    (b0, b1)
+}
+
+/// The A operand of the 16 rows from `row` and the d columns `16 kt ..` of the Q tile:
+/// `ldmatrix.x4` of the matrices (rows 0-7 | 8-15) × (cols 0-7 | 8-15), in the A register
+/// order.
+#[cube]
+fn load_a<F: Float>(
+    q_s: &SharedMemory<F>,
+    row: usize,
+    #[comptime] kt: usize,
+    #[comptime] cfg: MmaAttentionConfig,
+) -> Regs<F> {
+    let def = MmaDefinition::<F, F, f32>::new(ROWS, COLS, 16usize);
+    let lane = UNIT_POS_X as usize;
+    let r = row + lane % 8 + ((lane / 8) % 2) * 8;
+    let start = r * comptime!(cfg.stride()) + comptime!(kt * 16) + (lane / 16) * 8;
+    def.load_matrix::<F, Const<2>>(&q_s.slice(start, start + 8), MatrixIdent::A, 4usize, false)
 }
 
 /// Issues the asynchronous copies (`cp.async`, `N` elements each) of the K or V tile of keys
@@ -214,7 +261,13 @@ pub fn attention_mma_kernel<F: Float, N: Size>(
     let lane = UNIT_POS_X as usize;
     let warp = UNIT_POS_Y as usize;
     let t = warp * PLANE + lane;
-    let row_block = CUBE_POS_X as usize;
+    // Causal row blocks differ in work (the last sees all keys, the first one tile): the
+    // heaviest go first so that the light ones fill the tail of the launch.
+    let mut row_block = CUBE_POS_X as usize;
+    if comptime!(cfg.causal && !cfg.tree) {
+        let count = CUBE_COUNT_X as usize;
+        row_block = count - row_block - 1;
+    }
     let bh = CUBE_POS_Y as usize;
     // Accumulator coordinates of this lane: rows `quad` and `quad + 8`, columns `2 pair ..`.
     let quad = lane / 4;
@@ -267,38 +320,38 @@ pub fn attention_mma_kernel<F: Float, N: Size>(
     }
     sync_cube();
 
-    // This plane's Q as `head_dim / 16` A operands: matrices (rows 0-7 | 8-15) × (cols 0-7 |
-    // 8-15) of each 16×16 tile, in the A register order.
-    let mut q_frags = Sequence::<Array<Vector<F, Const<2>>>>::new();
-    #[unroll]
-    for kt in 0..comptime!(cfg.head_dim / 16) {
-        let r = warp * ROWS + ld_row + (ld_mat % 2) * 8;
-        let start = r * stride + comptime!(kt * 16) + (ld_mat / 2) * 8;
-        let regs = def.load_matrix::<F, Const<2>>(
-            &q_s.slice(start, start + 8),
-            MatrixIdent::A,
-            4usize,
-            false,
-        );
-        q_frags.push(regs);
+    // With one m tile per plane its Q operands stay in registers for the whole key loop
+    // (`head_dim / 16` A operands: matrices (rows 0-7 | 8-15) × (cols 0-7 | 8-15) of each 16×16
+    // tile, in the A register order); with more, they are reloaded from `q_s` per key tile,
+    // which leaves the registers to the accumulators.
+    let plane_row = warp * comptime!(ROWS * cfg.m_tiles);
+    let mut q_frags = Sequence::<Regs<F>>::new();
+    if comptime!(cfg.m_tiles == 1) {
+        #[unroll]
+        for kt in 0..comptime!(cfg.head_dim / 16) {
+            q_frags.push(load_a::<F>(&q_s, plane_row, kt, cfg));
+        }
     }
 
-    // The output accumulator: one 16×8 tile per 8 head-dim columns.
-    let mut o_acc = Sequence::<Array<Vector<f32, Const<2>>>>::new();
+    // The output accumulator: one 16×8 tile per m tile and 8 head-dim columns, at
+    // `mt * d_tiles + dt`.
+    let mut o_acc = Sequence::<Regs<f32>>::new();
     #[unroll]
-    for _ in 0..d_tiles {
-        let mut acc = Array::<Vector<f32, Const<2>>>::new(2usize);
-        acc[0usize] = Vector::new(0.0f32);
-        acc[1usize] = Vector::new(0.0f32);
-        o_acc.push(acc);
+    for _ in 0..comptime!(cfg.m_tiles * d_tiles) {
+        o_acc.push(zero_acc());
     }
-    // Running max and per-lane partial sum (the quad's sum at the end) of rows quad, quad + 8.
-    let mut m_run = Array::<f32>::new(2usize);
-    let mut l_run = Array::<f32>::new(2usize);
-    m_run[0usize] = f32::new(NEG);
-    m_run[1usize] = f32::new(NEG);
-    l_run[0usize] = 0.0f32;
-    l_run[1usize] = 0.0f32;
+    // Per row this lane holds (`2 mt + h`: rows `16 mt + quad + 8 h` of the plane): running
+    // max, per-lane partial sum (the quad's sum at the end) and query index.
+    let slots = comptime!(2 * cfg.m_tiles);
+    let mut m_run = Array::<f32>::new(slots);
+    let mut l_run = Array::<f32>::new(slots);
+    let mut query = Array::<usize>::new(slots);
+    #[unroll]
+    for x in 0..slots {
+        m_run[x] = f32::new(NEG);
+        l_run[x] = 0.0f32;
+        query[x] = (row0 + plane_row + comptime!((x / 2) * ROWS + (x % 2) * 8) + quad) / group;
+    }
 
     // Keys this row block may see: causal blocks stop after their last query's position.
     let block_end = if row0 + bq < rows { row0 + bq } else { rows };
@@ -318,11 +371,6 @@ pub fn attention_mma_kernel<F: Float, N: Size>(
     } else if comptime!(cfg.causal) {
         unmasked_end = prefix + row0 / group + 1;
     }
-
-    let my_row = row0 + warp * ROWS + quad;
-    let mut query = Array::<usize>::new(2usize);
-    query[0usize] = my_row / group;
-    query[1usize] = (my_row + 8) / group;
 
     let k_base = batch * strides.k_batch as usize + kv_head * strides.k_head as usize;
     let v_base = batch * strides.v_batch as usize + kv_head * strides.v_head as usize;
@@ -344,17 +392,31 @@ pub fn attention_mma_kernel<F: Float, N: Size>(
         stage_async::<F, N>(v, &mut v_s, v_base, v_row_stride, tile_start, kv_end, cfg);
         bar_v.commit_copy_async();
 
-        // (2) S = Q Kᵀ in registers. K is stored [key][d], which is Kᵀ as a column-major B:
-        // `ldmatrix` (no transpose) of keys `8 nt ..` × d columns `32 kt2 + 8 ld_mat ..` gives
-        // the two B registers of d tiles `2 kt2` and `2 kt2 + 1`.
-        let mut s_acc = Sequence::<Array<Vector<f32, Const<2>>>>::new();
+        // (2) S = Q Kᵀ in registers, at `mt * k_tiles + nt`. K is stored [key][d], which is
+        // Kᵀ as a column-major B: `ldmatrix` (no transpose) of keys `8 nt ..` × d columns
+        // `32 kt2 + 8 ld_mat ..` gives the two B registers of d tiles `2 kt2` and `2 kt2 + 1`,
+        // each used by every m tile.
+        let mut s_acc = Sequence::<Regs<f32>>::new();
         #[unroll]
-        for nt in 0..k_tiles {
-            let mut acc = Array::<Vector<f32, Const<2>>>::new(2usize);
-            acc[0usize] = Vector::new(0.0f32);
-            acc[1usize] = Vector::new(0.0f32);
+        for _ in 0..comptime!(cfg.m_tiles * k_tiles) {
+            s_acc.push(zero_acc());
+        }
+        #[unroll]
+        for kt2 in 0..comptime!(cfg.head_dim / 32) {
+            // A operands of d tiles `2 kt2 + half` for each m tile, at `2 mt + half`.
+            let mut a = Sequence::<Regs<F>>::new();
+            if comptime!(cfg.m_tiles > 1) {
+                #[unroll]
+                for mt in 0..comptime!(cfg.m_tiles) {
+                    #[unroll]
+                    for half in 0..2usize {
+                        let kt = comptime!(2 * kt2 + half);
+                        a.push(load_a::<F>(&q_s, plane_row + comptime!(mt * ROWS), kt, cfg));
+                    }
+                }
+            }
             #[unroll]
-            for kt2 in 0..comptime!(cfg.head_dim / 32) {
+            for nt in 0..k_tiles {
                 let start = (comptime!(nt * COLS) + ld_row) * sv
                     + comptime!(kt2 * 32 / cfg.vector_size)
                     + ld_mat * row_v;
@@ -364,93 +426,116 @@ pub fn attention_mma_kernel<F: Float, N: Size>(
                     4usize,
                     false,
                 );
-                let mut b0 = Array::<Vector<F, Const<2>>>::new(2usize);
-                let mut b1 = Array::<Vector<F, Const<2>>>::new(2usize);
-                b0[0usize] = regs[0usize];
-                b0[1usize] = regs[1usize];
-                b1[0usize] = regs[2usize];
-                b1[1usize] = regs[3usize];
-                def.execute_inplace(q_frags.index(comptime!(2 * kt2)), &b0, &mut acc);
-                def.execute_inplace(q_frags.index(comptime!(2 * kt2 + 1)), &b1, &mut acc);
+                let (b0, b1) = split_b::<F>(&regs);
+                #[unroll]
+                for mt in 0..comptime!(cfg.m_tiles) {
+                    let acc = s_acc.index_mut(comptime!(mt * k_tiles + nt));
+                    if comptime!(cfg.m_tiles == 1) {
+                        def.execute_inplace(q_frags.index(comptime!(2 * kt2)), &b0, acc);
+                        def.execute_inplace(q_frags.index(comptime!(2 * kt2 + 1)), &b1, acc);
+                    } else {
+                        def.execute_inplace(a.index(comptime!(2 * mt)), &b0, acc);
+                        def.execute_inplace(a.index(comptime!(2 * mt + 1)), &b1, acc);
+                    }
+                }
             }
-            s_acc.push(acc);
         }
 
         // (3) Online softmax on the registers: scale, mask, the quad's row max, rescale.
         let masked = tile_start + bk > unmasked_end;
-        let mut m_tile = Array::<f32>::new(2usize);
-        m_tile[0usize] = f32::new(NEG);
-        m_tile[1usize] = f32::new(NEG);
+        let mut m_tile = Array::<f32>::new(slots);
         #[unroll]
-        for nt in 0..k_tiles {
-            let acc = s_acc.index_mut(nt);
+        for x in 0..slots {
+            m_tile[x] = f32::new(NEG);
+        }
+        #[unroll]
+        for mt in 0..comptime!(cfg.m_tiles) {
             #[unroll]
-            for h in 0..2usize {
-                let mut s = acc[h] * Vector::new(scale);
-                if masked {
-                    #[unroll]
-                    for e in 0..2usize {
-                        let j = tile_start + comptime!(nt * COLS) + 2 * pair + e;
-                        if !visible(
-                            mask, j, query[h], kv_end, prefix, q_len, cfg.causal, cfg.tree,
-                        ) {
-                            s[e] = f32::new(NEG);
-                        }
-                    }
-                }
-                acc[h] = s;
-                m_tile[h] = f32::max(m_tile[h], f32::max(s[0usize], s[1usize]));
-            }
-        }
-        let mut alpha = Array::<f32>::new(2usize);
-        #[unroll]
-        for h in 0..2usize {
-            let mut m = m_tile[h];
-            m = f32::max(m, plane_shuffle_xor(m, 1u32));
-            m = f32::max(m, plane_shuffle_xor(m, 2u32));
-            let m_new = f32::max(m_run[h], m);
-            alpha[h] = f32::exp(m_run[h] - m_new);
-            m_run[h] = m_new;
-        }
-        #[unroll]
-        for dt in 0..d_tiles {
-            let acc = o_acc.index_mut(dt);
-            acc[0usize] *= Vector::new(alpha[0usize]);
-            acc[1usize] *= Vector::new(alpha[1usize]);
-        }
-
-        // (4) P = exp(S - m), rounded to the input dtype; the sum adds the rounded values
-        // the matrix units use.
-        let mut l_tile = Array::<f32>::new(2usize);
-        l_tile[0usize] = 0.0f32;
-        l_tile[1usize] = 0.0f32;
-        let mut p_frags = Sequence::<Array<Vector<F, Const<2>>>>::new();
-        #[unroll]
-        for kk in 0..comptime!(cfg.block_k / 16) {
-            let mut a = Array::<Vector<F, Const<2>>>::new(4usize);
-            #[unroll]
-            for half in 0..2usize {
-                let acc = s_acc.index(comptime!(2 * kk + half));
+            for nt in 0..k_tiles {
+                let acc = s_acc.index_mut(comptime!(mt * k_tiles + nt));
                 #[unroll]
                 for h in 0..2usize {
-                    let s = acc[h];
-                    let mut p = Vector::<f32, Const<2>>::new(0.0f32);
-                    #[unroll]
-                    for e in 0..2usize {
-                        if s[e] > NEG_THRESHOLD {
-                            p[e] = f32::exp(s[e] - m_run[h]);
+                    let x = comptime!(2 * mt + h);
+                    let mut s = acc[h] * Vector::new(scale);
+                    if masked {
+                        #[unroll]
+                        for e in 0..2usize {
+                            let j = tile_start + comptime!(nt * COLS) + 2 * pair + e;
+                            if !visible(
+                                mask, j, query[x], kv_end, prefix, q_len, cfg.causal, cfg.tree,
+                            ) {
+                                s[e] = f32::new(NEG);
+                            }
                         }
                     }
-                    let packed = pack::<F>(p);
-                    let rounded = Vector::<f32, Const<2>>::cast_from(packed);
-                    l_tile[h] += rounded[0usize] + rounded[1usize];
-                    a[comptime!(2 * half + h)] = packed;
+                    acc[h] = s;
+                    m_tile[x] = f32::max(m_tile[x], f32::max(s[0usize], s[1usize]));
                 }
             }
-            p_frags.push(a);
         }
-        l_run[0usize] = l_run[0usize] * alpha[0usize] + l_tile[0usize];
-        l_run[1usize] = l_run[1usize] * alpha[1usize] + l_tile[1usize];
+        let mut alpha = Array::<f32>::new(slots);
+        #[unroll]
+        for x in 0..slots {
+            let mut m = m_tile[x];
+            m = f32::max(m, plane_shuffle_xor(m, 1u32));
+            m = f32::max(m, plane_shuffle_xor(m, 2u32));
+            let m_new = f32::max(m_run[x], m);
+            alpha[x] = f32::exp(m_run[x] - m_new);
+            m_run[x] = m_new;
+        }
+        #[unroll]
+        for mt in 0..comptime!(cfg.m_tiles) {
+            #[unroll]
+            for dt in 0..d_tiles {
+                let acc = o_acc.index_mut(comptime!(mt * d_tiles + dt));
+                acc[0usize] *= Vector::new(alpha[comptime!(2 * mt)]);
+                acc[1usize] *= Vector::new(alpha[comptime!(2 * mt + 1)]);
+            }
+        }
+
+        // (4) P = exp(S - m), rounded to the input dtype, as the A operands of `P V` (at
+        // `mt * k_steps + kk`): the accumulators of score tiles `2 kk` and `2 kk + 1` (rows
+        // quad / quad + 8 of each) are the A registers of keys `16 kk ..`. The sum adds the
+        // rounded values the matrix units use.
+        let k_steps = comptime!(cfg.block_k / 16);
+        let mut l_tile = Array::<f32>::new(slots);
+        #[unroll]
+        for x in 0..slots {
+            l_tile[x] = 0.0f32;
+        }
+        let mut p_frags = Sequence::<Regs<F>>::new();
+        #[unroll]
+        for mt in 0..comptime!(cfg.m_tiles) {
+            #[unroll]
+            for kk in 0..k_steps {
+                let mut a = Array::<Vector<F, Const<2>>>::new(4usize);
+                #[unroll]
+                for half in 0..2usize {
+                    let acc = s_acc.index(comptime!(mt * k_tiles + 2 * kk + half));
+                    #[unroll]
+                    for h in 0..2usize {
+                        let x = comptime!(2 * mt + h);
+                        let s = acc[h];
+                        let mut p = Vector::<f32, Const<2>>::new(0.0f32);
+                        #[unroll]
+                        for e in 0..2usize {
+                            if s[e] > NEG_THRESHOLD {
+                                p[e] = f32::exp(s[e] - m_run[x]);
+                            }
+                        }
+                        let packed = pack::<F>(p);
+                        let rounded = Vector::<f32, Const<2>>::cast_from(packed);
+                        l_tile[x] += rounded[0usize] + rounded[1usize];
+                        a[comptime!(2 * half + h)] = packed;
+                    }
+                }
+                p_frags.push(a);
+            }
+        }
+        #[unroll]
+        for x in 0..slots {
+            l_run[x] = l_run[x] * alpha[x] + l_tile[x];
+        }
 
         bar_v.arrive_and_wait();
         let next = tile_start + bk;
@@ -459,13 +544,11 @@ pub fn attention_mma_kernel<F: Float, N: Size>(
             bar_k.commit_copy_async();
         }
 
-        // (5) O += P V. The A operand of keys `16 kk ..` is the score tiles `2 kk` and
-        // `2 kk + 1` (rows quad / quad + 8 of each); V is read with `ldmatrix.trans`: keys
-        // `16 kk + 8 (ld_mat % 2) ..` × d columns `16 dt2 + 8 (ld_mat / 2) ..` give the B
-        // registers of d tiles `2 dt2` and `2 dt2 + 1`.
+        // (5) O += P V. V is read with `ldmatrix.trans`: keys `16 kk + 8 (ld_mat % 2) ..` ×
+        // d columns `16 dt2 + 8 (ld_mat / 2) ..` give the B registers of d tiles `2 dt2` and
+        // `2 dt2 + 1`, each used by every m tile.
         #[unroll]
-        for kk in 0..comptime!(cfg.block_k / 16) {
-            let a = p_frags.index(kk);
+        for kk in 0..k_steps {
             #[unroll]
             for dt2 in 0..comptime!(cfg.head_dim / 16) {
                 let start = (comptime!(kk * 16) + ld_row + (ld_mat % 2) * 8) * sv
@@ -477,14 +560,17 @@ pub fn attention_mma_kernel<F: Float, N: Size>(
                     4usize,
                     true,
                 );
-                let mut b0 = Array::<Vector<F, Const<2>>>::new(2usize);
-                let mut b1 = Array::<Vector<F, Const<2>>>::new(2usize);
-                b0[0usize] = regs[0usize];
-                b0[1usize] = regs[1usize];
-                b1[0usize] = regs[2usize];
-                b1[1usize] = regs[3usize];
-                def.execute_inplace(a, &b0, o_acc.index_mut(comptime!(2 * dt2)));
-                def.execute_inplace(a, &b1, o_acc.index_mut(comptime!(2 * dt2 + 1)));
+                let (b0, b1) = split_b::<F>(&regs);
+                #[unroll]
+                for mt in 0..comptime!(cfg.m_tiles) {
+                    let a = p_frags.index(comptime!(mt * k_steps + kk));
+                    def.execute_inplace(a, &b0, o_acc.index_mut(comptime!(mt * d_tiles + 2 * dt2)));
+                    def.execute_inplace(
+                        a,
+                        &b1,
+                        o_acc.index_mut(comptime!(mt * d_tiles + 2 * dt2 + 1)),
+                    );
+                }
             }
         }
         if next < kv_end {
@@ -494,27 +580,23 @@ pub fn attention_mma_kernel<F: Float, N: Size>(
     }
 
     // Row sums over the quad; a row that sees no key at all gets zeros rather than NaN.
-    let mut inv = Array::<f32>::new(2usize);
+    // Then the rows go through this plane's rows of the Q tile: each lane holds two columns of
+    // a row per 8, so rows are assembled in shared memory and written as whole vectors.
     #[unroll]
-    for h in 0..2usize {
-        let mut l = l_run[h];
+    for x in 0..slots {
+        let mut l = l_run[x];
         l += plane_shuffle_xor(l, 1u32);
         l += plane_shuffle_xor(l, 2u32);
-        inv[h] = if l > 0.0f32 {
+        let inv = if l > 0.0f32 {
             1.0f32 / l
         } else {
             f32::new(0.0)
         };
-    }
-
-    // Write through the Q tile (this plane's rows only): each lane holds two columns of a
-    // row per 8, so the rows are assembled in shared memory and written as whole vectors.
-    #[unroll]
-    for h in 0..2usize {
-        let r = warp * ROWS + quad + h * 8;
+        let r = plane_row + comptime!((x / 2) * ROWS + (x % 2) * 8) + quad;
         #[unroll]
         for dt in 0..d_tiles {
-            let o = o_acc.index(dt)[h] * Vector::new(inv[h]);
+            let o =
+                o_acc.index(comptime!((x / 2) * d_tiles + dt))[comptime!(x % 2)] * Vector::new(inv);
             let col = comptime!(dt * COLS) + 2 * pair;
             q_s[r * stride + col] = F::cast_from(o[0usize]);
             q_s[r * stride + col + 1] = F::cast_from(o[1usize]);

@@ -59,6 +59,16 @@
 //! [`LaunchTuning::tensor_cores`] overrides it). Its tiles may use more than the 48 KiB of the
 //! SIMT planner: CubeCL's CUDA runtime opts every launch in to the device's dynamic
 //! shared-memory maximum.
+//!
+//! **Register-level tensor cores.** Where the tensor-core plan needs no KV split and
+//! `head_dim` is 64, 96 or 128, [`mma::attention_mma_kernel`] runs instead of the `wmma` one:
+//! PTX `mma.sync` through CubeCL's manual MMA, whose register layout is documented, so scores,
+//! softmax and the output accumulator stay in registers (FlashAttention-2), operands come from
+//! shared memory by `ldmatrix`, and K/V tiles by `cp.async` while the previous products run.
+//! About 4× the `wmma` kernel at n = 8192 on an H200 (see [`mma`]). It needs `mma.sync`
+//! m16n8k16 for the dtype ([`launch::mma_supported`]: CUDA sm_80 and later);
+//! `BURN_DECODE_MMA=0`, [`crate::set_register_mma`] or [`LaunchTuning::register_mma`] keep the
+//! `wmma` kernel.
 
 pub mod cmma;
 pub mod kernel;
