@@ -379,15 +379,25 @@ pub fn run<B: FlashAttentionBackend>(
         time_one("ours", &|| {
             flash_attention(q.clone(), k.clone(), v.clone(), mask.clone(), options)
         });
-        if dtype != DType::F32 && nq > kernels::cube::DECODE_MAX_ROWS && kernels::register_mma() {
+        let query_rows = nq * h / hkv;
+        if dtype != DType::F32
+            && query_rows > kernels::cube::DECODE_MAX_ROWS
+            && kernels::register_mma()
+        {
             // The previous tensor-core kernel (wmma, scores and output in shared memory) beside
-            // the register-level one, in the same run. Elsewhere than CUDA both rows run the
-            // same kernel.
+            // the register-level one, in the same run. Where the register-level kernel does not
+            // apply (not CUDA, a KV split, d = 256) both rows run the same kernel.
+            struct Restore;
+            impl Drop for Restore {
+                fn drop(&mut self) {
+                    kernels::set_register_mma(true);
+                }
+            }
+            let _restore = Restore;
             kernels::set_register_mma(false);
             time_one("ours (wmma kernel)", &|| {
                 flash_attention(q.clone(), k.clone(), v.clone(), mask.clone(), options)
             });
-            kernels::set_register_mma(true);
         }
         if !builtin_ok {
             // Burn's attention op takes equal head counts; repeat K/V heads for it, as a user

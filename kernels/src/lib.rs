@@ -75,9 +75,18 @@ impl Switch {
             Self::ON => true,
             Self::OFF => false,
             _ => {
+                // The environment decides only if no `set` came first.
                 let on = std::env::var(self.env).as_deref() != Ok(self.off);
-                self.set(on);
-                on
+                let state = if on { Self::ON } else { Self::OFF };
+                match self.state.compare_exchange(
+                    Self::UNSET,
+                    state,
+                    Ordering::Relaxed,
+                    Ordering::Relaxed,
+                ) {
+                    Ok(_) => on,
+                    Err(current) => current == Self::ON,
+                }
             }
         }
     }

@@ -36,14 +36,10 @@
 
 use cubecl::{cmma, prelude::*};
 
-use super::kernel::{NEG, QkvStrides};
-
-/// Scores below this are masked ones (`NEG` plus rounding).
-const NEG_THRESHOLD: f32 = -1.0e29;
+pub(crate) use super::kernel::PLANE;
+use super::kernel::{NEG, NEG_THRESHOLD, QkvStrides};
 /// Rows per plane: the `m` of the 16×16×16 fragments.
 pub(crate) const FRAG: usize = 16;
-/// Units per plane the kernel is written for (two per row of a 16-row fragment).
-pub(crate) const PLANE: usize = 32;
 /// Byte alignment of every shared array (wmma needs 32).
 const SHARED_ALIGN: usize = 128;
 
@@ -127,10 +123,11 @@ impl CmmaConfig {
     }
 }
 
-/// Whether key `j` is visible to query `i` (see [`super`] for the rule).
+/// Whether key `j` is visible to query `i` (see [`super`] for the rule); `kv_end` is the end
+/// of the keys the cube reads (a chunk's end under a KV split).
 #[allow(clippy::too_many_arguments)]
 #[cube]
-fn visible(
+pub(crate) fn visible(
     mask: &Array<u32>,
     j: usize,
     i: usize,

@@ -9,7 +9,9 @@ use cubecl::prelude::*;
 /// literal, and `exp(NEG - m)` underflows to exactly `0` as soon as one real score was seen.
 pub(crate) const NEG: f32 = -1.0e30;
 /// Scores below this are masked ones (`NEG` plus rounding).
-const NEG_THRESHOLD: f32 = -1.0e29;
+pub(crate) const NEG_THRESHOLD: f32 = -1.0e29;
+/// Units per plane the tensor-core kernels are written for (CUDA warps).
+pub(crate) const PLANE: usize = 32;
 
 /// Compile-time shape of one attention launch. Every field is chosen on the host by
 /// [`super::launch::plan`]; derived quantities are precomputed there so that

@@ -7,7 +7,8 @@ use burn_cubecl::{
 };
 use cubecl::{calculate_cube_count_elemwise, prelude::*};
 
-use super::cmma::{CmmaConfig, FRAG, PLANE, attention_cmma_kernel};
+use super::cmma::{CmmaConfig, FRAG, attention_cmma_kernel};
+use super::kernel::PLANE;
 use super::kernel::{AttentionConfig, QkvStridesLaunch, attention_kernel, combine_kernel};
 use super::mma::{MmaAttentionConfig, attention_mma_kernel};
 use crate::FlashAttentionOptions;
@@ -40,9 +41,10 @@ pub struct LaunchTuning {
     /// the device supports them (ignoring `BURN_DECODE_CMMA`), `None` as
     /// [`tensor_cores_enabled`] says. Decode configurations and f32 never use them.
     pub tensor_cores: Option<bool>,
-    /// Among tensor-core launches, the register-level `mma.sync` kernel where it applies:
-    /// `Some(false)` never (the `wmma` kernel runs), `Some(true)` whenever the device supports
-    /// it, `None` as [`crate::register_mma`] says.
+    /// Among tensor-core launches, the register-level `mma.sync` kernel where it applies
+    /// ([`plan_mma`]: no KV split, `head_dim` a multiple of 32 up to 128): `Some(false)` never
+    /// (the `wmma` kernel runs), `Some(true)` wherever the device supports it, `None` as
+    /// [`crate::register_mma`] says.
     pub register_mma: Option<bool>,
     /// Planes per cube of the register-level kernel (default 4).
     pub mma_warps: Option<usize>,
@@ -390,18 +392,19 @@ pub struct MmaPlan {
 /// The register-level kernel's configuration for a problem the `wmma` kernel would run as
 /// `cmma` (its plan), or `None` where that one stays: a KV split (the `mma` kernel writes
 /// only final rows), `head_dim` not a multiple of 32 or above 128 (its operand loads and
-/// register budget), or tiles that do not fit `shared_limit`.
+/// register budget), a vector width other than 2, 4 or 8 (`cp.async` sizes), tuning knobs it
+/// is not written for, or tiles that do not fit `shared_limit`.
 pub fn plan_mma(
     p: &Problem,
     cmma: &CmmaPlan,
     shared_limit: usize,
     tuning: &LaunchTuning,
 ) -> Option<MmaPlan> {
-    // `cp.async` copies 4, 8 or 16 bytes: vectors of 2 to 8 half-precision elements.
+    // `cp.async` copies 4, 8 or 16 bytes: vectors of 2, 4 or 8 half-precision elements.
     if cmma.splits != 1
         || !p.head_dim.is_multiple_of(32)
         || p.head_dim > 128
-        || !(2..=8).contains(&p.vector_size)
+        || !matches!(p.vector_size, 2 | 4 | 8)
     {
         return None;
     }
@@ -415,6 +418,15 @@ pub fn plan_mma(
         causal: p.causal,
         tree: p.tree,
     };
+    // Tuning knobs outside what the kernel is written for are refused, not run: keys come in
+    // steps of 16 (one `P V` product), and a cube holds at most 32 planes.
+    if config.block_k < 16
+        || !config.block_k.is_multiple_of(16)
+        || config.m_tiles == 0
+        || !(1..=32).contains(&config.warps)
+    {
+        return None;
+    }
     let shared_bytes = config.shared_bytes(p.elem_size);
     (shared_bytes <= shared_limit).then(|| MmaPlan {
         config,
@@ -425,7 +437,8 @@ pub fn plan_mma(
 
 /// Whether the device behind `client` runs `mma.sync` m16n8k16 with `dtype` inputs and f32
 /// accumulators (as the runtime reports; CUDA sm_80 and later), on top of
-/// [`cmma_supported`]'s conditions.
+/// [`cmma_supported`]'s conditions. The kernel's `cp.async` and `cp.async.mbarrier.arrive`
+/// need sm_80 too, which this implies.
 pub fn mma_supported<R: CubeRuntime>(client: &ComputeClient<R>, dtype: DType) -> bool {
     use cubecl::ir::features::MmaConfig;
     if !cmma_supported(client, dtype) {
@@ -895,6 +908,66 @@ mod tests {
     }
 
     /// Decode against a long cache on a 132-SM GPU is split to fill it; prefill is not.
+    #[test]
+    fn mma_plans() {
+        let h100 = 227 * 1024;
+        let tuning = LaunchTuning::default();
+        // Large enough that the tensor-core plan needs no KV split.
+        let mut p = problem(8192, 1, 8192, 128, 2);
+        p.batch_kv_heads = 32;
+        let cmma = plan_cmma(&p, h100, 132, &tuning).unwrap();
+        assert_eq!(cmma.splits, 1);
+        for vs in [1, 2, 4, 8] {
+            let wide = Problem {
+                vector_size: vs,
+                ..p
+            };
+            let plan = plan_mma(&wide, &cmma, h100, &tuning);
+            assert_eq!(plan.is_some(), vs >= 2, "vector size {vs}");
+        }
+        let wide = Problem {
+            vector_size: 8,
+            ..p
+        };
+        let plan = plan_mma(&wide, &cmma, h100, &tuning).unwrap();
+        assert_eq!(plan.config.block_q(), 64);
+        assert_eq!(plan.row_blocks, 128);
+        assert!(plan.shared_bytes <= 53 * 1024, "{plan:?}");
+        // head_dim: multiples of 32 up to 128.
+        for d in [16, 32, 48, 64, 80, 96, 128, 160, 256] {
+            let pd = Problem {
+                head_dim: d,
+                ..wide
+            };
+            let eligible = d % 32 == 0 && d <= 128;
+            assert_eq!(
+                plan_mma(&pd, &cmma, h100, &tuning).is_some(),
+                eligible,
+                "d {d}"
+            );
+        }
+        // A KV split stays with the wmma kernel.
+        let split = CmmaPlan { splits: 2, ..cmma };
+        assert!(plan_mma(&wide, &split, h100, &tuning).is_none());
+        // Knobs the kernel is not written for are refused, not run.
+        for (warps, m_tiles, block_k) in
+            [(4, 1, 8), (4, 1, 24), (4, 0, 64), (0, 1, 64), (33, 1, 64)]
+        {
+            let knobs = LaunchTuning {
+                mma_warps: Some(warps),
+                mma_m_tiles: Some(m_tiles),
+                mma_block_k: Some(block_k),
+                ..Default::default()
+            };
+            assert!(
+                plan_mma(&wide, &cmma, h100, &knobs).is_none(),
+                "{warps} {m_tiles} {block_k}"
+            );
+        }
+        // Too little shared memory.
+        assert!(plan_mma(&wide, &cmma, 32 * 1024, &tuning).is_none());
+    }
+
     #[test]
     fn split_heuristic() {
         // Llama-style GQA decode: 32 query heads on 8 KV heads, 32k cache, bf16, d = 128.

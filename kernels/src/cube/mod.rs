@@ -61,11 +61,12 @@
 //! shared-memory maximum.
 //!
 //! **Register-level tensor cores.** Where the tensor-core plan needs no KV split and
-//! `head_dim` is 64, 96 or 128, [`mma::attention_mma_kernel`] runs instead of the `wmma` one:
+//! `head_dim` is a multiple of 32 up to 128 (64, 96, 128 in practice), [`mma::attention_mma_kernel`] runs instead of the `wmma` one:
 //! PTX `mma.sync` through CubeCL's manual MMA, whose register layout is documented, so scores,
 //! softmax and the output accumulator stay in registers (FlashAttention-2), operands come from
 //! shared memory by `ldmatrix`, and K/V tiles by `cp.async` while the previous products run.
-//! About 4× the `wmma` kernel at n = 8192 on an H200 (see [`mma`]). It needs `mma.sync`
+//! About 4× the `wmma` kernel at n = 8192 on an H200
+//! (docs/benchmarks/2026-11-29-h200-mma-attention). It needs `mma.sync`
 //! m16n8k16 for the dtype ([`launch::mma_supported`]: CUDA sm_80 and later);
 //! `BURN_DECODE_MMA=0`, [`crate::set_register_mma`] or [`LaunchTuning::register_mma`] keep the
 //! `wmma` kernel.
