@@ -101,6 +101,7 @@ impl Switch {
 static KERNELS: Switch = Switch::new("BURN_DECODE_ATTENTION", "reference");
 static FOLD: Switch = Switch::new("BURN_DECODE_FOLD", "0");
 static REGISTER_MMA: Switch = Switch::new("BURN_DECODE_MMA", "0");
+static TENSOR_CORES: Switch = Switch::new("BURN_DECODE_CMMA", "0");
 
 /// Whether CubeCL backends run the kernels (default) or the tensor-op reference: the "stock
 /// Burn" baseline of the benchmarks, and an escape hatch when debugging. Initialised from

@@ -54,11 +54,16 @@ pub struct LaunchTuning {
     pub mma_block_k: Option<usize>,
 }
 
-/// Whether the tensor-core (`cmma`) prefill kernel may be used on devices that support it:
-/// true unless the environment variable `BURN_DECODE_CMMA` is `0` (read once per process).
+/// Whether the tensor-core prefill kernels (and the skinny linear's tensor-core kernel) may
+/// be used on devices that support them: true unless the environment variable
+/// `BURN_DECODE_CMMA` is `0` or [`set_tensor_cores_enabled`] said otherwise.
 pub fn tensor_cores_enabled() -> bool {
-    static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ENABLED.get_or_init(|| std::env::var("BURN_DECODE_CMMA").as_deref() != Ok("0"))
+    crate::TENSOR_CORES.get()
+}
+
+/// Switches [`tensor_cores_enabled`] on or off for the whole process.
+pub fn set_tensor_cores_enabled(on: bool) {
+    crate::TENSOR_CORES.set(on)
 }
 
 /// What a launch will do; returned by [`plan`] for inspection in tests and benchmarks.
@@ -365,6 +370,16 @@ pub fn select_cmma<R: CubeRuntime>(
     if !wanted || !cmma_supported(client, dtype) {
         return None;
     }
+    let (shared_limit, multiprocessors) = device_limits(client, tuning);
+    plan_cmma(problem, shared_limit, multiprocessors, tuning)
+}
+
+/// Shared memory a cube may use (the device's, or less under `tuning`) and the number of
+/// multiprocessors (CPU cores on CPU runtimes) the planners fill.
+fn device_limits<R: CubeRuntime>(
+    client: &ComputeClient<R>,
+    tuning: &LaunchTuning,
+) -> (usize, usize) {
     let props = client.properties();
     let shared_limit = tuning
         .shared_memory
@@ -375,7 +390,7 @@ pub fn select_cmma<R: CubeRuntime>(
         .num_streaming_multiprocessors
         .or(props.hardware.num_cpu_cores)
         .unwrap_or(16) as usize;
-    plan_cmma(problem, shared_limit, multiprocessors, tuning)
+    (shared_limit, multiprocessors)
 }
 
 /// What a register-level tensor-core launch will do; returned by [`plan_mma`].
@@ -471,10 +486,7 @@ pub fn select_mma<R: CubeRuntime>(
     if !wanted || !mma_supported(client, dtype) {
         return None;
     }
-    let shared_limit = tuning
-        .shared_memory
-        .unwrap_or(usize::MAX)
-        .min(client.properties().hardware.max_shared_memory_size);
+    let (shared_limit, _) = device_limits(client, tuning);
     plan_mma(problem, cmma, shared_limit, tuning)
 }
 
@@ -580,15 +592,7 @@ pub fn attention<R: CubeRuntime>(
         causal: options.causal && tree_mask.is_none(),
         tree: tree_mask.is_some(),
     };
-    let shared_limit = tuning
-        .shared_memory
-        .unwrap_or(usize::MAX)
-        .min(props.hardware.max_shared_memory_size);
-    let multiprocessors = props
-        .hardware
-        .num_streaming_multiprocessors
-        .or(props.hardware.num_cpu_cores)
-        .unwrap_or(16) as usize;
+    let (shared_limit, multiprocessors) = device_limits(&client, tuning);
     let max_threads = props.hardware.max_units_per_cube as usize;
     // Tensor cores where possible (f16/bf16 prefill on CUDA), else the portable SIMT kernel.
     let launch = match select_cmma(&client, dtype, &problem, tuning) {

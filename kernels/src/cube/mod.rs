@@ -84,7 +84,7 @@ pub use kernel::AttentionConfig;
 pub use launch::{
     CmmaPlan, DECODE_MAX_ROWS, LaunchPlan, LaunchTuning, MmaPlan, Problem, attention,
     cmma_supported, mma_supported, plan, plan_cmma, plan_mma, select_cmma, select_mma,
-    tensor_cores_enabled,
+    set_tensor_cores_enabled, tensor_cores_enabled,
 };
 pub use mma::MmaAttentionConfig;
 
