@@ -37,7 +37,7 @@
 use cubecl::{cmma, prelude::*};
 
 pub(crate) use super::kernel::PLANE;
-use super::kernel::{NEG, NEG_THRESHOLD, QkvStrides};
+use super::kernel::{NEG, NEG_THRESHOLD, QkvStrides, block_kv_end, q_row_vector};
 /// Rows per plane: the `m` of the 16×16×16 fragments.
 pub(crate) const FRAG: usize = 16;
 /// Byte alignment of every shared array (wmma needs 32).
@@ -227,18 +227,17 @@ pub fn attention_cmma_kernel<F: Float, N: Size>(
         if e < bq * nv {
             let r = e / nv;
             let dv = e % nv;
-            let rho = row0 + r;
-            let mut val = Vector::<F, N>::new(F::new(0.0));
-            if rho < rows {
-                let i = rho / group;
-                let head = kv_head * group + rho % group;
-                let idx = (batch * strides.q_batch as usize
-                    + head * strides.q_head as usize
-                    + i * strides.q_row as usize)
-                    / vs
-                    + dv;
-                val = q[idx];
-            }
+            let val = q_row_vector::<F, N>(
+                q,
+                &strides,
+                batch,
+                kv_head,
+                group,
+                rows,
+                row0 + r,
+                dv,
+                cfg.vector_size,
+            );
             q_s[r * qsv + dv] = val;
         }
     }
@@ -315,15 +314,15 @@ pub fn attention_cmma_kernel<F: Float, N: Size>(
     }
 
     // Keys this row block may see: causal blocks stop after their last query's position.
-    let block_end = if row0 + bq < rows { row0 + bq } else { rows };
-    let last_row = block_end - 1;
-    let mut kv_end = kv_len;
-    if comptime!(cfg.causal && !cfg.tree) {
-        let causal_end = prefix + last_row / group + 1;
-        if causal_end < kv_end {
-            kv_end = causal_end;
-        }
-    }
+    let kv_end = block_kv_end(
+        kv_len,
+        prefix,
+        row0,
+        bq,
+        rows,
+        group,
+        comptime!(cfg.causal && !cfg.tree),
+    );
     let chunk_start = split * chunk_len;
     let chunk_end = if chunk_start + chunk_len < kv_end {
         chunk_start + chunk_len

@@ -77,6 +77,65 @@ pub struct QkvStrides {
     pub v_row: u32,
 }
 
+/// Vector `dv` of row `rho` among the rows of KV head `kv_head` (`rho = i * group + g`: query
+/// `i` of query head `kv_head * group + g`) of batch `batch`'s queries; zeros past `rows`, so
+/// a block's padding rows score zero. Shared by the three attention kernels' Q staging.
+#[allow(clippy::too_many_arguments)]
+#[cube]
+pub(crate) fn q_row_vector<F: Float, N: Size>(
+    q: &Array<Vector<F, N>>,
+    strides: &QkvStrides,
+    batch: usize,
+    kv_head: usize,
+    group: usize,
+    rows: usize,
+    rho: usize,
+    dv: usize,
+    #[comptime] vs: usize,
+) -> Vector<F, N> {
+    let mut val = Vector::<F, N>::new(F::new(0.0));
+    if rho < rows {
+        let i = rho / group;
+        let head = kv_head * group + rho % group;
+        let idx = (batch * strides.q_batch as usize
+            + head * strides.q_head as usize
+            + i * strides.q_row as usize)
+            / vs
+            + dv;
+        val = q[idx];
+    }
+    val
+}
+
+/// End of the keys the row block `row0 .. row0 + block_q` may see: `kv_len`, or under the
+/// causal rule (`causal`: causal and no tree) just past its last query's own position, so that
+/// fully masked tiles are never loaded.
+#[allow(clippy::too_many_arguments)]
+#[cube]
+pub(crate) fn block_kv_end(
+    kv_len: usize,
+    prefix: usize,
+    row0: usize,
+    block_q: usize,
+    rows: usize,
+    group: usize,
+    #[comptime] causal: bool,
+) -> usize {
+    let block_end = if row0 + block_q < rows {
+        row0 + block_q
+    } else {
+        rows
+    };
+    let mut kv_end = kv_len;
+    if comptime!(causal) {
+        let causal_end = prefix + (block_end - 1) / group + 1;
+        if causal_end < kv_end {
+            kv_end = causal_end;
+        }
+    }
+    kv_end
+}
+
 /// Sum of the lanes of a vector.
 #[cube]
 fn vector_sum<N: Size>(v: Vector<f32, N>) -> f32 {
@@ -159,32 +218,31 @@ pub fn attention_kernel<F: Float, N: Size>(
         if e < bq * nv {
             let r = e / nv;
             let dv = e % nv;
-            let rho = row0 + r;
-            let mut val = Vector::<F, N>::new(F::new(0.0));
-            if rho < rows {
-                let i = rho / group;
-                let head = kv_head * group + rho % group;
-                let idx = (batch * strides.q_batch as usize
-                    + head * strides.q_head as usize
-                    + i * strides.q_row as usize)
-                    / vs
-                    + dv;
-                val = q[idx];
-            }
+            let val = q_row_vector::<F, N>(
+                q,
+                &strides,
+                batch,
+                kv_head,
+                group,
+                rows,
+                row0 + r,
+                dv,
+                cfg.vector_size,
+            );
             q_s[e] = val;
         }
     }
 
     // Keys this row block may see: causal blocks stop after their last query's position.
-    let block_end = if row0 + bq < rows { row0 + bq } else { rows };
-    let last_row = block_end - 1;
-    let mut kv_end = kv_len;
-    if comptime!(cfg.causal && !cfg.tree) {
-        let causal_end = prefix + last_row / group + 1;
-        if causal_end < kv_end {
-            kv_end = causal_end;
-        }
-    }
+    let kv_end = block_kv_end(
+        kv_len,
+        prefix,
+        row0,
+        bq,
+        rows,
+        group,
+        comptime!(cfg.causal && !cfg.tree),
+    );
     let chunk_start = split * chunk_len;
     let chunk_end = if chunk_start + chunk_len < kv_end {
         chunk_start + chunk_len

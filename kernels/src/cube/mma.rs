@@ -44,7 +44,7 @@ use cubecl::{
 };
 
 use super::cmma::visible;
-use super::kernel::{NEG, NEG_THRESHOLD, PLANE, QkvStrides};
+use super::kernel::{NEG, NEG_THRESHOLD, PLANE, QkvStrides, block_kv_end, q_row_vector};
 
 /// Rows per plane: the `m` of m16n8k16.
 pub(crate) const ROWS: usize = 16;
@@ -108,6 +108,13 @@ impl MmaAttentionConfig {
     }
 }
 
+/// The product every `mma` here runs: m16n8k16, `F` operands, f32 accumulators.
+#[cube]
+fn m16n8k16<F: Float>() -> MmaDefinition<F, F, f32> {
+    MmaDefinition::<F, F, f32>::new(ROWS, COLS, 16usize)
+}
+
+/// A zeroed 16×8 f32 accumulator (two registers of two elements per lane).
 #[cube]
 fn zero_acc() -> Regs<f32> {
     let mut acc = Array::<Vector<f32, Const<2>>>::new(2usize);
@@ -116,9 +123,25 @@ fn zero_acc() -> Regs<f32> {
     acc
 }
 
-/// The four registers of an `ldmatrix.x4` of B operands as the operands of two products.
+/// The B operands of two products from one `ldmatrix.x4` of a K or V tile: the four 8×8
+/// matrices whose rows this lane addresses at `start` (in vectors; `transpose` for V, stored
+/// `[key][d]` and read as `[key × d]`), registers 0-1 for the first product, 2-3 for the
+/// second.
 #[cube]
-fn split_b<F: Float>(regs: &Regs<F>) -> (Regs<F>, Regs<F>) {
+fn load_b<F: Float, N: Size>(
+    tile: &SharedMemory<Vector<F, N>>,
+    start: usize,
+    #[comptime] transpose: bool,
+    #[comptime] cfg: MmaAttentionConfig,
+) -> (Regs<F>, Regs<F>) {
+    let def = m16n8k16::<F>();
+    let row_v = comptime!(8 / cfg.vector_size);
+    let regs = def.load_matrix::<Vector<F, N>, Const<2>>(
+        &tile.slice(start, start + row_v),
+        MatrixIdent::B,
+        4usize,
+        transpose,
+    );
     let mut b0 = Array::<Vector<F, Const<2>>>::new(2usize);
     let mut b1 = Array::<Vector<F, Const<2>>>::new(2usize);
     b0[0usize] = regs[0usize];
@@ -138,7 +161,7 @@ fn load_a<F: Float>(
     #[comptime] kt: usize,
     #[comptime] cfg: MmaAttentionConfig,
 ) -> Regs<F> {
-    let def = MmaDefinition::<F, F, f32>::new(ROWS, COLS, 16usize);
+    let def = m16n8k16::<F>();
     let lane = UNIT_POS_X as usize;
     let r = row + lane % 8 + ((lane / 8) % 2) * 8;
     let start = r * comptime!(cfg.stride()) + comptime!(kt * 16) + (lane / 16) * 8;
@@ -208,7 +231,7 @@ pub fn attention_mma_kernel<F: Float, N: Size>(
     #[comptime] cfg: MmaAttentionConfig,
     #[define(F)] _dtype: StorageType,
 ) {
-    let def = MmaDefinition::<F, F, f32>::new(ROWS, COLS, 16usize);
+    let def = m16n8k16::<F>();
     let nv = comptime!(cfg.nv());
     let vs = cfg.vector_size;
     let bq = comptime!(cfg.block_q());
@@ -264,18 +287,17 @@ pub fn attention_mma_kernel<F: Float, N: Size>(
         if e < bq * nv {
             let r = e / nv;
             let dv = e % nv;
-            let rho = row0 + r;
-            let mut val = Vector::<F, N>::new(F::new(0.0));
-            if rho < rows {
-                let i = rho / group;
-                let head = kv_head * group + rho % group;
-                let idx = (batch * strides.q_batch as usize
-                    + head * strides.q_head as usize
-                    + i * strides.q_row as usize)
-                    / vs
-                    + dv;
-                val = q[idx];
-            }
+            let val = q_row_vector::<F, N>(
+                q,
+                &strides,
+                batch,
+                kv_head,
+                group,
+                rows,
+                row0 + r,
+                dv,
+                cfg.vector_size,
+            );
             #[unroll]
             for e in 0..vs {
                 q_s[r * stride + dv * vs + e] = val[e];
@@ -318,14 +340,15 @@ pub fn attention_mma_kernel<F: Float, N: Size>(
     }
 
     // Keys this row block may see: causal blocks stop after their last query's position.
-    let block_end = if row0 + bq < rows { row0 + bq } else { rows };
-    let mut kv_end = kv_len;
-    if comptime!(cfg.causal && !cfg.tree) {
-        let causal_end = prefix + (block_end - 1) / group + 1;
-        if causal_end < kv_end {
-            kv_end = causal_end;
-        }
-    }
+    let kv_end = block_kv_end(
+        kv_len,
+        prefix,
+        row0,
+        bq,
+        rows,
+        group,
+        comptime!(cfg.causal && !cfg.tree),
+    );
     // Tiles ending at or before this key need no mask: it is the first position a new token
     // of the block may not see (the block's first query's own position + 1 under the causal
     // rule; the start of the new tokens for a tree).
@@ -384,13 +407,7 @@ pub fn attention_mma_kernel<F: Float, N: Size>(
                 let start = (comptime!(nt * COLS) + ld_row) * sv
                     + comptime!(kt2 * 32 / cfg.vector_size)
                     + ld_mat * row_v;
-                let regs = def.load_matrix::<Vector<F, N>, Const<2>>(
-                    &k_s.slice(start, start + row_v),
-                    MatrixIdent::B,
-                    4usize,
-                    false,
-                );
-                let (b0, b1) = split_b::<F>(&regs);
+                let (b0, b1) = load_b::<F, N>(&k_s, start, false, cfg);
                 #[unroll]
                 for mt in 0..comptime!(cfg.m_tiles) {
                     let acc = s_acc.index_mut(comptime!(mt * k_tiles + nt));
@@ -518,13 +535,7 @@ pub fn attention_mma_kernel<F: Float, N: Size>(
                 let start = (comptime!(kk * 16) + ld_row + (ld_mat % 2) * 8) * sv
                     + comptime!(dt2 * 16 / cfg.vector_size)
                     + (ld_mat / 2) * row_v;
-                let regs = def.load_matrix::<Vector<F, N>, Const<2>>(
-                    &v_s.slice(start, start + row_v),
-                    MatrixIdent::B,
-                    4usize,
-                    true,
-                );
-                let (b0, b1) = split_b::<F>(&regs);
+                let (b0, b1) = load_b::<F, N>(&v_s, start, true, cfg);
                 #[unroll]
                 for mt in 0..comptime!(cfg.m_tiles) {
                     let a = p_frags.index(comptime!(mt * k_steps + kk));
