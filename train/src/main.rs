@@ -111,6 +111,13 @@ struct Args {
     /// docs/benchmarks/2026-11-29-h200-heads).
     #[arg(long)]
     soft_labels: bool,
+    /// Heads end in the base model's frozen LM head rather than their own vocabulary projection
+    /// (only the residual blocks train; heads of a few MB instead of ~113 MB each for SmolLM2).
+    #[arg(long)]
+    share_lm_head: bool,
+    /// Learning rate of the heads' own vocabulary projections relative to --lr.
+    #[arg(long, default_value_t = 1.0)]
+    lm_head_lr_scale: f64,
     /// auto: CUDA when a GPU is present, else the CPU.
     #[arg(long, value_enum, default_value_t = BackendArg::Auto)]
     backend: BackendArg,
@@ -213,6 +220,9 @@ fn run<B: FlashAttentionBackend>(
     let cuda = device_name == "CUDA";
     if args.heads == 0 || args.batch == 0 || args.grad_accum == 0 {
         bail!("--heads, --batch and --grad-accum must be at least 1");
+    }
+    if !(args.lm_head_lr_scale.is_finite() && args.lm_head_lr_scale >= 0.0) {
+        bail!("--lm-head-lr-scale must be a finite number >= 0");
     }
 
     // Model and tokenizer.
@@ -395,6 +405,8 @@ fn run<B: FlashAttentionBackend>(
         cache_hidden,
         pad_multiple: if cuda { 64 } else { 0 },
         soft_labels: args.soft_labels,
+        share_lm_head: args.share_lm_head,
+        lm_head_lr_scale: args.lm_head_lr_scale,
     };
     let control = RunControl {
         checkpoint_every: args.checkpoint_every,

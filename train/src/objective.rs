@@ -228,16 +228,15 @@ pub fn teacher_probs<B: kernels::LinearBackend>(
         .collect()
 }
 
-/// Logits `[rows, vocab]` of one Medusa head.
+/// Logits `[rows, vocab]` of one Medusa head; `base` (the base model's LM head) serves heads
+/// without their own vocabulary projection.
 pub fn head_logits<B: kernels::LinearBackend>(
     head: &MedusaHead<B>,
     hidden: Tensor<B, 2>,
+    base: &Proj<B>,
 ) -> Tensor<B, 2> {
     let x = head.blocks.iter().fold(hidden, |x, block| block.forward(x));
-    head.lm_head
-        .as_ref()
-        .expect("Medusa-1 heads have their own vocabulary projection")
-        .forward(x)
+    head.lm_head.as_ref().unwrap_or(base).forward(x)
 }
 
 /// Mean cross-entropy of `logits` against `targets` over the positions where `mask` is 1
@@ -278,9 +277,10 @@ pub fn masked_soft_cross_entropy<B: Backend>(
 /// The Medusa-1 loss of a batch laid out with offsets `2..=K + 1`: returns the weighted total
 /// (a scalar, to back-propagate) and each head's cross-entropy `[K]` against the response
 /// tokens, or its KL divergence from `teachers` (one `[rows, vocab]` distribution per head, see
-/// [`teacher_probs`]) when given.
+/// [`teacher_probs`]) when given. `base` is the LM head of heads that share it.
 pub fn medusa_loss<B: kernels::LinearBackend>(
     heads: &MedusaHeads<B>,
+    base: &Proj<B>,
     hidden: Tensor<B, 2>,
     batch: &HeadBatch,
     decay: f64,
@@ -293,7 +293,7 @@ pub fn medusa_loss<B: kernels::LinearBackend>(
         .enumerate()
         .map(|(k, head)| {
             debug_assert_eq!(batch.offsets[k], k + 2);
-            let logits = head_logits(head, hidden.clone());
+            let logits = head_logits(head, hidden.clone(), base);
             let mask = batch.mask_tensor(k, &device);
             match &teachers {
                 Some(t) => masked_soft_cross_entropy(logits, t[k].clone(), mask, batch.counts[k]),

@@ -7,7 +7,7 @@ use std::{path::Path, time::Instant};
 use anyhow::{Result, bail};
 use burn::{
     backend::Autodiff,
-    module::{AutodiffModule, Module, ModuleMapper, Param},
+    module::{AutodiffModule, Module, ModuleMapper, Param, ParamId},
     optim::{AdamWConfig, GradientsAccumulator, GradientsParams, Optimizer},
     tensor::{DType, Int, Tensor, backend::Backend},
 };
@@ -65,6 +65,21 @@ pub struct TrainConfig {
     /// targets come from the backbone's hidden states of other positions.
     #[serde(default)]
     pub soft_labels: bool,
+    /// Heads end in the base model's (frozen) LM head instead of their own vocabulary
+    /// projection: only the residual blocks train (`L · hidden²` parameters per head instead of
+    /// `hidden · vocab` more), and the heads on disk are a few MB.
+    #[serde(default)]
+    pub share_lm_head: bool,
+    /// Learning rate of the heads' own vocabulary projections relative to `lr` (1 = the
+    /// Medusa-1 recipe). Those projections hold nearly all trainable parameters (vocab ×
+    /// hidden per head, copied from the base LM head); a smaller rate keeps them nearer that
+    /// start while the residual blocks learn at the full rate.
+    #[serde(default = "one")]
+    pub lm_head_lr_scale: f64,
+}
+
+fn one() -> f64 {
+    1.0
 }
 
 impl Default for TrainConfig {
@@ -84,6 +99,8 @@ impl Default for TrainConfig {
             cache_hidden: false,
             pad_multiple: 0,
             soft_labels: false,
+            share_lm_head: false,
+            lm_head_lr_scale: 1.0,
         }
     }
 }
@@ -246,6 +263,15 @@ impl<B: Backend> ModuleMapper<B> for RequireGrad {
     }
 }
 
+/// Parameters of the heads' own vocabulary projections.
+fn projection_ids<B: Backend>(heads: &MedusaHeads<B>) -> Vec<ParamId> {
+    heads
+        .heads
+        .iter()
+        .filter_map(|h| h.lm_head.as_ref().map(|p| p.weight.id))
+        .collect()
+}
+
 /// The base model's LM head in f32, the initial value of each head's vocabulary projection.
 fn base_head_f32<B: FlashAttentionBackend>(model: &Llama<B>) -> Proj<B> {
     Proj {
@@ -281,12 +307,14 @@ pub fn train<B: FlashAttentionBackend>(
         num_layers: config.num_layers,
         hidden_size: model.config.hidden_size,
         vocab_size: model.config.vocab_size,
-        share_lm_head: false,
+        share_lm_head: config.share_lm_head,
     };
     let mut heads = <MedusaHeads<Autodiff<B>> as AutodiffModule<Autodiff<B>>>::from_inner(
         MedusaHeads::init(&medusa_config, &base),
     )
     .map(&mut RequireGrad);
+    // The base head as a constant of the autodiff graph, for heads that share it.
+    let base_ad = <Proj<Autodiff<B>> as AutodiffModule<Autodiff<B>>>::from_inner(base.clone());
     let mut optim = AdamWConfig::new()
         .with_epsilon(1e-8)
         .with_weight_decay(config.weight_decay as f32)
@@ -367,7 +395,14 @@ pub fn train<B: FlashAttentionBackend>(
             let hidden = Tensor::<Autodiff<B>, 2>::from_inner(hidden);
             let teachers =
                 teachers.map(|t| t.into_iter().map(Tensor::from_inner).collect::<Vec<_>>());
-            let (loss, per_head) = medusa_loss(&heads, hidden, &batch, config.loss_decay, teachers);
+            let (loss, per_head) = medusa_loss(
+                &heads,
+                &base_ad,
+                hidden,
+                &batch,
+                config.loss_decay,
+                teachers,
+            );
             let per_head: Vec<f32> = per_head
                 .inner()
                 .into_data()
@@ -388,7 +423,19 @@ pub fn train<B: FlashAttentionBackend>(
             }
             log.positions += batch.num_rows();
         }
-        heads = optim.step(lr, heads, accumulator.grads());
+        let mut grads = accumulator.grads();
+        if config.lm_head_lr_scale != 1.0 {
+            // AdamW keeps its moments and step count per parameter, so two steps over disjoint
+            // parameters are one step with two learning rates.
+            let mut projections = GradientsParams::new();
+            for id in projection_ids(&heads) {
+                if let Some(g) = grads.remove::<B, 2>(id) {
+                    projections.register::<B, 2>(id, g);
+                }
+            }
+            heads = optim.step(lr * config.lm_head_lr_scale, heads, projections);
+        }
+        heads = optim.step(lr, heads, grads);
         state.step += 1;
         state.train_seconds += started.elapsed().as_secs_f64();
         bar.set_message(format!("loss {:.3}", log.loss));
@@ -530,7 +577,7 @@ pub fn evaluate<B: FlashAttentionBackend>(
             let logits = if j == 0 {
                 base.forward(hidden.clone())
             } else {
-                head_logits(&heads.heads[j - 1], hidden.clone())
+                head_logits(&heads.heads[j - 1], hidden.clone(), base)
             };
             let targets = batch.targets_tensor(j, &device);
             ranks.push(target_ranks(logits.clone(), targets.clone()));

@@ -107,6 +107,8 @@ fn config(steps: usize) -> TrainConfig {
         cache_hidden: false,
         pad_multiple: 0,
         soft_labels: false,
+        share_lm_head: false,
+        lm_head_lr_scale: 1.0,
     }
 }
 
@@ -127,16 +129,9 @@ fn weights(heads: &MedusaHeads<Cpu>) -> Vec<Vec<f32>> {
                     .unwrap(),
             );
         }
-        out.push(
-            head.lm_head
-                .as_ref()
-                .unwrap()
-                .weight
-                .val()
-                .into_data()
-                .to_vec()
-                .unwrap(),
-        );
+        if let Some(lm_head) = &head.lm_head {
+            out.push(lm_head.weight.val().into_data().to_vec().unwrap());
+        }
     }
     out
 }
@@ -442,13 +437,14 @@ fn checkpoint_round_trip() {
         <MedusaHeads<Ad> as AutodiffModule<Ad>>::from_inner(MedusaHeads::init(&config, &base))
             .map(&mut RequireGrad)
     };
+    let base_ad = <Proj<Ad> as AutodiffModule<Ad>>::from_inner(base.clone());
     let mut heads = fresh();
     let mut optim = AdamWConfig::new().init::<Ad, MedusaHeads<Ad>>();
     let refs: Vec<&Example> = all.iter().collect();
     let batch = HeadBatch::new(&refs, &[2, 3, 4]);
     for _ in 0..2 {
         let hidden = Tensor::<Ad, 2>::from_inner(backbone_rows(&model, &batch).unwrap());
-        let (loss, _) = medusa_loss(&heads, hidden, &batch, 0.8, None);
+        let (loss, _) = medusa_loss(&heads, &base_ad, hidden, &batch, 0.8, None);
         let grads = GradientsParams::from_grads(loss.backward(), &heads);
         heads = optim.step(1e-2, heads, grads);
     }
@@ -463,7 +459,7 @@ fn checkpoint_round_trip() {
     // The optimizer state came back too: one more identical step gives identical weights.
     for (h, o) in [(&mut heads, &mut optim), (&mut loaded, &mut loaded_optim)] {
         let hidden = Tensor::<Ad, 2>::from_inner(backbone_rows(&model, &batch).unwrap());
-        let (loss, _) = medusa_loss(h, hidden, &batch, 0.8, None);
+        let (loss, _) = medusa_loss(h, &base_ad, hidden, &batch, 0.8, None);
         let grads = GradientsParams::from_grads(loss.backward(), &*h);
         *h = o.step(1e-2, h.clone(), grads);
     }
@@ -561,5 +557,90 @@ fn soft_labels_are_the_base_distribution_and_train() {
         .err()
         .unwrap();
     assert!(err.to_string().contains("soft labels"), "{err}");
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn shared_lm_head_and_projection_learning_rate() {
+    let model = tiny_model();
+    let dir = temp_dir("proj");
+    let all = examples(&model, 24, &dir);
+    let (eval, train_set) = all.split_at(8);
+    let control = RunControl::default();
+    let base: Vec<f32> = model
+        .module
+        .lm_head
+        .weight
+        .val()
+        .into_data()
+        .convert::<f32>()
+        .to_vec()
+        .unwrap();
+    let blocks_moved = |heads: &MedusaHeads<Cpu>| {
+        heads.heads.iter().all(|h| {
+            let w: Vec<f32> = h.blocks[0]
+                .linear
+                .weight
+                .val()
+                .into_data()
+                .to_vec()
+                .unwrap();
+            w.iter().any(|&x| x != 0.0)
+        })
+    };
+
+    // Shared LM head: the heads carry no projection, train, and save/load as such.
+    let shared = TrainConfig {
+        lr: 1e-2,
+        share_lm_head: true,
+        ..config(30)
+    };
+    let (heads, state) =
+        finished(train::train(&model, train_set, eval, &shared, &control, &dir, "s").unwrap());
+    assert!(heads.heads.iter().all(|h| h.lm_head.is_none()));
+    assert!(blocks_moved(&heads));
+    let losses: Vec<f64> = state.history.iter().map(|l| l.loss).collect();
+    let first: f64 = losses[..5].iter().sum::<f64>() / 5.0;
+    let last: f64 = losses[losses.len() - 5..].iter().sum::<f64>() / 5.0;
+    assert!(
+        last < first,
+        "shared-head loss {first} -> {last}: {losses:?}"
+    );
+    heads_checkpoint::save(&heads, &dir, &HeadsMetadata::default()).unwrap();
+    let (loaded, _) = heads_checkpoint::load::<Cpu>(
+        &dir,
+        model.config.hidden_size,
+        model.config.vocab_size,
+        DType::F32,
+        &Default::default(),
+    )
+    .unwrap();
+    assert!(loaded.heads.iter().all(|h| h.lm_head.is_none()));
+    assert_eq!(weights(&loaded), weights(&heads));
+
+    // A projection learning rate of 0 leaves the projections at the base LM head while the
+    // blocks train; the default rate moves them.
+    for (scale, frozen) in [(0.0, true), (1.0, false)] {
+        let config = TrainConfig {
+            lr: 1e-2,
+            lm_head_lr_scale: scale,
+            ..config(6)
+        };
+        let (heads, _) =
+            finished(train::train(&model, train_set, eval, &config, &control, &dir, "p").unwrap());
+        assert!(blocks_moved(&heads), "scale {scale}");
+        for h in &heads.heads {
+            let w: Vec<f32> = h
+                .lm_head
+                .as_ref()
+                .unwrap()
+                .weight
+                .val()
+                .into_data()
+                .to_vec()
+                .unwrap();
+            assert_eq!(w == base, frozen, "scale {scale}");
+        }
+    }
     std::fs::remove_dir_all(dir).unwrap();
 }
