@@ -38,7 +38,9 @@ accuracies) and report.md / report.json.
 Without arguments: a small run sized for a 2-core CPU (32 prompts, 32-token responses, 24 \
 steps of 4 sequences; a few minutes), which shows the pipeline but does not make useful heads. \
 For real heads use a GPU and every prompt; measured on one H200 (docs/benchmarks/\
-2026-11-29-h200-heads): responses in 348 s, 2.5 epochs in 372 s, head-1 top-1 0.513:
+2026-11-29-h200-heads): responses in 348 s, 2.5 epochs in 372 s, head-1 top-1 0.513 (at \
+--lr 1e-3; the default 2e-3 measured +0.016 at 1.5 epochs, docs/benchmarks/\
+2026-11-29-h200-head-sweep):
 
   cargo run --release -p train -- --prompts 23786 --response-tokens 128 --gen-batch 256 \\
       --batch 16 --epochs 2.5 --dtype f32";
@@ -94,8 +96,9 @@ struct Args {
     /// Micro-batches per optimizer step.
     #[arg(long, default_value_t = 1)]
     grad_accum: usize,
-    /// Peak learning rate (AdamW; Medusa-1 uses 1e-3).
-    #[arg(long, default_value_t = 1e-3)]
+    /// Peak learning rate (AdamW). Medusa-1 uses 1e-3; on SmolLM2-135M 2e-3 measured better
+    /// (docs/benchmarks/2026-11-29-h200-head-sweep: head-1 top-1 0.506 vs 0.490 at 1.5 epochs).
+    #[arg(long, default_value_t = 2e-3)]
     lr: f64,
     /// Fraction of the steps spent in linear warmup before the cosine decay.
     #[arg(long, default_value_t = 0.1)]
