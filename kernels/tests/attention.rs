@@ -598,9 +598,10 @@ fn bf16_inputs() {
 /// Prefill shapes for f16 and bf16 that take the tensor-core kernels on CUDA (rows above the
 /// decode configuration, `head_dim` a multiple of 16): causal, tree-masked and unmasked, GQA,
 /// ragged row blocks, a cache offset with poisoned capacity, d = 64/80/96/128/256. On CUDA
-/// each runs twice: as selected (the register-level `mma` kernel for d = 64/96/128 without a
-/// KV split, else `wmma`) and with `mma` switched off (the `wmma` kernel). Elsewhere (and with
-/// `BURN_DECODE_CMMA=0`) they exercise the SIMT kernel in half precision.
+/// each runs as selected (the register-level `mma` kernel for d = 64/96/128, else `wmma`),
+/// with `mma` switched off (the `wmma` kernel), and with `mma` forced without and with KV
+/// splits (for d = 80/256 those stay on `wmma`). Elsewhere (and with `BURN_DECODE_CMMA=0`)
+/// they exercise the SIMT kernel in half precision.
 fn half_prefill_grid(dtype: DType) {
     let cases = [
         Case::new(4, 1, 256, 256, 128).causal(),
@@ -626,11 +627,28 @@ fn half_prefill_grid(dtype: DType) {
                 ..Default::default()
             };
             check_tuned(case, dtype, wmma);
-            // Small grids take a KV split, which only `wmma` does: without it, `mma` runs
-            // (d = 64/96/128), with several (planes, m tiles per plane, keys per tile).
+            // Forced without a KV split (which these small grids take where the cache is long
+            // enough), the `mma` kernel writes final rows, with several (planes, m tiles per
+            // plane, keys per tile).
             for (warps, m_tiles, block_k) in [(4, 1, 64), (8, 1, 64), (4, 2, 32), (4, 2, 64)] {
                 let mma = LaunchTuning {
                     splits: Some(1),
+                    register_mma: Some(true),
+                    mma_warps: Some(warps),
+                    mma_m_tiles: Some(m_tiles),
+                    mma_block_k: Some(block_k),
+                    ..Default::default()
+                };
+                check_tuned(case, dtype, mma);
+            }
+            // With one, partial rows and the combine: chunks of a multiple of 64 keys (the
+            // `wmma` plan's tile), empty chunks for the first causal row blocks, and 128-key
+            // tiles that cross a chunk's end.
+            for (splits, warps, m_tiles, block_k) in
+                [(2, 4, 1, 64), (3, 4, 1, 64), (3, 4, 2, 32), (3, 4, 1, 128)]
+            {
+                let mma = LaunchTuning {
+                    splits: Some(splits),
                     register_mma: Some(true),
                     mma_warps: Some(warps),
                     mma_m_tiles: Some(m_tiles),
@@ -733,8 +751,8 @@ fn tensor_core_path_is_selected() {
             let plan = select_cmma(&client, dtype, &problem(q_len, group, d, 2), &tuning);
             println!("{dtype:?} q_len {q_len} group {group} d {d}: {plan:?}");
             assert_eq!(plan.is_some(), tensor_cores_enabled(), "{plan:?}");
-            // The register-level kernel takes d = 64/128 (multiples of 32 up to 128) when the
-            // grid needs no KV split.
+            // The register-level kernel takes d = 64/128 (multiples of 32 up to 128), with the
+            // `wmma` plan's KV split (which these small grids take where the cache allows).
             if let Some(cmma) = plan {
                 let on = LaunchTuning {
                     register_mma: Some(true),
@@ -742,9 +760,12 @@ fn tensor_core_path_is_selected() {
                 };
                 let mma = select_mma(&client, dtype, &problem(q_len, group, d, 2), &cmma, &on);
                 println!("  mma: {mma:?}");
-                let expected =
-                    mma_supported(&client, dtype) && d <= 128 && d % 32 == 0 && cmma.splits == 1;
+                let expected = mma_supported(&client, dtype) && d <= 128 && d % 32 == 0;
                 assert_eq!(mma.is_some(), expected, "{mma:?}");
+                if let Some(mma) = mma {
+                    assert_eq!((mma.splits, mma.chunk_len), (cmma.splits, cmma.chunk_len));
+                    assert_eq!(mma.config.partial, cmma.splits > 1);
+                }
             }
         }
         // sm_70/75 report `wmma` but not m16n8k16 `mma`: there the `wmma` kernel stays.
@@ -773,25 +794,6 @@ fn tensor_core_path_is_selected() {
 #[test]
 #[ignore = "benchmark: run explicitly on a GPU"]
 fn prefill_throughput() {
-    let device = Device::default();
-    let (h, n, d) = (32, 8192, 128);
-    let case = Case::new(h, h, n, n, d).causal();
-    let mut rng = StdRng::seed_from_u64(42);
-    let mut draw =
-        |len: usize| -> Vec<f32> { (0..len).map(|_| rng.random_range(-2.0f32..2.0)).collect() };
-    let shape = case.q_shape();
-    let numel = shape.iter().product();
-    let tensor = |data: Vec<f32>| {
-        Tensor::<Cube, 4>::from_data(TensorData::new(data, shape), &device).cast(DType::BF16)
-    };
-    let (q, k, v) = (
-        tensor(draw(numel)),
-        tensor(draw(numel)),
-        tensor(draw(numel)),
-    );
-    // Causal: half of the n² score matrix, two products of 2·d flops per score.
-    let flops = 4.0 * (n as f64) * (n as f64) / 2.0 * d as f64 * h as f64;
-    let mut outputs = Vec::new();
     // (name, tensor cores, mma, planes, m tiles, keys per tile)
     let variants = [
         ("mma 4x1 bk64", true, true, 4, 1, 64),
@@ -804,7 +806,35 @@ fn prefill_throughput() {
         ("wmma", true, false, 4, 1, 64),
         ("SIMT", false, false, 4, 1, 64),
     ];
-    for (name, tensor_cores, register_mma, warps, m_tiles, block_k) in variants {
+    time_prefill(&Case::new(32, 32, 8192, 8192, 128).causal(), &variants);
+    // A small grid (SmolLM2's 9 query / 3 KV heads at d = 64, one prompt): both tensor-core
+    // kernels run it with a KV split.
+    let small = [variants[0], variants[7], variants[8]];
+    time_prefill(&Case::new(9, 3, 1024, 1024, 64).causal(), &small);
+}
+
+/// Times `case` in bf16 under each variant (5 runs after a warm-up) and checks every output
+/// against the last variant's.
+fn time_prefill(case: &Case, variants: &[(&str, bool, bool, usize, usize, usize)]) {
+    let device = Device::default();
+    let mut rng = StdRng::seed_from_u64(42);
+    let mut draw =
+        |len: usize| -> Vec<f32> { (0..len).map(|_| rng.random_range(-2.0f32..2.0)).collect() };
+    let (q_shape, kv_shape) = (case.q_shape(), case.kv_shape());
+    let tensor = |data: Vec<f32>, shape: [usize; 4]| {
+        Tensor::<Cube, 4>::from_data(TensorData::new(data, shape), &device).cast(DType::BF16)
+    };
+    let (q, k, v) = (
+        tensor(draw(q_shape.iter().product()), q_shape),
+        tensor(draw(kv_shape.iter().product()), kv_shape),
+        tensor(draw(kv_shape.iter().product()), kv_shape),
+    );
+    // Causal: half of the n² score matrix, two products of 2·d flops per score.
+    let [_, h, n, d] = q_shape;
+    let flops = 4.0 * (n as f64) * (n as f64) / 2.0 * d as f64 * h as f64;
+    println!("{case:?}");
+    let mut outputs = Vec::new();
+    for &(name, tensor_cores, register_mma, warps, m_tiles, block_k) in variants {
         let tuning = LaunchTuning {
             tensor_cores: Some(tensor_cores),
             register_mma: Some(register_mma),
@@ -835,18 +865,18 @@ fn prefill_throughput() {
         Cube::sync(&device).unwrap();
         let secs = start.elapsed().as_secs_f64() / reps as f64;
         println!(
-            "{name}: {:.2} ms, {:.1} TFLOP/s",
+            "{name}: {:.3} ms, {:.1} TFLOP/s",
             secs * 1e3,
             flops / secs / 1e12
         );
         outputs.push(read(out.unwrap()));
     }
-    let simt = variants.len() - 1;
-    let reference: Vec<f64> = outputs[simt].iter().map(|&x| x as f64).collect();
-    for (i, (name, ..)) in variants.iter().enumerate().take(simt) {
+    let last = variants.len() - 1;
+    let reference: Vec<f64> = outputs[last].iter().map(|&x| x as f64).collect();
+    for (i, (name, ..)) in variants.iter().enumerate().take(last) {
         let err = rel_l2(&outputs[i], &reference);
-        println!("{name} vs SIMT: rel_l2 = {err:.2e}");
-        assert!(err <= 1e-2, "{name} and SIMT outputs differ: {err:e}");
+        println!("{name} vs {}: rel_l2 = {err:.2e}", variants[last].0);
+        assert!(err <= 1e-2, "{name} and {} outputs differ: {err:e}", variants[last].0);
     }
 }
 

@@ -42,7 +42,7 @@ pub struct LaunchTuning {
     /// [`tensor_cores_enabled`] says. Decode configurations and f32 never use them.
     pub tensor_cores: Option<bool>,
     /// Among tensor-core launches, the register-level `mma.sync` kernel where it applies
-    /// ([`plan_mma`]: no KV split, `head_dim` a multiple of 32 up to 128): `Some(false)` never
+    /// ([`plan_mma`]: `head_dim` a multiple of 32 up to 128): `Some(false)` never
     /// (the `wmma` kernel runs), `Some(true)` wherever the device supports it, `None` as
     /// [`crate::register_mma`] says.
     pub register_mma: Option<bool>,
@@ -398,17 +398,23 @@ fn device_limits<R: CubeRuntime>(
 pub struct MmaPlan {
     /// The comptime configuration of [`attention_mma_kernel`].
     pub config: MmaAttentionConfig,
-    /// Row blocks (grid x); the kernel takes no KV split.
+    /// Row blocks (grid x).
     pub row_blocks: usize,
+    /// KV splits (grid z), those of the `wmma` plan; 1 means no combine kernel.
+    pub splits: usize,
+    /// Keys per split, those of the `wmma` plan (a multiple of its key tile, not necessarily
+    /// of this kernel's `block_k`).
+    pub chunk_len: usize,
     /// Shared memory of the kernel, in bytes (upper bound).
     pub shared_bytes: usize,
 }
 
 /// The register-level kernel's configuration for a problem the `wmma` kernel would run as
-/// `cmma` (its plan), or `None` where that one stays: a KV split (the `mma` kernel writes
-/// only final rows), `head_dim` not a multiple of 32 or above 128 (its operand loads and
-/// register budget), a vector width other than 2, 4 or 8 (`cp.async` sizes), tuning knobs it
-/// is not written for, or tiles that do not fit `shared_limit`.
+/// `cmma` (its plan), or `None` where that one stays: `head_dim` not a multiple of 32 or above
+/// 128 (its operand loads and register budget), a vector width other than 2, 4 or 8
+/// (`cp.async` sizes), tuning knobs it is not written for, or tiles that do not fit
+/// `shared_limit`. The KV split is the `wmma` plan's (same grid, same partial rows for the
+/// combine), so the two kernels split alike.
 pub fn plan_mma(
     p: &Problem,
     cmma: &CmmaPlan,
@@ -416,11 +422,7 @@ pub fn plan_mma(
     tuning: &LaunchTuning,
 ) -> Option<MmaPlan> {
     // `cp.async` copies 4, 8 or 16 bytes: vectors of 2, 4 or 8 half-precision elements.
-    if cmma.splits != 1
-        || !p.head_dim.is_multiple_of(32)
-        || p.head_dim > 128
-        || !matches!(p.vector_size, 2 | 4 | 8)
-    {
+    if !p.head_dim.is_multiple_of(32) || p.head_dim > 128 || !matches!(p.vector_size, 2 | 4 | 8) {
         return None;
     }
     // 64 rows (4 planes) by 64 keys: 52 KiB of shared memory at d = 128.
@@ -432,6 +434,7 @@ pub fn plan_mma(
         block_k: tuning.mma_block_k.unwrap_or(64),
         causal: p.causal,
         tree: p.tree,
+        partial: cmma.splits > 1,
     };
     // Tuning knobs outside what the kernel is written for are refused, not run: keys come in
     // steps of 16 (one `P V` product), and a cube holds at most 32 planes.
@@ -446,6 +449,8 @@ pub fn plan_mma(
     (shared_bytes <= shared_limit).then(|| MmaPlan {
         config,
         row_blocks: (p.group * p.q_len).div_ceil(config.block_q()),
+        splits: cmma.splits,
+        chunk_len: cmma.chunk_len,
         shared_bytes,
     })
 }
@@ -619,7 +624,7 @@ pub fn attention<R: CubeRuntime>(
         )),
     };
     let (row_blocks, splits, chunk_len) = match &launch {
-        Launch::Mma(p) => (p.row_blocks, 1, kv_len),
+        Launch::Mma(p) => (p.row_blocks, p.splits, p.chunk_len),
         Launch::Cmma(p) => (p.row_blocks, p.splits, p.chunk_len),
         Launch::Simt(p) => (p.row_blocks, p.splits, p.chunk_len),
     };
@@ -699,12 +704,15 @@ pub fn attention<R: CubeRuntime>(
                 qkv_args.2,
                 arg_or_unused(&mask),
                 array_arg(out.clone()),
+                arg_or_unused(&part_o),
+                arg_or_unused(&part_ml),
                 strides(),
                 options.scale,
                 kv_len as u32,
                 q_len as u32,
                 problem.group as u32,
                 n_kv_heads as u32,
+                chunk_len as u32,
                 plan.config,
                 dtype.into(),
             );
@@ -760,6 +768,9 @@ pub fn attention<R: CubeRuntime>(
     }
 
     if splits > 1 {
+        // `part_o` is `[row][head_dim]` f32 whichever way the main kernel wrote it (the `mma`
+        // kernel as scalars), so any width dividing `head_dim` reads it: the main kernel's
+        // (up to 8 after the `mma` plan; `out` is contiguous).
         let nv = head_dim / vector_size;
         let work = problem.batch_kv_heads * rows * nv;
         let cube_dim = CubeDim::new(&client, work);
@@ -950,9 +961,30 @@ mod tests {
                 "d {d}"
             );
         }
-        // A KV split stays with the wmma kernel.
-        let split = CmmaPlan { splits: 2, ..cmma };
-        assert!(plan_mma(&wide, &split, h100, &tuning).is_none());
+        assert_eq!((plan.splits, plan.chunk_len), (1, cmma.chunk_len));
+        assert!(!plan.config.partial);
+        // A KV split is the wmma plan's, written as partial rows.
+        let mut small = wide;
+        small.batch_kv_heads = 3;
+        small.q_len = 512;
+        small.kv_len = 512;
+        let split = plan_cmma(&small, h100, 132, &tuning).unwrap();
+        assert!(split.splits > 1, "{split:?}");
+        let plan = plan_mma(&small, &split, h100, &tuning).unwrap();
+        assert_eq!(
+            (plan.splits, plan.chunk_len),
+            (split.splits, split.chunk_len)
+        );
+        assert!(plan.config.partial);
+        assert_eq!(plan.shared_bytes, plan.config.shared_bytes(2));
+        let forced = LaunchTuning {
+            splits: Some(3),
+            ..Default::default()
+        };
+        let split = plan_cmma(&wide, h100, 132, &forced).unwrap();
+        let plan = plan_mma(&wide, &split, h100, &forced).unwrap();
+        assert_eq!((plan.splits, plan.chunk_len), (3, 2752));
+        assert!(plan.config.partial);
         // Knobs the kernel is not written for are refused, not run.
         for (warps, m_tiles, block_k) in
             [(4, 1, 8), (4, 1, 24), (4, 0, 64), (0, 1, 64), (33, 1, 64)]

@@ -1,8 +1,8 @@
 //! Register-level tensor-core prefill kernel (`mma.sync` m16n8k16) for f16/bf16 on CUDA.
 //!
-//! Same contract, grid, masking rule and f32 online softmax as
-//! [`super::kernel::attention_kernel`] without a KV split; what differs from the `wmma` kernel
-//! ([`super::cmma`]) is where the intermediate tiles live. `wmma` fragments have no documented
+//! Same contract, grid, masking rule, f32 online softmax and split-KV output as
+//! [`super::kernel::attention_kernel`]; what differs from the `wmma` kernel ([`super::cmma`])
+//! is where the intermediate tiles live. `wmma` fragments have no documented
 //! register layout, so that kernel stores every score tile to shared memory for the softmax and
 //! keeps the output accumulator there too, reloading and storing it for every key tile. With
 //! CubeCL's manual MMA ([`MmaDefinition`]) the layout is PTX's, documented: a lane holds the
@@ -20,6 +20,11 @@
 //!
 //! Shared memory holds only the staged Q, K and V tiles; per key tile the cube synchronises
 //! twice (after staging, before overwriting).
+//!
+//! Under a KV split (grid z, [`MmaAttentionConfig::partial`]) a cube walks only its chunk of
+//! the keys and writes, straight from the registers, the unnormalised output rows and their
+//! `(m, l)` (the max of the scaled scores and the sum of `exp(s - m)`) in f32 for
+//! [`super::kernel::combine_kernel`], as the other two kernels do.
 //!
 //! # Layout
 //! A cube is `warps` planes of 32 units (`CubeDim = (32, warps)`); plane `w` owns `m_tiles`
@@ -75,6 +80,9 @@ pub struct MmaAttentionConfig {
     pub causal: bool,
     /// An explicit `[q_len, q_len]` mask among the new tokens (overrides `causal`).
     pub tree: bool,
+    /// Write unnormalised partial results (KV split: grid z chunks of `chunk_len` keys) for
+    /// [`super::kernel::combine_kernel`] instead of the final output.
+    pub partial: bool,
 }
 
 impl MmaAttentionConfig {
@@ -169,8 +177,10 @@ fn load_a<F: Float>(
 }
 
 /// Issues the asynchronous copies (`cp.async`, `N` elements each) of the K or V tile of keys
-/// `tile_start ..` into `tile`; keys at or past `kv_end` are zero-filled (a zero-length source)
-/// rather than read, so the unused capacity of a cache is never touched.
+/// `tile_start ..` into `tile`; keys at or past `chunk_end` (the end of the keys the cube reads:
+/// the block's `kv_end`, or its chunk's end under a KV split) are zero-filled (a zero-length
+/// source) rather than read, so the unused capacity of a cache and the next chunk's keys are
+/// never touched.
 #[allow(clippy::too_many_arguments)]
 #[cube]
 fn stage_async<F: Float, N: Size>(
@@ -179,7 +189,7 @@ fn stage_async<F: Float, N: Size>(
     base: usize,
     row_stride: usize,
     tile_start: usize,
-    kv_end: usize,
+    chunk_end: usize,
     #[comptime] cfg: MmaAttentionConfig,
 ) {
     let nv = comptime!(cfg.nv());
@@ -193,7 +203,7 @@ fn stage_async<F: Float, N: Size>(
             let c = e / nv;
             let dv = e % nv;
             let j = tile_start + c;
-            let valid = j < kv_end;
+            let valid = j < chunk_end;
             let mut row = 0usize;
             let mut len = 0usize;
             if valid {
@@ -211,9 +221,10 @@ fn stage_async<F: Float, N: Size>(
     }
 }
 
-/// Tensor-core attention of a block of `16 · warps` rows of one KV head against all the keys
-/// it may see. Arguments and grid as [`super::kernel::attention_kernel`] without a KV split
-/// (grid z = 1); `CubeDim = (32, warps)`.
+/// Tensor-core attention of a block of `16 · m_tiles · warps` rows of one KV head against the
+/// keys `[chunk_start, chunk_end)` of that head (every key it may see unless the launch splits
+/// the KV axis). Arguments and grid as [`super::kernel::attention_kernel`], except that
+/// `part_o` is read as scalars (same `[row][head_dim]` f32 layout); `CubeDim = (32, warps)`.
 #[allow(clippy::too_many_arguments)]
 #[cube(launch_unchecked, fast_math = FastMath::all())]
 pub fn attention_mma_kernel<F: Float, N: Size>(
@@ -222,12 +233,15 @@ pub fn attention_mma_kernel<F: Float, N: Size>(
     v: &Array<Vector<F, N>>,
     mask: &Array<u32>,
     out: &mut Array<Vector<F, N>>,
+    part_o: &mut Array<f32>,
+    part_ml: &mut Array<f32>,
     strides: QkvStrides,
     scale: f32,
     kv_len: u32,
     q_len: u32,
     group: u32,
     n_kv_heads: u32,
+    chunk_len: u32,
     #[comptime] cfg: MmaAttentionConfig,
     #[define(F)] _dtype: StorageType,
 ) {
@@ -256,6 +270,7 @@ pub fn attention_mma_kernel<F: Float, N: Size>(
         row_block = count - row_block - 1;
     }
     let bh = CUBE_POS_Y as usize;
+    let split = CUBE_POS_Z as usize;
     // Accumulator coordinates of this lane: rows `quad` and `quad + 8`, columns `2 pair ..`.
     let quad = lane / 4;
     let pair = lane % 4;
@@ -267,6 +282,7 @@ pub fn attention_mma_kernel<F: Float, N: Size>(
     let q_len = q_len as usize;
     let group = group as usize;
     let n_kv_heads = n_kv_heads as usize;
+    let chunk_len = chunk_len as usize;
 
     let batch = bh / n_kv_heads;
     let kv_head = bh % n_kv_heads;
@@ -358,6 +374,25 @@ pub fn attention_mma_kernel<F: Float, N: Size>(
     } else if comptime!(cfg.causal) {
         unmasked_end = prefix + row0 / group + 1;
     }
+    // This cube's keys: chunk `split` of `chunk_len` keys under a KV split, else all of them.
+    // A causal row block's `kv_end` may fall before its later chunks start: such a chunk has no
+    // keys (`chunk_end <= chunk_start`, the loop does not run) and still writes its rows
+    // (`m = NEG, l = 0, o = 0`: the scratch buffer is not zeroed), which the combine weighs by
+    // `exp(NEG - M) = 0` (a row no chunk shows a key gets zeros, as without a split).
+    // `chunk_len` is a multiple of the `wmma` plan's key tile, not necessarily of `block_k`, so
+    // a tile may cross the chunk's end: it is zero-filled and masked from there, like the tile
+    // that crosses `kv_end`.
+    let mut chunk_start = 0usize;
+    let mut chunk_end = kv_end;
+    if comptime!(cfg.partial) {
+        chunk_start = split * chunk_len;
+        if chunk_start + chunk_len < kv_end {
+            chunk_end = chunk_start + chunk_len;
+        }
+        if chunk_end < unmasked_end {
+            unmasked_end = chunk_end;
+        }
+    }
 
     let k_base = batch * strides.k_batch as usize + kv_head * strides.k_head as usize;
     let v_base = batch * strides.v_batch as usize + kv_head * strides.v_head as usize;
@@ -370,13 +405,29 @@ pub fn attention_mma_kernel<F: Float, N: Size>(
     // previous contents before the next copy into the same tile.
     let bar_k = Barrier::shared(CUBE_DIM, UNIT_POS == 0);
     let bar_v = Barrier::shared(CUBE_DIM, UNIT_POS == 0);
-    stage_async::<F, N>(k, &mut k_s, k_base, k_row_stride, 0usize, kv_end, cfg);
+    stage_async::<F, N>(
+        k,
+        &mut k_s,
+        k_base,
+        k_row_stride,
+        chunk_start,
+        chunk_end,
+        cfg,
+    );
     bar_k.commit_copy_async();
     bar_k.arrive_and_wait();
 
-    let mut tile_start = 0usize;
-    while tile_start < kv_end {
-        stage_async::<F, N>(v, &mut v_s, v_base, v_row_stride, tile_start, kv_end, cfg);
+    let mut tile_start = chunk_start;
+    while tile_start < chunk_end {
+        stage_async::<F, N>(
+            v,
+            &mut v_s,
+            v_base,
+            v_row_stride,
+            tile_start,
+            chunk_end,
+            cfg,
+        );
         bar_v.commit_copy_async();
 
         // (2) S = Q Kᵀ in registers, at `mt * k_tiles + nt`. K is stored [key][d], which is
@@ -443,7 +494,7 @@ pub fn attention_mma_kernel<F: Float, N: Size>(
                         for e in 0..2usize {
                             let j = tile_start + comptime!(nt * COLS) + 2 * pair + e;
                             if !visible(
-                                mask, j, query[x], kv_end, prefix, q_len, cfg.causal, cfg.tree,
+                                mask, j, query[x], chunk_end, prefix, q_len, cfg.causal, cfg.tree,
                             ) {
                                 s[e] = f32::new(NEG);
                             }
@@ -520,8 +571,8 @@ pub fn attention_mma_kernel<F: Float, N: Size>(
 
         bar_v.arrive_and_wait();
         let next = tile_start + bk;
-        if next < kv_end {
-            stage_async::<F, N>(k, &mut k_s, k_base, k_row_stride, next, kv_end, cfg);
+        if next < chunk_end {
+            stage_async::<F, N>(k, &mut k_s, k_base, k_row_stride, next, chunk_end, cfg);
             bar_k.commit_copy_async();
         }
 
@@ -548,53 +599,84 @@ pub fn attention_mma_kernel<F: Float, N: Size>(
                 }
             }
         }
-        if next < kv_end {
+        if next < chunk_end {
             bar_k.arrive_and_wait();
         }
         tile_start = next;
     }
 
-    // Row sums over the quad; a row that sees no key at all gets zeros rather than NaN.
-    // Then the rows go through this plane's rows of the Q tile: each lane holds two columns of
-    // a row per 8, so rows are assembled in shared memory and written as whole vectors.
-    #[unroll]
-    for x in 0..slots {
-        let mut l = l_run[x];
-        l += plane_shuffle_xor(l, 1u32);
-        l += plane_shuffle_xor(l, 2u32);
-        let inv = if l > 0.0f32 {
-            1.0f32 / l
-        } else {
-            f32::new(0.0)
-        };
-        let r = plane_row + comptime!((x / 2) * ROWS + (x % 2) * 8) + quad;
+    if comptime!(cfg.partial) {
+        // The chunk's unnormalised rows for the combine, straight from the registers: each lane
+        // writes its two columns per 8 of its rows (`part_o` is `[prow][head_dim]` f32, read as
+        // vectors by the combine), and the quad's first lane the row's `(m, l)`: `m_run` is
+        // already the quad's max of the scaled scores and `P = exp(s - m_run)`, the units the
+        // combine weighs by `exp(m - M)`; `l_run` is this lane's share of the sum. The
+        // shuffles run on every lane, before any branch on the row.
+        let hd = cfg.head_dim;
         #[unroll]
-        for dt in 0..d_tiles {
-            let o =
-                o_acc.index(comptime!((x / 2) * d_tiles + dt))[comptime!(x % 2)] * Vector::new(inv);
-            let col = comptime!(dt * COLS) + 2 * pair;
-            q_s[r * stride + col] = F::cast_from(o[0usize]);
-            q_s[r * stride + col + 1] = F::cast_from(o[1usize]);
-        }
-    }
-    sync_cube();
-    #[unroll]
-    for it in 0..comptime!(cfg.q_load_iters()) {
-        let e = t + it * threads;
-        if e < bq * nv {
-            let r = e / nv;
-            let dv = e % nv;
-            let rho = row0 + r;
+        for x in 0..slots {
+            let mut l = l_run[x];
+            l += plane_shuffle_xor(l, 1u32);
+            l += plane_shuffle_xor(l, 2u32);
+            let rho = row0 + plane_row + comptime!((x / 2) * ROWS + (x % 2) * 8) + quad;
             if rho < rows {
-                let head = kv_head * group + rho % group;
-                let n_heads = n_kv_heads * group;
-                let orow = (batch * n_heads + head) * q_len + rho / group;
-                let mut val = Vector::<F, N>::empty();
+                let prow = (split * CUBE_COUNT_Y as usize + bh) * rows + rho;
                 #[unroll]
-                for x in 0..vs {
-                    val[x] = q_s[r * stride + dv * vs + x];
+                for dt in 0..d_tiles {
+                    let o = o_acc.index(comptime!((x / 2) * d_tiles + dt))[comptime!(x % 2)];
+                    let at = prow * hd + comptime!(dt * COLS) + 2 * pair;
+                    part_o[at] = o[0usize];
+                    part_o[at + 1] = o[1usize];
                 }
-                out[orow * nv + dv] = val;
+                if pair == 0 {
+                    part_ml[prow * 2] = m_run[x];
+                    part_ml[prow * 2 + 1] = l;
+                }
+            }
+        }
+    } else {
+        // Row sums over the quad; a row that sees no key at all gets zeros rather than NaN.
+        // Then the rows go through this plane's rows of the Q tile: each lane holds two columns of
+        // a row per 8, so rows are assembled in shared memory and written as whole vectors.
+        #[unroll]
+        for x in 0..slots {
+            let mut l = l_run[x];
+            l += plane_shuffle_xor(l, 1u32);
+            l += plane_shuffle_xor(l, 2u32);
+            let inv = if l > 0.0f32 {
+                1.0f32 / l
+            } else {
+                f32::new(0.0)
+            };
+            let r = plane_row + comptime!((x / 2) * ROWS + (x % 2) * 8) + quad;
+            #[unroll]
+            for dt in 0..d_tiles {
+                let o = o_acc.index(comptime!((x / 2) * d_tiles + dt))[comptime!(x % 2)]
+                    * Vector::new(inv);
+                let col = comptime!(dt * COLS) + 2 * pair;
+                q_s[r * stride + col] = F::cast_from(o[0usize]);
+                q_s[r * stride + col + 1] = F::cast_from(o[1usize]);
+            }
+        }
+        sync_cube();
+        #[unroll]
+        for it in 0..comptime!(cfg.q_load_iters()) {
+            let e = t + it * threads;
+            if e < bq * nv {
+                let r = e / nv;
+                let dv = e % nv;
+                let rho = row0 + r;
+                if rho < rows {
+                    let head = kv_head * group + rho % group;
+                    let n_heads = n_kv_heads * group;
+                    let orow = (batch * n_heads + head) * q_len + rho / group;
+                    let mut val = Vector::<F, N>::empty();
+                    #[unroll]
+                    for x in 0..vs {
+                        val[x] = q_s[r * stride + dv * vs + x];
+                    }
+                    out[orow * nv + dv] = val;
+                }
             }
         }
     }

@@ -60,8 +60,9 @@
 //! SIMT planner: CubeCL's CUDA runtime opts every launch in to the device's dynamic
 //! shared-memory maximum.
 //!
-//! **Register-level tensor cores.** Where the tensor-core plan needs no KV split and
-//! `head_dim` is a multiple of 32 up to 128 (64, 96, 128 in practice), [`mma::attention_mma_kernel`] runs instead of the `wmma` one:
+//! **Register-level tensor cores.** Where `head_dim` is a multiple of 32 up to 128 (64, 96,
+//! 128 in practice), [`mma::attention_mma_kernel`] runs instead of the `wmma` one, with the
+//! same KV split as the `wmma` plan (partial rows merged by the same combine kernel):
 //! PTX `mma.sync` through CubeCL's manual MMA, whose register layout is documented, so scores,
 //! softmax and the output accumulator stay in registers (FlashAttention-2), operands come from
 //! shared memory by `ldmatrix`, and K/V tiles by `cp.async` while the previous products run.
