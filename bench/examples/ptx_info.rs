@@ -160,10 +160,10 @@ unsafe fn report(module: &CachedPtx) -> Result<()> {
     // The driver reads sizes and flags from the pointer values themselves.
     let mut values: [*mut c_void; 5] = [
         info.as_mut_ptr().cast(),
-        LOG as *mut c_void,
+        std::ptr::without_provenance_mut(LOG),
         error.as_mut_ptr().cast(),
-        LOG as *mut c_void,
-        1usize as *mut c_void,
+        std::ptr::without_provenance_mut(LOG),
+        std::ptr::without_provenance_mut(1),
     ];
     let mut handle = std::ptr::null_mut();
     let loaded = unsafe {

@@ -813,6 +813,7 @@ fn prefill_throughput() {
     time_prefill(&Case::new(9, 3, 1024, 1024, 64).causal(), &small);
 }
 
+#[cfg(feature = "cuda")]
 /// Times `case` in bf16 under each variant (5 runs after a warm-up) and checks every output
 /// against the last variant's.
 fn time_prefill(case: &Case, variants: &[(&str, bool, bool, usize, usize, usize)]) {
@@ -876,7 +877,11 @@ fn time_prefill(case: &Case, variants: &[(&str, bool, bool, usize, usize, usize)
     for (i, (name, ..)) in variants.iter().enumerate().take(last) {
         let err = rel_l2(&outputs[i], &reference);
         println!("{name} vs {}: rel_l2 = {err:.2e}", variants[last].0);
-        assert!(err <= 1e-2, "{name} and {} outputs differ: {err:e}", variants[last].0);
+        assert!(
+            err <= 1e-2,
+            "{name} and {} outputs differ: {err:e}",
+            variants[last].0
+        );
     }
 }
 
