@@ -66,6 +66,21 @@ pub struct DistillStats {
     pub seconds: f64,
 }
 
+impl DistillStats {
+    /// Adds the counts and time of another pass (e.g. a second set of responses).
+    pub fn add(&mut self, other: &DistillStats) {
+        self.prompts += other.prompts;
+        self.cached += other.cached;
+        self.generated += other.generated;
+        self.batches += other.batches;
+        self.forward_passes += other.forward_passes;
+        self.response_tokens += other.response_tokens;
+        self.stopped += other.stopped;
+        self.generated_tokens += other.generated_tokens;
+        self.seconds += other.seconds;
+    }
+}
+
 /// The order prompts are generated in: by token length (so batches need little padding), then
 /// id. Shards (`train --distill-shard`) split this order so that they get equal work.
 pub fn generation_order(a: &(String, Vec<u32>), b: &(String, Vec<u32>)) -> std::cmp::Ordering {

@@ -5,6 +5,7 @@
 //! flags (see `--help`).
 
 use std::{
+    collections::HashSet,
     io::{IsTerminal, stderr},
     path::{Path, PathBuf},
     time::Instant,
@@ -68,6 +69,14 @@ struct Args {
     /// Sampling temperature for the responses; 0 = greedy.
     #[arg(long, default_value_t = 0.0)]
     temperature: f32,
+    /// More responses per training prompt, sampled at --extra-temperature, each set with its own
+    /// seed and cache file: more distinct training sequences from a fixed prompt set. Held-out
+    /// prompts keep only their first response, so accuracies stay comparable across runs.
+    #[arg(long, default_value_t = 0)]
+    extra_responses: usize,
+    /// Sampling temperature of the --extra-responses (> 0).
+    #[arg(long, default_value_t = 0.7)]
+    extra_temperature: f32,
     /// Sequences generated together (default 128 on CUDA, 8 on the CPU).
     #[arg(long)]
     gen_batch: Option<usize>,
@@ -224,6 +233,11 @@ fn run<B: FlashAttentionBackend>(
     if args.heads == 0 || args.batch == 0 || args.grad_accum == 0 {
         bail!("--heads, --batch and --grad-accum must be at least 1");
     }
+    if args.extra_responses > 0 && !(args.extra_temperature > 0.0) {
+        bail!(
+            "--extra-temperature must be above 0 (greedy extra responses would repeat the first)"
+        );
+    }
     if !(args.lm_head_lr_scale.is_finite() && args.lm_head_lr_scale >= 0.0) {
         bail!("--lm-head-lr-scale must be a finite number >= 0");
     }
@@ -353,6 +367,49 @@ fn run<B: FlashAttentionBackend>(
         !stderr().is_terminal(),
     )?;
     bar.finish();
+    let (eval, first_train) = examples.split_at(eval_prompts.len());
+    let (eval, mut train_examples) = (eval.to_vec(), first_train.to_vec());
+    let mut gen_stats = gen_stats;
+    let mut cache_files = vec![cache.path().display().to_string()];
+    // Extra sampled responses of the training prompts (not of the held-out ones).
+    let eval_ids: HashSet<&str> = eval_prompts.iter().map(|(id, _)| id.as_str()).collect();
+    for set in 1..=args.extra_responses {
+        let config = DistillConfig {
+            temperature: args.extra_temperature,
+            seed: args.seed + set as u64,
+            ..distill_config.clone()
+        };
+        let key = data::cache_key(&format!("{model_id}|{}", config.cache_settings()));
+        let mut extra_cache = ExampleCache::open(&cache_dir, &key)?;
+        let mut prompts: Vec<(String, Vec<u32>)> = all
+            .iter()
+            .filter(|(id, _)| !eval_ids.contains(id.as_str()))
+            .cloned()
+            .collect();
+        if args.cached_only {
+            prompts.retain(|(id, p)| extra_cache.get(id, p).is_some());
+        }
+        println!(
+            "extra responses {set}/{}: {} prompts, sampled at T={} (cache {})",
+            args.extra_responses,
+            prompts.len(),
+            args.extra_temperature,
+            extra_cache.path().display()
+        );
+        let bar = trainer::progress_bar(true, prompts.len() as u64, "generate");
+        let (extra, stats) = train::distill(
+            &model,
+            &prompts,
+            &config,
+            &mut extra_cache,
+            &bar,
+            !stderr().is_terminal(),
+        )?;
+        bar.finish();
+        train_examples.extend(extra);
+        gen_stats.add(&stats);
+        cache_files.push(extra_cache.path().display().to_string());
+    }
     if let Some((shard, shards)) = args.distill_shard {
         println!(
             "shard {shard}/{shards}: {} responses ({} generated in {:.1} s, {} from the cache) in {}",
@@ -360,11 +417,11 @@ fn run<B: FlashAttentionBackend>(
             gen_stats.generated,
             gen_stats.seconds,
             gen_stats.cached,
-            cache.path().display()
+            cache_files.join(", ")
         );
         return Ok(());
     }
-    let (eval, train_examples) = examples.split_at(eval_prompts.len());
+    let (eval, train_examples) = (&eval[..], &train_examples[..]);
     println!(
         "  {} responses ({} generated in {:.1} s, {} from the cache), {} tokens; {} ended with a stop token",
         gen_stats.prompts,
@@ -420,12 +477,14 @@ fn run<B: FlashAttentionBackend>(
         time_limit: args.max_train_seconds,
     };
     let fingerprint = format!(
-        "{key}|{}|{}|{}|{}|{}",
+        "{key}|{}|{}|{}|{}|{}|extra {} at T={}",
         serde_json::to_string(&config)?,
         data_file.display(),
         count,
         eval_count,
-        args.max_seq_len
+        args.max_seq_len,
+        args.extra_responses,
+        args.extra_temperature
     );
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("creating {}", args.out.display()))?;
@@ -525,7 +584,9 @@ fn run<B: FlashAttentionBackend>(
             train_response_tokens: train_tokens,
             eval_response_tokens: eval.iter().map(|e| e.response.len()).sum(),
             max_seq_len: args.max_seq_len,
-            cache_file: cache.path().display().to_string(),
+            cache_file: cache_files.join(", "),
+            extra_responses: args.extra_responses,
+            extra_temperature: args.extra_temperature,
         },
         generation: gen_stats.clone(),
         generation_seconds: gen_stats.seconds,

@@ -24,7 +24,12 @@ pub struct DataStats {
     pub train_response_tokens: usize,
     pub eval_response_tokens: usize,
     pub max_seq_len: usize,
+    /// Response caches, comma-separated: the first response set, then each extra one.
     pub cache_file: String,
+    /// Sampled responses per training prompt beyond the first (`--extra-responses`).
+    #[serde(default)]
+    pub extra_responses: usize,
+    pub extra_temperature: f32,
 }
 
 /// The tree derived from the measured accuracies.
@@ -235,6 +240,13 @@ impl Report {
             g.batches,
             g.forward_passes
         );
+        if d.extra_responses > 0 {
+            let _ = writeln!(
+                s,
+                "- {} extra response(s) per training prompt, sampled at T={}",
+                d.extra_responses, d.extra_temperature
+            );
+        }
         let _ = writeln!(s, "- cache: `{}`\n", d.cache_file);
 
         s += "## Configuration\n\n```json\n";
