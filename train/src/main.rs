@@ -233,7 +233,9 @@ fn run<B: FlashAttentionBackend>(
     if args.heads == 0 || args.batch == 0 || args.grad_accum == 0 {
         bail!("--heads, --batch and --grad-accum must be at least 1");
     }
-    if args.extra_responses > 0 && !(args.extra_temperature > 0.0) {
+    if args.extra_responses > 0
+        && (args.extra_temperature.is_nan() || args.extra_temperature <= 0.0)
+    {
         bail!(
             "--extra-temperature must be above 0 (greedy extra responses would repeat the first)"
         );
