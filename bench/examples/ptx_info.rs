@@ -37,6 +37,9 @@ fn main() -> Result<()> {
         );
     }
 
+    // The driver's compute cache would serve modules compiled before, without a JIT log.
+    // SAFETY: no other thread exists yet.
+    unsafe { std::env::set_var("CUDA_CACHE_DISABLE", "1") };
     // SAFETY: plain driver calls on one thread; every pointer handed over outlives the call.
     unsafe {
         if !sys::is_culib_present() {
@@ -51,9 +54,9 @@ fn main() -> Result<()> {
             "cuDevicePrimaryCtxRetain",
         )?;
         check(sys::cuCtxSetCurrent(context), "cuCtxSetCurrent")?;
-        for module in &modules {
-            report(module)?;
-        }
+    }
+    for module in &modules {
+        report(module)?;
     }
     Ok(())
 }
@@ -92,8 +95,14 @@ fn read_chunk(path: &Path) -> Result<Vec<CachedPtx>> {
     let mut cursor = std::io::Cursor::new(data);
     let mut out = Vec::new();
     while (cursor.position() as usize) < cursor.get_ref().len() {
-        let record: Value = ciborium::de::from_reader(&mut cursor)
-            .with_context(|| format!("decoding a record of {}", path.display()))?;
+        // A record cut short (a process killed while appending) ends the chunk, as in CubeCL.
+        let record: Value = match ciborium::de::from_reader(&mut cursor) {
+            Ok(record) => record,
+            Err(err) => {
+                eprintln!("{}: stopping at a damaged record ({err})", path.display());
+                break;
+            }
+        };
         let value = field(&record, "value").context("record without a value")?;
         let entry = field(value, "entrypoint_name")
             .and_then(Value::as_text)
@@ -103,13 +112,18 @@ fn read_chunk(path: &Path) -> Result<Vec<CachedPtx>> {
             .and_then(Value::as_integer)
             .and_then(|i| usize::try_from(i).ok())
             .unwrap_or(0);
-        let mut ptx: Vec<u8> = field(value, "ptx")
+        // `c_char` is signed on x86_64 and unsigned on aarch64: take either.
+        let mut ptx = Vec::new();
+        for v in field(value, "ptx")
             .and_then(Value::as_array)
             .context("record without PTX")?
-            .iter()
-            .filter_map(|v| v.as_integer().and_then(|i| i8::try_from(i).ok()))
-            .map(|c| c as u8)
-            .collect();
+        {
+            let c = v.as_integer().and_then(|i| i16::try_from(i).ok());
+            match c {
+                Some(c @ -128..=255) => ptx.push(c as u8),
+                _ => bail!("{}: a PTX byte out of range ({v:?})", path.display()),
+            }
+        }
         if ptx.last() != Some(&0) {
             ptx.push(0);
         }
@@ -146,7 +160,9 @@ fn block_threads(ptx: &str) -> c_int {
         .unwrap_or(128)
 }
 
-unsafe fn report(module: &CachedPtx) -> Result<()> {
+/// Loads one module with the JIT's verbose log and prints its kernel's resources (the CUDA
+/// context is current on this thread).
+fn report(module: &CachedPtx) -> Result<()> {
     const LOG: usize = 1 << 16;
     let mut info = vec![0u8; LOG];
     let mut error = vec![0u8; LOG];
@@ -206,13 +222,16 @@ unsafe fn report(module: &CachedPtx) -> Result<()> {
     let static_shared = attribute(CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES)?;
     // CubeCL raises the dynamic shared-memory limit before launching large tiles; do the same
     // so the occupancy query sees the launch as it happens.
-    unsafe {
-        sys::cuFuncSetAttribute(
-            function,
-            CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-            module.shared_bytes as c_int,
-        );
-    }
+    check(
+        unsafe {
+            sys::cuFuncSetAttribute(
+                function,
+                CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                module.shared_bytes as c_int,
+            )
+        },
+        "cuFuncSetAttribute",
+    )?;
     let threads = block_threads(std::str::from_utf8(&module.ptx).unwrap_or(""));
     let mut blocks = 0;
     check(

@@ -602,6 +602,34 @@ fn bf16_inputs() {
 /// with `mma` switched off (the `wmma` kernel), and with `mma` forced without and with KV
 /// splits (for d = 80/256 those stay on `wmma`). Elsewhere (and with `BURN_DECODE_CMMA=0`)
 /// they exercise the SIMT kernel in half precision.
+/// Whether `tuning` sends `case` to the `mma` kernel with a KV split (its plan as the launch
+/// makes it: `wmma` plan first, then the register-level one with 16-byte copies).
+fn mma_split_selected(case: &Case, dtype: DType, tuning: &LaunchTuning) -> bool {
+    use kernels::cube::{Problem, select_cmma, select_mma};
+    let client = Runtime::client(&Device::default());
+    let problem = |vector_size| Problem {
+        batch_kv_heads: case.batch * case.kv_heads,
+        group: case.heads / case.kv_heads,
+        q_len: case.q_len,
+        kv_len: case.kv_len,
+        head_dim: case.head_dim,
+        elem_size: dtype.size(),
+        vector_size,
+        causal: matches!(case.mask, Mask::Causal),
+        tree: matches!(case.mask, Mask::Tree(_)),
+    };
+    let widest = |n: usize| {
+        [8, 4, 2, 1]
+            .into_iter()
+            .find(|&v| v <= n && case.head_dim.is_multiple_of(v))
+    };
+    let Some(cmma) = select_cmma(&client, dtype, &problem(widest(4).unwrap()), tuning) else {
+        return false;
+    };
+    select_mma(&client, dtype, &problem(widest(8).unwrap()), &cmma, tuning)
+        .is_some_and(|mma| mma.config.partial)
+}
+
 fn half_prefill_grid(dtype: DType) {
     let cases = [
         Case::new(4, 1, 256, 256, 128).causal(),
@@ -619,6 +647,7 @@ fn half_prefill_grid(dtype: DType) {
         Case::new(3, 1, 70, 90, 80).causal().batch(2),
         Case::new(1, 1, 130, 130, 256).causal(),
     ];
+    let mut partial_mma_runs = 0;
     for case in &cases {
         check(case, dtype);
         if cfg!(feature = "cuda") {
@@ -655,9 +684,19 @@ fn half_prefill_grid(dtype: DType) {
                     mma_block_k: Some(block_k),
                     ..Default::default()
                 };
+                partial_mma_runs += usize::from(mma_split_selected(case, dtype, &mma));
                 check_tuned(case, dtype, mma);
             }
         }
+    }
+    // The split cases above must have run the `mma` kernel's partial path somewhere (not only
+    // `wmma` or the SIMT kernel), else they would pass without testing it.
+    if cfg!(feature = "cuda")
+        && kernels::cube::mma_supported(&Runtime::client(&Device::default()), dtype)
+        && kernels::cube::tensor_cores_enabled()
+    {
+        assert!(partial_mma_runs > 0, "no forced split ran the mma kernel");
+        println!("{partial_mma_runs} forced splits ran the mma kernel's partial path");
     }
     // KV split inside the tensor-core kernel (partial outputs + combine).
     let splits = |n| LaunchTuning {

@@ -96,7 +96,8 @@ struct Args {
     /// Optimizer steps (ignored with --epochs).
     #[arg(long, default_value_t = 24)]
     steps: usize,
-    /// Train for this many passes over the training examples instead of --steps.
+    /// Train for this many passes over the training examples instead of --steps (every
+    /// response set counts: with --extra-responses N a pass is N + 1 times as long).
     #[arg(long)]
     epochs: Option<f64>,
     /// Sequences per micro-batch.
@@ -240,6 +241,9 @@ fn run<B: FlashAttentionBackend>(
             "--extra-temperature must be above 0 (greedy extra responses would repeat the first)"
         );
     }
+    if args.share_lm_head && args.lm_head_lr_scale != 1.0 {
+        bail!("--lm-head-lr-scale needs heads with their own projections (not --share-lm-head)");
+    }
     if !(args.lm_head_lr_scale.is_finite() && args.lm_head_lr_scale >= 0.0) {
         bail!("--lm-head-lr-scale must be a finite number >= 0");
     }
@@ -369,8 +373,16 @@ fn run<B: FlashAttentionBackend>(
         !stderr().is_terminal(),
     )?;
     bar.finish();
-    let (eval, first_train) = examples.split_at(eval_prompts.len());
-    let (eval, mut train_examples) = (eval.to_vec(), first_train.to_vec());
+    // `all` is the held-out prompts, then the training ones (a shard holds a length-sorted
+    // subset of both and only fills caches: nothing to split there).
+    let (eval, mut train_examples) = if args.distill_shard.is_some() {
+        (Vec::new(), Vec::new())
+    } else {
+        let mut eval = examples;
+        let train = eval.split_off(eval_prompts.len());
+        (eval, train)
+    };
+    let mut extra_examples = Vec::new();
     let mut gen_stats = gen_stats;
     let mut cache_files = vec![cache.path().display().to_string()];
     // Extra sampled responses of the training prompts (not of the held-out ones).
@@ -390,6 +402,13 @@ fn run<B: FlashAttentionBackend>(
             .collect();
         if args.cached_only {
             prompts.retain(|(id, p)| extra_cache.get(id, p).is_some());
+            if prompts.is_empty() && args.distill_shard.is_none() {
+                bail!(
+                    "--cached-only: the cache {} holds no extra response set {set} for these \
+                     prompts; generate it first (without --cached-only)",
+                    extra_cache.path().display()
+                );
+            }
         }
         println!(
             "extra responses {set}/{}: {} prompts, sampled at T={} (cache {})",
@@ -408,6 +427,7 @@ fn run<B: FlashAttentionBackend>(
             !stderr().is_terminal(),
         )?;
         bar.finish();
+        extra_examples.push(extra.len());
         train_examples.extend(extra);
         gen_stats.add(&stats);
         cache_files.push(extra_cache.path().display().to_string());
@@ -478,16 +498,20 @@ fn run<B: FlashAttentionBackend>(
         progress: true,
         time_limit: args.max_train_seconds,
     };
-    let fingerprint = format!(
-        "{key}|{}|{}|{}|{}|{}|extra {} at T={}",
+    let mut fingerprint = format!(
+        "{key}|{}|{}|{}|{}|{}",
         serde_json::to_string(&config)?,
         data_file.display(),
         count,
         eval_count,
-        args.max_seq_len,
-        args.extra_responses,
-        args.extra_temperature
+        args.max_seq_len
     );
+    if args.extra_responses > 0 {
+        fingerprint += &format!(
+            "|extra {:?} at T={}",
+            extra_examples, args.extra_temperature
+        );
+    }
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("creating {}", args.out.display()))?;
     // The folder holds large generated files: keep it out of version control.
@@ -587,7 +611,7 @@ fn run<B: FlashAttentionBackend>(
             eval_response_tokens: eval.iter().map(|e| e.response.len()).sum(),
             max_seq_len: args.max_seq_len,
             cache_file: cache_files.join(", "),
-            extra_responses: args.extra_responses,
+            extra_examples,
             extra_temperature: args.extra_temperature,
         },
         generation: gen_stats.clone(),

@@ -26,9 +26,10 @@ pub struct DataStats {
     pub max_seq_len: usize,
     /// Response caches, comma-separated: the first response set, then each extra one.
     pub cache_file: String,
-    /// Sampled responses per training prompt beyond the first (`--extra-responses`).
-    #[serde(default)]
-    pub extra_responses: usize,
+    /// Training examples of each extra response set (`--extra-responses`; fewer than the
+    /// training prompts where `--cached-only` found some missing), included in
+    /// `train_examples`.
+    pub extra_examples: Vec<usize>,
     pub extra_temperature: f32,
 }
 
@@ -240,11 +241,11 @@ impl Report {
             g.batches,
             g.forward_passes
         );
-        if d.extra_responses > 0 {
+        if !d.extra_examples.is_empty() {
             let _ = writeln!(
                 s,
-                "- {} extra response(s) per training prompt, sampled at T={}",
-                d.extra_responses, d.extra_temperature
+                "- extra responses sampled at T={}: {:?} examples per set (in the training examples)",
+                d.extra_temperature, d.extra_examples
             );
         }
         let _ = writeln!(s, "- cache: `{}`\n", d.cache_file);

@@ -413,8 +413,8 @@ pub struct MmaPlan {
 /// `cmma` (its plan), or `None` where that one stays: `head_dim` not a multiple of 32 or above
 /// 128 (its operand loads and register budget), a vector width other than 2, 4 or 8
 /// (`cp.async` sizes), tuning knobs it is not written for, or tiles that do not fit
-/// `shared_limit`. The KV split is the `wmma` plan's (same grid, same partial rows for the
-/// combine), so the two kernels split alike.
+/// `shared_limit`. The KV split is the `wmma` plan's (same splits and chunks, same partial rows
+/// for the combine; the row blocks are this kernel's), so the two kernels split alike.
 pub fn plan_mma(
     p: &Problem,
     cmma: &CmmaPlan,

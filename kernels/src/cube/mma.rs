@@ -224,7 +224,7 @@ fn stage_async<F: Float, N: Size>(
 /// Tensor-core attention of a block of `16 · m_tiles · warps` rows of one KV head against the
 /// keys `[chunk_start, chunk_end)` of that head (every key it may see unless the launch splits
 /// the KV axis). Arguments and grid as [`super::kernel::attention_kernel`], except that
-/// `part_o` is read as scalars (same `[row][head_dim]` f32 layout); `CubeDim = (32, warps)`.
+/// `part_o` is written as scalars (same `[row][head_dim]` f32 layout); `CubeDim = (32, warps)`.
 #[allow(clippy::too_many_arguments)]
 #[cube(launch_unchecked, fast_math = FastMath::all())]
 pub fn attention_mma_kernel<F: Float, N: Size>(
