@@ -36,6 +36,11 @@
 # Fifth session (2026-11-28, one H200): `bench launch` and `bench tune` need no model (seconds
 # each); a pause over 30 s between calls lost the machine and with it /root (model, heads), so
 # the chunk calls, training and the e2e runs that need trained heads go back to back.
+#
+# Tenth session (2026-11-29): a call carries the tracked working tree too, so a 40 MiB chunk
+# plus train (12 MiB) plus the distillation cache and prompts went over 64 MiB: carry the
+# chunks with one binary each, the data with the last chunk. Two trainings on one H200 at once
+# each took 2.1x as long as alone (the GPU, not the host, is the limit at batch 16).
 set -uo pipefail
 step=${1:?step}
 shift
