@@ -363,16 +363,24 @@ fn run<B: FlashAttentionBackend>(
         },
         cache.path().display()
     );
-    let bar = trainer::progress_bar(true, all.len() as u64, "generate");
-    let (examples, gen_stats) = train::distill(
-        &model,
-        &all,
-        &distill_config,
-        &mut cache,
-        &bar,
-        !stderr().is_terminal(),
-    )?;
-    bar.finish();
+    // One response set: the prompts' cached responses plus the generated rest, with progress.
+    let generate = |prompts: &[(String, Vec<u32>)],
+                    config: &DistillConfig,
+                    cache: &mut ExampleCache|
+     -> Result<_> {
+        let bar = trainer::progress_bar(true, prompts.len() as u64, "generate");
+        let out = train::distill(
+            &model,
+            prompts,
+            config,
+            cache,
+            &bar,
+            !stderr().is_terminal(),
+        )?;
+        bar.finish();
+        Ok(out)
+    };
+    let (examples, gen_stats) = generate(&all, &distill_config, &mut cache)?;
     // `all` is the held-out prompts, then the training ones (a shard holds a length-sorted
     // subset of both and only fills caches: nothing to split there).
     let (eval, mut train_examples) = if args.distill_shard.is_some() {
@@ -417,16 +425,7 @@ fn run<B: FlashAttentionBackend>(
             args.extra_temperature,
             extra_cache.path().display()
         );
-        let bar = trainer::progress_bar(true, prompts.len() as u64, "generate");
-        let (extra, stats) = train::distill(
-            &model,
-            &prompts,
-            &config,
-            &mut extra_cache,
-            &bar,
-            !stderr().is_terminal(),
-        )?;
-        bar.finish();
+        let (extra, stats) = generate(&prompts, &config, &mut extra_cache)?;
         extra_examples.push(extra.len());
         train_examples.extend(extra);
         gen_stats.add(&stats);

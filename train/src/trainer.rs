@@ -351,6 +351,8 @@ pub fn train<B: FlashAttentionBackend>(
         (state, heads, optim) = (saved, h, o);
     }
 
+    // Stable across optimizer steps (they keep each parameter's id).
+    let projection_params = projection_ids(&heads);
     let offsets: Vec<usize> = (2..=config.num_heads + 1).collect();
     let mut order = DataOrder::new(train.len(), config.seed);
     let mut cached: Vec<Option<Tensor<B, 2>>> = vec![None; train.len()];
@@ -428,7 +430,7 @@ pub fn train<B: FlashAttentionBackend>(
             // AdamW keeps its moments and step count per parameter, so two steps over disjoint
             // parameters are one step with two learning rates.
             let mut projections = GradientsParams::new();
-            for id in projection_ids(&heads) {
+            for &id in &projection_params {
                 if let Some(g) = grads.remove::<B, 2>(id) {
                     projections.register::<B, 2>(id, g);
                 }

@@ -136,6 +136,14 @@ fn weights(heads: &MedusaHeads<Cpu>) -> Vec<Vec<f32>> {
     out
 }
 
+/// Mean loss of the first and of the last five steps, and every step's loss.
+fn loss_ends(state: &TrainState) -> (f64, f64, Vec<f64>) {
+    let losses: Vec<f64> = state.history.iter().map(|l| l.loss).collect();
+    let first = losses[..5].iter().sum::<f64>() / 5.0;
+    let last = losses[losses.len() - 5..].iter().sum::<f64>() / 5.0;
+    (first, last, losses)
+}
+
 fn finished(outcome: Outcome<Cpu>) -> (MedusaHeads<Cpu>, TrainState) {
     match outcome {
         Outcome::Finished { heads, state } => (heads, state),
@@ -259,9 +267,7 @@ fn loss_decreases_and_heads_decode_losslessly() {
     };
     let (heads, state) =
         finished(train::train(&model, train_set, eval, &config, &control, &dir, "fit").unwrap());
-    let losses: Vec<f64> = state.history.iter().map(|l| l.loss).collect();
-    let first: f64 = losses[..5].iter().sum::<f64>() / 5.0;
-    let last: f64 = losses[losses.len() - 5..].iter().sum::<f64>() / 5.0;
+    let (first, last, losses) = loss_ends(&state);
     eprintln!("loss {first:.3} -> {last:.3}");
     assert!(last < 0.5 * first, "loss {first} -> {last}: {losses:?}");
     let eval_result = state.evals.last().unwrap();
@@ -543,9 +549,7 @@ fn soft_labels_are_the_base_distribution_and_train() {
     let control = RunControl::default();
     let (_, state) =
         finished(train::train(&model, train_set, eval, &config, &control, &dir, "soft").unwrap());
-    let losses: Vec<f64> = state.history.iter().map(|l| l.loss).collect();
-    let first: f64 = losses[..5].iter().sum::<f64>() / 5.0;
-    let last: f64 = losses[losses.len() - 5..].iter().sum::<f64>() / 5.0;
+    let (first, last, losses) = loss_ends(&state);
     eprintln!("soft-label loss {first:.3} -> {last:.3}");
     assert!(last < 0.8 * first, "loss {first} -> {last}: {losses:?}");
     // A soft-label run with the hidden-state cache is refused, not silently hard-labelled.
@@ -599,9 +603,7 @@ fn shared_lm_head_and_projection_learning_rate() {
         finished(train::train(&model, train_set, eval, &shared, &control, &dir, "s").unwrap());
     assert!(heads.heads.iter().all(|h| h.lm_head.is_none()));
     assert!(blocks_moved(&heads));
-    let losses: Vec<f64> = state.history.iter().map(|l| l.loss).collect();
-    let first: f64 = losses[..5].iter().sum::<f64>() / 5.0;
-    let last: f64 = losses[losses.len() - 5..].iter().sum::<f64>() / 5.0;
+    let (first, last, losses) = loss_ends(&state);
     assert!(
         last < first,
         "shared-head loss {first} -> {last}: {losses:?}"

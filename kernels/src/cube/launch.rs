@@ -687,84 +687,52 @@ pub fn attention<R: CubeRuntime>(
         problem.batch_kv_heads as u32,
         splits as u32,
     );
-    let qkv_args = (
-        array_arg(q.clone()),
-        array_arg(k.clone()),
-        array_arg(v.clone()),
-    );
+    // The three kernels take the same arguments; only the kernel, its cube shape and its
+    // comptime configuration differ.
+    macro_rules! launch_attention {
+        ($kernel:ident, $cube_dim:expr, $config:expr) => {
+            unsafe {
+                $kernel::launch_unchecked::<R>(
+                    &client,
+                    cube_count,
+                    $cube_dim,
+                    vector_size,
+                    array_arg(q.clone()),
+                    array_arg(k.clone()),
+                    array_arg(v.clone()),
+                    arg_or_unused(&mask),
+                    array_arg(out.clone()),
+                    arg_or_unused(&part_o),
+                    arg_or_unused(&part_ml),
+                    strides(),
+                    options.scale,
+                    kv_len as u32,
+                    q_len as u32,
+                    problem.group as u32,
+                    n_kv_heads as u32,
+                    chunk_len as u32,
+                    $config,
+                    dtype.into(),
+                )
+            }
+        };
+    }
     match launch {
-        Launch::Mma(plan) => unsafe {
-            attention_mma_kernel::launch_unchecked::<R>(
-                &client,
-                cube_count,
-                CubeDim::new_2d(PLANE as u32, plan.config.warps as u32),
-                vector_size,
-                qkv_args.0,
-                qkv_args.1,
-                qkv_args.2,
-                arg_or_unused(&mask),
-                array_arg(out.clone()),
-                arg_or_unused(&part_o),
-                arg_or_unused(&part_ml),
-                strides(),
-                options.scale,
-                kv_len as u32,
-                q_len as u32,
-                problem.group as u32,
-                n_kv_heads as u32,
-                chunk_len as u32,
-                plan.config,
-                dtype.into(),
-            );
-        },
-        Launch::Cmma(plan) => unsafe {
-            attention_cmma_kernel::launch_unchecked::<R>(
-                &client,
-                cube_count,
-                CubeDim::new_2d(PLANE as u32, plan.config.warps as u32),
-                vector_size,
-                qkv_args.0,
-                qkv_args.1,
-                qkv_args.2,
-                arg_or_unused(&mask),
-                array_arg(out.clone()),
-                arg_or_unused(&part_o),
-                arg_or_unused(&part_ml),
-                strides(),
-                options.scale,
-                kv_len as u32,
-                q_len as u32,
-                problem.group as u32,
-                n_kv_heads as u32,
-                chunk_len as u32,
-                plan.config,
-                dtype.into(),
-            );
-        },
-        Launch::Simt(plan) => unsafe {
-            attention_kernel::launch_unchecked::<R>(
-                &client,
-                cube_count,
-                CubeDim::new_1d(plan.config.threads as u32),
-                vector_size,
-                qkv_args.0,
-                qkv_args.1,
-                qkv_args.2,
-                arg_or_unused(&mask),
-                array_arg(out.clone()),
-                arg_or_unused(&part_o),
-                arg_or_unused(&part_ml),
-                strides(),
-                options.scale,
-                kv_len as u32,
-                q_len as u32,
-                problem.group as u32,
-                n_kv_heads as u32,
-                chunk_len as u32,
-                plan.config,
-                dtype.into(),
-            );
-        },
+        Launch::Mma(plan) => launch_attention!(
+            attention_mma_kernel,
+            CubeDim::new_2d(PLANE as u32, plan.config.warps as u32),
+            plan.config
+        ),
+        Launch::Cmma(plan) => launch_attention!(
+            attention_cmma_kernel,
+            CubeDim::new_2d(PLANE as u32, plan.config.warps as u32),
+            plan.config
+        ),
+        Launch::Simt(plan) => launch_attention!(
+            attention_kernel,
+            CubeDim::new_1d(plan.config.threads as u32),
+            plan.config
+        ),
     }
 
     if splits > 1 {
