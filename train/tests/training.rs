@@ -144,6 +144,24 @@ fn loss_ends(state: &TrainState) -> (f64, f64, Vec<f64>) {
     (first, last, losses)
 }
 
+/// Writes `heads` to `dir` in the Medusa checkpoint format and reads them back.
+fn save_and_load(
+    model: &Llama<Cpu>,
+    heads: &MedusaHeads<Cpu>,
+    dir: &std::path::Path,
+    metadata: &HeadsMetadata,
+) -> (MedusaHeads<Cpu>, HeadsMetadata) {
+    heads_checkpoint::save(heads, dir, metadata).unwrap();
+    heads_checkpoint::load::<Cpu>(
+        dir,
+        model.config.hidden_size,
+        model.config.vocab_size,
+        DType::F32,
+        &Default::default(),
+    )
+    .unwrap()
+}
+
 fn finished(outcome: Outcome<Cpu>) -> (MedusaHeads<Cpu>, TrainState) {
     match outcome {
         Outcome::Finished { heads, state } => (heads, state),
@@ -283,15 +301,7 @@ fn loss_decreases_and_heads_decode_losslessly() {
         base_model_name_or_path: Some("random".into()),
         medusa_choices: Some(choices.clone()),
     };
-    heads_checkpoint::save(&heads, &dir, &metadata).unwrap();
-    let (loaded, meta) = heads_checkpoint::load::<Cpu>(
-        &dir,
-        model.config.hidden_size,
-        model.config.vocab_size,
-        DType::F32,
-        &Default::default(),
-    )
-    .unwrap();
+    let (loaded, meta) = save_and_load(&model, &heads, &dir, &metadata);
     assert_eq!(weights(&loaded), weights(&heads));
     assert_eq!(meta.medusa_choices.as_ref(), Some(&choices));
 
@@ -608,15 +618,7 @@ fn shared_lm_head_and_projection_learning_rate() {
         last < first,
         "shared-head loss {first} -> {last}: {losses:?}"
     );
-    heads_checkpoint::save(&heads, &dir, &HeadsMetadata::default()).unwrap();
-    let (loaded, _) = heads_checkpoint::load::<Cpu>(
-        &dir,
-        model.config.hidden_size,
-        model.config.vocab_size,
-        DType::F32,
-        &Default::default(),
-    )
-    .unwrap();
+    let (loaded, _) = save_and_load(&model, &heads, &dir, &HeadsMetadata::default());
     assert!(loaded.heads.iter().all(|h| h.lm_head.is_none()));
     assert_eq!(weights(&loaded), weights(&heads));
 

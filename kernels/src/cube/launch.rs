@@ -335,22 +335,13 @@ pub fn plan_cmma(
 /// plane shuffles and plane barriers, and 16×16×16 `cmma` with `dtype` inputs and f32
 /// accumulators among the configurations the runtime reports.
 pub fn cmma_supported<R: CubeRuntime>(client: &ComputeClient<R>, dtype: DType) -> bool {
-    use cubecl::ir::features::{MmaConfig, Plane};
+    use cubecl::ir::features::Plane;
     if !matches!(dtype, DType::F16 | DType::BF16) || R::name(client) != "cuda" {
         return false;
     }
     let props = client.properties();
     let hw = &props.hardware;
-    let elem: cubecl::ir::StorageType = dtype.into();
-    let f32_ty: cubecl::ir::StorageType = DType::F32.into();
-    let mma = MmaConfig {
-        a_type: elem,
-        b_type: elem,
-        cd_type: f32_ty,
-        m: FRAG as u32,
-        n: FRAG as u32,
-        k: FRAG as u32,
-    };
+    let mma = f32_accumulating(dtype, FRAG, FRAG, FRAG);
     hw.plane_size_min == PLANE as u32
         && hw.plane_size_max == PLANE as u32
         && props.features.plane.contains(Plane::Ops)
@@ -460,21 +451,27 @@ pub fn plan_mma(
 /// [`cmma_supported`]'s conditions. The kernel's `cp.async` and `cp.async.mbarrier.arrive`
 /// need sm_80 too, which this implies.
 pub fn mma_supported<R: CubeRuntime>(client: &ComputeClient<R>, dtype: DType) -> bool {
-    use cubecl::ir::features::MmaConfig;
-    if !cmma_supported(client, dtype) {
-        return false;
-    }
+    cmma_supported(client, dtype)
+        && client
+            .properties()
+            .features
+            .matmul
+            .mma
+            .contains(&f32_accumulating(dtype, 16, 8, 16))
+}
+
+/// The matrix-product shape `m × n × k` with `dtype` operands and f32 accumulators, as the
+/// runtime lists what it supports.
+fn f32_accumulating(dtype: DType, m: usize, n: usize, k: usize) -> cubecl::ir::features::MmaConfig {
     let elem: cubecl::ir::StorageType = dtype.into();
-    let f32_ty: cubecl::ir::StorageType = DType::F32.into();
-    let mma = MmaConfig {
+    cubecl::ir::features::MmaConfig {
         a_type: elem,
         b_type: elem,
-        cd_type: f32_ty,
-        m: 16,
-        n: 8,
-        k: 16,
-    };
-    client.properties().features.matmul.mma.contains(&mma)
+        cd_type: DType::F32.into(),
+        m: m as u32,
+        n: n as u32,
+        k: k as u32,
+    }
 }
 
 /// The register-level plan [`attention`] will use for these inputs, if any (`problem` with the
