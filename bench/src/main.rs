@@ -21,7 +21,7 @@ use anyhow::{Context, Result, bail};
 use burn::tensor::DType;
 use clap::{Parser, Subcommand, ValueEnum};
 use kernels::FlashAttentionBackend;
-use medusa::{MedusaConfig, MedusaHeads, MedusaTree, checkpoint};
+use medusa::{MedusaConfig, MedusaHeads, MedusaTree, checkpoint, checkpoint::HeadsMetadata};
 use model::{Llama, LoadOptions, ModelSource, Tokenizer, device::DeviceKind};
 use progress::Progress;
 
@@ -74,8 +74,9 @@ struct Args {
     /// Number of untrained heads when no trained heads are given.
     #[arg(long, global = true, default_value_t = 4)]
     heads: usize,
-    /// Tree: mc_sim_7b_63, vicuna_7b_stage2, chain4, or JSON paths. Default: the tree saved
-    /// with the heads, else mc_sim_7b_63.
+    /// Tree: mc_sim_7b_63, vicuna_7b_stage2, chain4, JSON paths, or optimal:N (the best N-node
+    /// tree for the accuracies saved with trained heads). Default: the tree saved with the
+    /// heads, else mc_sim_7b_63.
     #[arg(long, global = true)]
     tree: Option<String>,
     /// JSONL prompts (`turns` or `prompt` fields). Default: the embedded Spec-Bench set.
@@ -292,8 +293,11 @@ fn run<B: FlashAttentionBackend>(
     if let Some(preset) = scale_preset
         && matches!(command, Command::All | Command::E2e)
     {
-        let tree =
-            MedusaTree::named_or_json(args.tree.as_deref().unwrap_or("mc_sim_7b_63"), args.heads)?;
+        let tree = MedusaTree::from_spec(
+            args.tree.as_deref().unwrap_or("mc_sim_7b_63"),
+            args.heads,
+            None,
+        )?;
         let bar = Progress::new(None);
         report.scale = Some(scale::run::<B>(
             &preset,
@@ -362,7 +366,7 @@ fn run_e2e<B: FlashAttentionBackend>(
         let d = PathBuf::from("medusa-heads");
         d.join(checkpoint::WEIGHTS_FILE).is_file().then_some(d)
     });
-    let (heads, heads_name, saved_tree) = match &heads_dir {
+    let (heads, heads_name, saved) = match &heads_dir {
         Some(d) => {
             let (heads, meta) = checkpoint::load::<B>(
                 d,
@@ -371,11 +375,7 @@ fn run_e2e<B: FlashAttentionBackend>(
                 dtype,
                 device,
             )?;
-            (
-                heads,
-                format!("trained ({})", d.display()),
-                meta.medusa_choices,
-            )
+            (heads, format!("trained ({})", d.display()), meta)
         }
         None => {
             notes.push(format!(
@@ -392,13 +392,13 @@ fn run_e2e<B: FlashAttentionBackend>(
             (
                 MedusaHeads::init(&config, &model.module.lm_head),
                 "untrained".to_string(),
-                None,
+                HeadsMetadata::default(),
             )
         }
     };
-    let (tree, tree_name) = match (&args.tree, saved_tree) {
+    let (tree, tree_name) = match (&args.tree, saved.medusa_choices) {
         (Some(spec), _) => (
-            MedusaTree::named_or_json(spec, heads.num_heads())?,
+            MedusaTree::from_spec(spec, heads.num_heads(), saved.medusa_accuracy.as_deref())?,
             spec.clone(),
         ),
         (None, Some(paths)) => (

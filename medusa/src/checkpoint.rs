@@ -32,6 +32,12 @@ pub struct HeadsMetadata {
     /// Tree to decode with (paths), e.g. built from measured head accuracies.
     #[serde(default)]
     pub medusa_choices: Option<Vec<Vec<usize>>>,
+    /// `accuracy[k][i]`: how often head `k + 1`'s rank-`i` candidate was the right token on
+    /// held-out data, as measured by training. With it a decoder can build the best tree for
+    /// another node budget ([`crate::MedusaTree::from_spec`] with `optimal:N`) without
+    /// retraining.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub medusa_accuracy: Option<Vec<Vec<f64>>>,
 }
 
 #[derive(serde::Serialize, serde::Deserialize)]

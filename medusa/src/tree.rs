@@ -129,6 +129,41 @@ impl MedusaTree {
         Self::new(&choices, num_heads)
     }
 
+    /// [`Self::named_or_json`], or `optimal:N`: the tree of `N` nodes (root excluded) that
+    /// maximises the expected accepted length under `accuracy` (see [`optimal_choices`]), e.g.
+    /// the accuracies saved with trained heads
+    /// ([`crate::checkpoint::HeadsMetadata::medusa_accuracy`]).
+    pub fn from_spec(spec: &str, num_heads: usize, accuracy: Option<&[Vec<f64>]>) -> Result<Self> {
+        let Some(nodes) = spec.strip_prefix("optimal:") else {
+            return Self::named_or_json(spec, num_heads);
+        };
+        let nodes: usize = nodes.trim().parse().map_err(|e| {
+            MedusaError::Tree(format!(
+                "{spec:?}: expected optimal:N with N a node count ({e})"
+            ))
+        })?;
+        if nodes == 0 {
+            return Err(MedusaError::Tree(format!(
+                "{spec:?}: a tree needs at least one node"
+            )));
+        }
+        let accuracy = accuracy.ok_or_else(|| {
+            MedusaError::Tree(format!(
+                "{spec:?} needs the heads' measured accuracies (`medusa_accuracy` in their \
+                 config.json, written by `cargo run -p train`)"
+            ))
+        })?;
+        // Paths never go deeper than the heads at hand.
+        let accuracy = &accuracy[..accuracy.len().min(num_heads)];
+        let choices = optimal_choices(accuracy, nodes);
+        if choices.is_empty() {
+            return Err(MedusaError::Tree(format!(
+                "{spec:?}: the accuracies give no candidate a chance (all zero)"
+            )));
+        }
+        Self::new(&choices, num_heads)
+    }
+
     /// Number of nodes, root included.
     pub fn len(&self) -> usize {
         self.choices.len() + 1
@@ -344,6 +379,38 @@ mod tests {
         // A budget larger than the useful nodes stops at zero acceptance.
         let acc = vec![vec![1.0, 0.0]];
         assert_eq!(optimal_choices(&acc, 63), vec![vec![0]]);
+    }
+
+    #[test]
+    fn optimal_spec_builds_from_saved_accuracies() {
+        let acc = vec![vec![0.6, 0.2, 0.1], vec![0.4, 0.1], vec![0.3]];
+        let tree = MedusaTree::from_spec("optimal:4", 3, Some(&acc)).unwrap();
+        assert_eq!(tree.len(), 5);
+        assert_eq!(
+            tree.choices,
+            MedusaTree::new(&optimal_choices(&acc, 4), 3)
+                .unwrap()
+                .choices
+        );
+        // Fewer heads than measured accuracies: paths stop at the heads' depth.
+        let shallow = MedusaTree::from_spec("optimal:20", 1, Some(&acc)).unwrap();
+        assert_eq!(shallow.depth(), 1);
+        assert_eq!(shallow.len(), 4);
+        // Names and JSON still work, with or without accuracies.
+        assert_eq!(MedusaTree::from_spec("chain4", 4, None).unwrap().len(), 5);
+        for (spec, needle) in [
+            ("optimal:4", "measured accuracies"),
+            ("optimal:x", "node count"),
+            ("optimal:0", "at least one node"),
+        ] {
+            let accuracy = (spec != "optimal:4").then_some(acc.as_slice());
+            let e = MedusaTree::from_spec(spec, 3, accuracy)
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(needle), "{spec}: {e}");
+        }
+        let zero = vec![vec![0.0; 3]];
+        assert!(MedusaTree::from_spec("optimal:4", 1, Some(&zero)).is_err());
     }
 
     #[test]

@@ -53,12 +53,16 @@ fn own_checkpoints_round_trip() {
     let dir = fixtures_dir().join("medusa_tiny");
     let device = Default::default();
     let (heads, mut meta) = checkpoint::load::<Cpu>(&dir, 8, 16, DType::F32, &device).unwrap();
+    // A config written before accuracies were saved still loads.
+    assert_eq!(meta.medusa_accuracy, None);
     meta.medusa_choices = Some(vec![vec![0], vec![0, 0], vec![1]]);
+    meta.medusa_accuracy = Some(vec![vec![0.5, 0.25], vec![0.125], vec![0.0625]]);
     let out = temp_dir("medusa-rt");
     checkpoint::save(&heads, &out, &meta).unwrap();
     let (again, meta2) = checkpoint::load::<Cpu>(&out, 8, 16, DType::F32, &device).unwrap();
     assert_eq!(again.config(), heads.config());
     assert_eq!(meta2.medusa_choices, meta.medusa_choices);
+    assert_eq!(meta2.medusa_accuracy, meta.medusa_accuracy);
     let hidden = vec![vec![0.5f32; 8], vec![-1.0; 8]];
     assert_eq!(logits_of(&again, &hidden), logits_of(&heads, &hidden));
     let config: serde_json::Value =

@@ -576,19 +576,22 @@ fn run<B: FlashAttentionBackend>(
                 .collect();
             tree::expected_tokens_per_step(&fitting, &accuracy)
         });
-        TreeSummary {
+        let summary = TreeSummary {
             nodes: choices.len(),
             expected_tokens_per_step: tree::expected_tokens_per_step(&choices, &accuracy),
             mc_sim_7b_63_expected_tokens_per_step: mc_sim,
             choices,
-        }
+        };
+        (summary, accuracy)
     });
+    let (tree, accuracy): (Option<_>, Option<_>) = tree.unzip();
     let metadata = HeadsMetadata {
         base_model_name_or_path: Some(args.model.clone()),
         medusa_choices: tree
             .as_ref()
             .map(|t| t.choices.clone())
             .filter(|c| !c.is_empty()),
+        medusa_accuracy: accuracy,
     };
     heads_checkpoint::save(&heads, &args.out, &metadata)?;
 

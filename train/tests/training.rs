@@ -296,14 +296,29 @@ fn loss_decreases_and_heads_decode_losslessly() {
     eprintln!("held out: {}", train::trainer::accuracy_line(eval_result));
 
     // Save with the tree built from the measured accuracies, load back, decode.
-    let choices = tree::optimal_choices(&eval_result.rank_accuracy(), 15);
+    let accuracy = eval_result.rank_accuracy();
+    let choices = tree::optimal_choices(&accuracy, 15);
     let metadata = HeadsMetadata {
         base_model_name_or_path: Some("random".into()),
         medusa_choices: Some(choices.clone()),
+        medusa_accuracy: Some(accuracy),
     };
     let (loaded, meta) = save_and_load(&model, &heads, &dir, &metadata);
     assert_eq!(weights(&loaded), weights(&heads));
     assert_eq!(meta.medusa_choices.as_ref(), Some(&choices));
+    // The saved accuracies rebuild the same tree for the same budget.
+    let rebuilt = MedusaTree::from_spec(
+        "optimal:15",
+        loaded.num_heads(),
+        meta.medusa_accuracy.as_deref(),
+    )
+    .unwrap();
+    assert_eq!(
+        rebuilt.choices,
+        MedusaTree::new(&choices, loaded.num_heads())
+            .unwrap()
+            .choices
+    );
 
     let tree = MedusaTree::new(&choices, loaded.num_heads()).unwrap();
     let untrained = MedusaHeads::init(
