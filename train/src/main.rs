@@ -15,10 +15,7 @@ use anyhow::{Context, Result, bail};
 use burn::tensor::DType;
 use clap::{Parser, ValueEnum};
 use kernels::FlashAttentionBackend;
-use medusa::{
-    checkpoint::{self as heads_checkpoint, HeadsMetadata},
-    tree::{self, MC_SIM_7B_63},
-};
+use medusa::checkpoint as heads_checkpoint;
 use model::{Llama, LoadOptions, ModelSource, Tokenizer, device::DeviceKind};
 use train::{
     DistillConfig, Outcome, RunControl, TrainConfig,
@@ -566,33 +563,8 @@ fn run<B: FlashAttentionBackend>(
 
     // Tree from the measured accuracies, heads, report.
     let final_eval = state.evals.last().expect("final evaluation");
-    let tree = (final_eval.targets.iter().skip(1).any(|&t| t > 0)).then(|| {
-        let accuracy = final_eval.rank_accuracy();
-        let choices = tree::optimal_choices(&accuracy, args.tree_nodes);
-        let mc_sim = tree::parse_choices(MC_SIM_7B_63).ok().map(|paths| {
-            let fitting: Vec<Vec<usize>> = paths
-                .into_iter()
-                .filter(|p| p.len() <= args.heads)
-                .collect();
-            tree::expected_tokens_per_step(&fitting, &accuracy)
-        });
-        let summary = TreeSummary {
-            nodes: choices.len(),
-            expected_tokens_per_step: tree::expected_tokens_per_step(&choices, &accuracy),
-            mc_sim_7b_63_expected_tokens_per_step: mc_sim,
-            choices,
-        };
-        (summary, accuracy)
-    });
-    let (tree, accuracy): (Option<_>, Option<_>) = tree.unzip();
-    let metadata = HeadsMetadata {
-        base_model_name_or_path: Some(args.model.clone()),
-        medusa_choices: tree
-            .as_ref()
-            .map(|t| t.choices.clone())
-            .filter(|c| !c.is_empty()),
-        medusa_accuracy: accuracy,
-    };
+    let (tree, metadata) =
+        TreeSummary::from_eval(final_eval, args.tree_nodes, args.heads, &args.model);
     heads_checkpoint::save(&heads, &args.out, &metadata)?;
 
     let report = Report {

@@ -3,6 +3,10 @@
 use std::{fmt::Write as _, path::Path};
 
 use anyhow::Result;
+use medusa::{
+    checkpoint::HeadsMetadata,
+    tree::{self, MC_SIM_7B_63},
+};
 use serde::Serialize;
 
 use crate::{
@@ -67,6 +71,43 @@ pub struct Report {
     pub evals: Vec<EvalResult>,
     pub tree: Option<TreeSummary>,
     pub heads_dir: String,
+}
+
+impl TreeSummary {
+    /// The best tree of `nodes` nodes for `eval`'s measured per-rank accuracies, and what the
+    /// heads' `config.json` records beside them: that tree (decoders use it by default) and the
+    /// accuracies (so that a decoder can build a tree for another budget, `optimal:N`).
+    /// `None` and metadata without a tree when no held-out target was measured.
+    pub fn from_eval(
+        eval: &EvalResult,
+        nodes: usize,
+        num_heads: usize,
+        base_model: &str,
+    ) -> (Option<Self>, HeadsMetadata) {
+        let mut metadata = HeadsMetadata {
+            base_model_name_or_path: Some(base_model.to_string()),
+            ..HeadsMetadata::default()
+        };
+        if !eval.targets.iter().skip(1).any(|&t| t > 0) {
+            return (None, metadata);
+        }
+        let accuracy = eval.rank_accuracy();
+        let choices = tree::optimal_choices(&accuracy, nodes);
+        let mc_sim = tree::parse_choices(MC_SIM_7B_63).ok().map(|paths| {
+            let fitting: Vec<Vec<usize>> =
+                paths.into_iter().filter(|p| p.len() <= num_heads).collect();
+            tree::expected_tokens_per_step(&fitting, &accuracy)
+        });
+        let summary = Self {
+            nodes: choices.len(),
+            expected_tokens_per_step: tree::expected_tokens_per_step(&choices, &accuracy),
+            mc_sim_7b_63_expected_tokens_per_step: mc_sim,
+            choices,
+        };
+        metadata.medusa_choices = Some(summary.choices.clone()).filter(|c| !c.is_empty());
+        metadata.medusa_accuracy = Some(accuracy);
+        (Some(summary), metadata)
+    }
 }
 
 impl Report {

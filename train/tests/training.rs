@@ -25,6 +25,7 @@ use train::{
     data::ExampleCache,
     distill::generate_batch,
     objective::{HeadBatch, backbone_hidden, backbone_rows, medusa_loss, teacher_probs},
+    report::TreeSummary,
 };
 
 type Cpu = Flex;
@@ -296,13 +297,15 @@ fn loss_decreases_and_heads_decode_losslessly() {
     eprintln!("held out: {}", train::trainer::accuracy_line(eval_result));
 
     // Save with the tree built from the measured accuracies, load back, decode.
-    let accuracy = eval_result.rank_accuracy();
-    let choices = tree::optimal_choices(&accuracy, 15);
-    let metadata = HeadsMetadata {
-        base_model_name_or_path: Some("random".into()),
-        medusa_choices: Some(choices.clone()),
-        medusa_accuracy: Some(accuracy),
-    };
+    // (What `train` saves: `TreeSummary::from_eval` builds both.)
+    let (summary, metadata) = TreeSummary::from_eval(eval_result, 15, 2, "random");
+    let choices = tree::optimal_choices(&eval_result.rank_accuracy(), 15);
+    assert_eq!(
+        summary.expect("held-out targets were measured").choices,
+        choices
+    );
+    assert_eq!(metadata.medusa_choices.as_ref(), Some(&choices));
+    assert_eq!(metadata.medusa_accuracy, Some(eval_result.rank_accuracy()));
     let (loaded, meta) = save_and_load(&model, &heads, &dir, &metadata);
     assert_eq!(weights(&loaded), weights(&heads));
     assert_eq!(meta.medusa_choices.as_ref(), Some(&choices));
