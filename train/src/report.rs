@@ -210,7 +210,8 @@ impl Report {
                 s,
                 "Built greedily from the measured per-rank accuracies ({} nodes): expected {:.3} \
                  tokens per step{}. Saved as `medusa_choices` in `config.json`, so decoders use \
-                 it by default.\n",
+                 it by default, with the per-rank accuracies (`medusa_accuracy`) from which \
+                 `bench --tree optimal:N` builds a tree for another node budget.\n",
                 tree.nodes,
                 tree.expected_tokens_per_step,
                 tree.mc_sim_7b_63_expected_tokens_per_step
