@@ -35,8 +35,8 @@ mod options;
 mod reference;
 
 pub use fused::{
-    FusedOpsBackend, add_rms_norm, cache_write, linear_add_rms_norm, linear_rope_cache,
-    linear_swiglu, rms_norm, rope, swiglu,
+    CACHE_GATHER_MAX_ROWS, FusedOpsBackend, add_rms_norm, cache_gather, cache_gather_supports,
+    cache_write, linear_add_rms_norm, linear_rope_cache, linear_swiglu, rms_norm, rope, swiglu,
 };
 pub use linear::{LinearBackend, linear, linear_max_m, set_linear_max_m};
 pub use options::{AttentionMask, FlashAttentionOptions};

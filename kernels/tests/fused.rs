@@ -408,6 +408,67 @@ fn cache_write_case<B: FusedOpsBackend>(device: &B::Device, dtype: DType) {
     assert_close("cache_write: untouched clone", &read(kept), &old, 0.0);
 }
 
+/// Medusa's commit of an accepted path: rows `src` to `dst..`, against a host copy of the
+/// caches with the rows moved (read all, then write).
+fn cache_gather_case<B: FusedOpsBackend>(device: &B::Device, dtype: DType) {
+    let (round, _) = rounding(dtype);
+    let (b, h, cap, d, dst) = (2usize, 3usize, 16usize, 64usize, 4usize);
+    let mut rng = StdRng::seed_from_u64(7);
+    let kc0 = draw(&mut rng, b * h * cap * d, round);
+    let vc0 = draw(&mut rng, b * h * cap * d, round);
+    // Paths of a tree: the root (dst + 0) and nodes at indices 2, 5, 9; then a path whose rows
+    // overlap destinations that come after them (dst + 1 <- dst + 1, dst + 2 <- dst + 3).
+    for src in [
+        vec![dst, dst + 2, dst + 5, dst + 9],
+        vec![dst + 1, dst + 1, dst + 3],
+    ] {
+        let kc = tensor::<B, 4>(&kc0, [b, h, cap, d], dtype, device);
+        let vc = tensor::<B, 4>(&vc0, [b, h, cap, d], dtype, device);
+        let kept = vc.clone();
+        let (kc, vc) = kernels::cache_gather(kc, vc, &src, dst);
+        let expect = |cache: &[f32]| -> Vec<f64> {
+            let mut e: Vec<f64> = cache.iter().map(|&x| x as f64).collect();
+            for bh in 0..b * h {
+                for (i, &r) in src.iter().enumerate() {
+                    for c in 0..d {
+                        e[(bh * cap + dst + i) * d + c] = cache[(bh * cap + r) * d + c] as f64;
+                    }
+                }
+            }
+            e
+        };
+        assert_close("cache_gather k", &read(kc), &expect(&kc0), 0.0);
+        assert_close("cache_gather v", &read(vc), &expect(&vc0), 0.0);
+        let old: Vec<f64> = vc0.iter().map(|&x| x as f64).collect();
+        assert_close("cache_gather: untouched clone", &read(kept), &old, 0.0);
+    }
+    // A source row that an earlier destination would overwrite first is refused.
+    assert!(kernels::cache_gather_supports(&[dst + 3, dst + 1], dst));
+    assert!(!kernels::cache_gather_supports(&[dst + 3, dst], dst));
+}
+
+#[test]
+fn cache_gather_kernel_is_exact() {
+    let device = Device::default();
+    for dtype in DTYPES {
+        if supports(dtype) {
+            cache_gather_case::<Cube>(&device, dtype);
+        }
+    }
+}
+
+#[test]
+fn cache_gather_fusion_is_exact() {
+    cache_gather_case::<runtime::Alias>(&Device::default(), DType::F32);
+}
+
+#[test]
+fn cache_gather_reference_is_exact() {
+    for dtype in DTYPES {
+        cache_gather_case::<Flex>(&Default::default(), dtype);
+    }
+}
+
 #[test]
 fn cache_write_kernel_is_exact() {
     let device = Device::default();

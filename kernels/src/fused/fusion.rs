@@ -43,6 +43,12 @@ enum Kind {
     CacheWrite {
         start: usize,
     },
+    /// Rows `src[..n]` (a fixed array keeps `Kind` `Copy`) to `dst_start..`.
+    CacheGather {
+        dst_start: usize,
+        n: usize,
+        src: [usize; super::CACHE_GATHER_MAX_ROWS],
+    },
 }
 
 #[derive(Clone, Debug)]
@@ -119,6 +125,12 @@ impl<B: FusionBackend + FusedOpsBackend> Operation<B::FusionRuntime> for FusedOp
             Kind::CacheWrite { start } => {
                 let [kc, vc, k, v] = [0, 1, 2, 3].map(|i| float(handles, i));
                 let (kc, vc) = B::cache_write(kc, vc, k, v, start);
+                handles.register_float_tensor::<B>(&outputs[0].id, kc);
+                handles.register_float_tensor::<B>(&outputs[1].id, vc);
+            }
+            Kind::CacheGather { dst_start, n, src } => {
+                let [kc, vc] = [0, 1].map(|i| float(handles, i));
+                let (kc, vc) = B::cache_gather(kc, vc, &src[..n], dst_start);
                 handles.register_float_tensor::<B>(&outputs[0].id, kc);
                 handles.register_float_tensor::<B>(&outputs[1].id, vc);
             }
@@ -305,6 +317,33 @@ impl<B: FusionBackend + FusedOpsBackend> FusedOpsBackend for Fusion<B> {
             "kernels::cache_write",
             Kind::CacheWrite { start },
             vec![k_cache, v_cache, k, v],
+            None,
+            vec![shape.clone(), shape],
+        )
+        .outputs();
+        (kc, vc)
+    }
+
+    fn cache_gather(
+        k_cache: FloatTensor<Self>,
+        v_cache: FloatTensor<Self>,
+        src: &[usize],
+        dst_start: usize,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        if !crate::kernels_enabled() || src.len() > super::CACHE_GATHER_MAX_ROWS {
+            return reference::cache_gather_prim::<Self>(k_cache, v_cache, src, dst_start);
+        }
+        let mut rows = [0; super::CACHE_GATHER_MAX_ROWS];
+        rows[..src.len()].copy_from_slice(src);
+        let shape = k_cache.shape.clone();
+        let [kc, vc] = register::<B>(
+            "kernels::cache_gather",
+            Kind::CacheGather {
+                dst_start,
+                n: src.len(),
+                src: rows,
+            },
+            vec![k_cache, v_cache],
             None,
             vec![shape.clone(), shape],
         )

@@ -405,3 +405,37 @@ pub fn cache_write_kernel<F: Float>(
     k_cache[k_cache_at.offset(dst, col)] = k[k_at.offset(row, col)];
     v_cache[v_cache_at.offset(dst, col)] = v[v_at.offset(row, col)];
 }
+
+/// Moves rows `src[i]` of both caches (`[batch, heads, capacity, head_dim]`) to rows
+/// `dst_start + i`, in place, one thread per column `(batch, head, i_dim)` walking the rows in
+/// increasing order: a row is read before any later destination overwrites it, which is all the
+/// host ([`super::cache_gather`]) allows.
+#[allow(clippy::too_many_arguments)]
+#[cube(launch_unchecked)]
+pub fn cache_gather_kernel<F: Float>(
+    src: &Array<u32>,
+    k_cache: &mut Array<F>,
+    k_cache_at: Strided,
+    v_cache: &mut Array<F>,
+    v_cache_at: Strided,
+    columns: u32,
+    rows: u32,
+    head_dim: u32,
+    capacity: u32,
+    dst_start: u32,
+    #[define(F)] _dtype: StorageType,
+) {
+    let pos = element_pos();
+    if pos >= columns as usize {
+        terminate!();
+    }
+    let d = head_dim as usize;
+    let base = (pos / d) * capacity as usize;
+    let col = pos % d;
+    for i in 0..rows as usize {
+        let from = base + src[i] as usize;
+        let to = base + dst_start as usize + i;
+        k_cache[k_cache_at.offset(to, col)] = k_cache[k_cache_at.offset(from, col)];
+        v_cache[v_cache_at.offset(to, col)] = v_cache[v_cache_at.offset(from, col)];
+    }
+}

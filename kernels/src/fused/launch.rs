@@ -7,8 +7,8 @@ use burn_cubecl::{
 use cubecl::prelude::*;
 
 use super::kernel::{
-    SplitSumConfig, cache_write_kernel, rms_norm_kernel, rope_kernel, split_add_rms_norm_kernel,
-    split_rope_cache_kernel, swiglu_kernel,
+    SplitSumConfig, cache_gather_kernel, cache_write_kernel, rms_norm_kernel, rope_kernel,
+    split_add_rms_norm_kernel, split_rope_cache_kernel, swiglu_kernel,
 };
 use crate::args::{array_arg, strided_arg, strided_out_arg, unused_arg, unused_strided_arg};
 use crate::linear::launch::{LinearTuning, Product, SplitSums};
@@ -495,6 +495,59 @@ pub fn cache_write<R: CubeRuntime>(
             d as u32,
             capacity as u32,
             start as u32,
+            dtype.into(),
+        );
+    }
+    (k_cache, v_cache)
+}
+
+/// See [`super::FusedOpsBackend::cache_gather`]; in place like [`cache_write`]. The host checked
+/// the rows ([`super::cache_gather`]).
+pub fn cache_gather<R: CubeRuntime>(
+    k_cache: CubeTensor<R>,
+    v_cache: CubeTensor<R>,
+    src: &[usize],
+    dst_start: usize,
+) -> (CubeTensor<R>, CubeTensor<R>) {
+    let dtype = k_cache.dtype;
+    let [b, h, capacity, d] = k_cache.meta.shape().dims::<4>();
+    let exclusive = |t: CubeTensor<R>| {
+        if t.can_mut() && t.is_nonoverlapping() {
+            t
+        } else {
+            t.copy()
+        }
+    };
+    let (k_cache, v_cache) = (exclusive(k_cache), exclusive(v_cache));
+    let columns = b * h * d;
+    if columns == 0 || src.is_empty() {
+        return (k_cache, v_cache);
+    }
+    assert!(
+        b * h * capacity * d < u32::MAX as usize,
+        "cache_gather: cache too large"
+    );
+    let client = k_cache.client.clone();
+    let rows: Vec<u8> = src.iter().flat_map(|&r| (r as u32).to_le_bytes()).collect();
+    // SAFETY: the binding holds exactly `src.len()` u32 values.
+    let src_arg = unsafe { ArrayArg::from_raw_parts(client.create_from_slice(&rows), src.len()) };
+    let (k_cache_arg, k_cache_at) = strided_out_arg(k_cache.clone());
+    let (v_cache_arg, v_cache_at) = strided_out_arg(v_cache.clone());
+    unsafe {
+        cache_gather_kernel::launch_unchecked::<R>(
+            &client,
+            elementwise_count(columns),
+            CubeDim::new_1d(THREADS as u32),
+            src_arg,
+            k_cache_arg,
+            k_cache_at,
+            v_cache_arg,
+            v_cache_at,
+            columns as u32,
+            src.len() as u32,
+            d as u32,
+            capacity as u32,
+            dst_start as u32,
             dtype.into(),
         );
     }

@@ -1,5 +1,6 @@
 //! Fused element-wise and row-wise ops of a decoder layer: RMSNorm (optionally after the
-//! residual add), SwiGLU, RoPE with the head-major transpose, and the KV-cache append.
+//! residual add), SwiGLU, RoPE with the head-major transpose, the KV-cache append, and the
+//! KV-cache gather that commits Medusa's accepted path.
 //!
 //! At batch 1 a decode step is dispatch-bound, not bandwidth-bound: on an H200, a Llama-3-8B
 //! step kept the host busy enqueueing for 96–97% of its duration (fused or unfused Burn
@@ -120,6 +121,16 @@ pub trait FusedOpsBackend: LinearBackend {
         start: usize,
     ) -> (FloatTensor<Self>, FloatTensor<Self>) {
         reference::cache_write_prim::<Self>(k_cache, v_cache, k, v, start)
+    }
+
+    /// See [`cache_gather`].
+    fn cache_gather(
+        k_cache: FloatTensor<Self>,
+        v_cache: FloatTensor<Self>,
+        src: &[usize],
+        dst_start: usize,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        reference::cache_gather_prim::<Self>(k_cache, v_cache, src, dst_start)
     }
 }
 
@@ -446,6 +457,60 @@ pub fn cache_write<B: FusedOpsBackend>(
     (wrap(kc), wrap(vc))
 }
 
+/// Most rows one [`cache_gather`] moves (a Medusa path is the tree's depth + 1 rows).
+pub const CACHE_GATHER_MAX_ROWS: usize = 16;
+
+/// Whether [`cache_gather`] can move rows `src` to `dst_start..`: at most
+/// [`CACHE_GATHER_MAX_ROWS`] rows, and no source row inside the destination range before its
+/// own destination (`dst_start <= src[i] < dst_start + i`), since rows move in increasing order
+/// and such a row would be overwritten before it is read. Medusa's accepted paths always
+/// qualify: a node's index in the tree is at least its depth.
+pub fn cache_gather_supports(src: &[usize], dst_start: usize) -> bool {
+    src.len() <= CACHE_GATHER_MAX_ROWS
+        && src
+            .iter()
+            .enumerate()
+            .all(|(i, &r)| !(dst_start..dst_start + i).contains(&r))
+}
+
+/// Moves rows `src[i]` of both KV caches (`[batch, heads, capacity, head_dim]`) to rows
+/// `dst_start + i` and returns the caches: Medusa's commit of the accepted path after the
+/// prefix. One launch for both caches on CubeCL backends (instead of a `select` and a
+/// `slice_assign` for each), in place when the caches are uniquely owned.
+///
+/// # Panics
+/// When a row is outside the cache, the caches differ in shape, or
+/// [`cache_gather_supports`] says no.
+pub fn cache_gather<B: FusedOpsBackend>(
+    k_cache: Tensor<B, 4>,
+    v_cache: Tensor<B, 4>,
+    src: &[usize],
+    dst_start: usize,
+) -> (Tensor<B, 4>, Tensor<B, 4>) {
+    let [b, h, cap, d] = k_cache.dims();
+    assert_eq!(
+        v_cache.dims(),
+        [b, h, cap, d],
+        "cache_gather: k and v caches differ"
+    );
+    assert!(
+        dst_start + src.len() <= cap && src.iter().all(|&r| r < cap),
+        "cache_gather: rows {src:?} to {dst_start}.. do not fit a cache of {cap} rows"
+    );
+    assert!(
+        cache_gather_supports(src, dst_start),
+        "cache_gather: rows {src:?} to {dst_start}..: more than {CACHE_GATHER_MAX_ROWS} rows, or \
+         a source row overwritten before it is read"
+    );
+    let (kc, vc) = B::cache_gather(
+        k_cache.into_primitive().tensor(),
+        v_cache.into_primitive().tensor(),
+        src,
+        dst_start,
+    );
+    (wrap(kc), wrap(vc))
+}
+
 fn check_gamma(x: &[usize], gamma: &[usize; 1]) {
     let last = x[x.len() - 1];
     assert_eq!(
@@ -602,6 +667,18 @@ where
             return reference::cache_write_prim::<Self>(k_cache, v_cache, k, v, start);
         }
         launch::cache_write(k_cache, v_cache, k, v, start)
+    }
+
+    fn cache_gather(
+        k_cache: FloatTensor<Self>,
+        v_cache: FloatTensor<Self>,
+        src: &[usize],
+        dst_start: usize,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        if !crate::kernels_enabled() || !launch::supported(k_cache.dtype) {
+            return reference::cache_gather_prim::<Self>(k_cache, v_cache, src, dst_start);
+        }
+        launch::cache_gather(k_cache, v_cache, src, dst_start)
     }
 }
 

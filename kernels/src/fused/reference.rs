@@ -3,7 +3,7 @@
 //! rounds like.
 
 use burn::tensor::{
-    DType, Int, Tensor, TensorMetadata, TensorPrimitive,
+    DType, Int, Tensor, TensorData, TensorMetadata, TensorPrimitive,
     activation::silu,
     backend::Backend,
     ops::{FloatTensor, IntTensor},
@@ -180,6 +180,41 @@ pub(crate) fn cache_write_prim<B: Backend>(
     start: usize,
 ) -> (FloatTensor<B>, FloatTensor<B>) {
     let (kc, vc) = cache_write::<B>(wrap(k_cache), wrap(v_cache), wrap(k), wrap(v), start);
+    (unwrap(kc), unwrap(vc))
+}
+
+/// Rows `src` of the caches (`[batch, heads, capacity, head_dim]`) copied to rows
+/// `dst_start..dst_start + src.len()`: all rows are read (`select`) before any is written
+/// (`slice_assign`, in place when the caches are uniquely owned).
+pub fn cache_gather<B: Backend>(
+    k_cache: Tensor<B, 4>,
+    v_cache: Tensor<B, 4>,
+    src: &[usize],
+    dst_start: usize,
+) -> (Tensor<B, 4>, Tensor<B, 4>) {
+    let n = src.len();
+    if n == 0 {
+        return (k_cache, v_cache);
+    }
+    let device = k_cache.device();
+    let rows: Vec<i64> = src.iter().map(|&r| r as i64).collect();
+    let rows = Tensor::<B, 1, Int>::from_data(TensorData::new(rows, [n]), &device);
+    let gather = |cache: Tensor<B, 4>| {
+        let [b, h, _, d] = cache.dims();
+        let moved = cache.clone().select(2, rows.clone());
+        cache.slice_assign([0..b, 0..h, dst_start..dst_start + n, 0..d], moved)
+    };
+    (gather(k_cache), gather(v_cache))
+}
+
+/// [`cache_gather`] on backend primitives.
+pub(crate) fn cache_gather_prim<B: Backend>(
+    k_cache: FloatTensor<B>,
+    v_cache: FloatTensor<B>,
+    src: &[usize],
+    dst_start: usize,
+) -> (FloatTensor<B>, FloatTensor<B>) {
+    let (kc, vc) = cache_gather::<B>(wrap(k_cache), wrap(v_cache), src, dst_start);
     (unwrap(kc), unwrap(vc))
 }
 
