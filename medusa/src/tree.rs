@@ -153,12 +153,14 @@ impl MedusaTree {
                  config.json, written by `cargo run -p train`)"
             ))
         })?;
-        // Paths never go deeper than the heads at hand.
+        // Saved accuracies may cover more heads than were loaded, and `Self::new` rejects
+        // paths deeper than the heads.
         let accuracy = &accuracy[..accuracy.len().min(num_heads)];
         let choices = optimal_choices(accuracy, nodes);
         if choices.is_empty() {
             return Err(MedusaError::Tree(format!(
-                "{spec:?}: the accuracies give no candidate a chance (all zero)"
+                "{spec:?}: no candidate has a non-zero accuracy in the first {} heads' accuracies",
+                accuracy.len()
             )));
         }
         Self::new(&choices, num_heads)
@@ -233,7 +235,8 @@ pub fn optimal_choices(accuracy: &[Vec<f64>], num_nodes: usize) -> Vec<Vec<usize
             .collect()
     };
     let mut frontier: BinaryHeap<Node> = children(&[], 1.0).into_iter().collect();
-    let mut choices = Vec::with_capacity(num_nodes);
+    // The budget is user input (`optimal:N`): reserve for a plausible tree, not for N.
+    let mut choices = Vec::with_capacity(num_nodes.min(1024));
     while choices.len() < num_nodes {
         match frontier.pop() {
             Some(Node(value, Reverse((_, path)))) if value > 0.0 => {
@@ -398,19 +401,23 @@ mod tests {
         assert_eq!(shallow.len(), 4);
         // Names and JSON still work, with or without accuracies.
         assert_eq!(MedusaTree::from_spec("chain4", 4, None).unwrap().len(), 5);
-        for (spec, needle) in [
-            ("optimal:4", "measured accuracies"),
-            ("optimal:x", "node count"),
-            ("optimal:0", "at least one node"),
+        let json = MedusaTree::from_spec("[[0], [1], [0, 0]]", 2, Some(&acc)).unwrap();
+        assert_eq!(json.choices, vec![vec![0], vec![1], vec![0, 0]]);
+        let zero = vec![vec![0.0; 3]];
+        for (spec, accuracy, needle) in [
+            ("optimal:4", None, "measured accuracies"),
+            ("optimal:x", Some(&acc), "node count"),
+            ("optimal:0", Some(&acc), "at least one node"),
+            ("optimal:4", Some(&zero), "non-zero accuracy"),
         ] {
-            let accuracy = (spec != "optimal:4").then_some(acc.as_slice());
-            let e = MedusaTree::from_spec(spec, 3, accuracy)
+            let e = MedusaTree::from_spec(spec, 3, accuracy.map(|a| a.as_slice()))
                 .unwrap_err()
                 .to_string();
             assert!(e.contains(needle), "{spec}: {e}");
         }
-        let zero = vec![vec![0.0; 3]];
-        assert!(MedusaTree::from_spec("optimal:4", 1, Some(&zero)).is_err());
+        // An absurd budget is bounded by the candidates there are, not allocated up front.
+        let all = MedusaTree::from_spec("optimal:18446744073709551615", 1, Some(&acc)).unwrap();
+        assert_eq!(all.len(), 4);
     }
 
     #[test]
