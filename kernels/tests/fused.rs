@@ -417,10 +417,13 @@ fn cache_gather_case<B: FusedOpsBackend>(device: &B::Device, dtype: DType) {
     let kc0 = draw(&mut rng, b * h * cap * d, round);
     let vc0 = draw(&mut rng, b * h * cap * d, round);
     // Paths of a tree: the root (dst + 0) and nodes at indices 2, 5, 9; then a path whose rows
-    // overlap destinations that come after them (dst + 1 <- dst + 1, dst + 2 <- dst + 3).
+    // overlap destinations that come after them (dst + 1 <- dst + 1, dst + 2 <- dst + 3); then
+    // rows the in-place kernel cannot take (dst is written before it is read), which the
+    // backends hand to select + slice_assign.
     for src in [
         vec![dst, dst + 2, dst + 5, dst + 9],
         vec![dst + 1, dst + 1, dst + 3],
+        vec![dst + 3, dst],
     ] {
         let kc = tensor::<B, 4>(&kc0, [b, h, cap, d], dtype, device);
         let vc = tensor::<B, 4>(&vc0, [b, h, cap, d], dtype, device);

@@ -5,7 +5,7 @@
 //! whole buffer plus the number of valid rows. Rolling back is just moving `len`; Medusa's
 //! "commit the accepted path" is a gather of a few rows into the end of the prefix.
 
-use burn::tensor::{DType, Int, Tensor, TensorData, backend::Backend};
+use burn::tensor::{DType, Tensor, backend::Backend};
 use kernels::FusedOpsBackend;
 
 /// Keys and values of one layer.
@@ -65,16 +65,6 @@ impl<B: Backend> LayerCache<B> {
     /// The full value buffer.
     pub fn values(&self) -> Tensor<B, 4> {
         self.v.clone().expect("cache buffer present")
-    }
-
-    fn gather_into(&mut self, src: Tensor<B, 1, Int>, dst_start: usize) {
-        for buf in [&mut self.k, &mut self.v] {
-            let t = buf.take().expect("cache buffer present");
-            let [b, h, _, d] = t.dims();
-            let n = src.dims()[0];
-            let rows = t.clone().select(2, src.clone());
-            *buf = Some(t.slice_assign([0..b, 0..h, dst_start..dst_start + n, 0..d], rows));
-        }
     }
 }
 
@@ -168,25 +158,16 @@ impl<B: FusedOpsBackend> KvCache<B> {
             .enumerate()
             .all(|(i, &p)| p == dst_start + i);
         if n > 0 && !identity {
-            if kernels::cache_gather_supports(positions, dst_start) {
-                // One launch per layer for keys and values (four with select + slice_assign:
-                // 120 launches per accepting Medusa step on a 30-layer model).
-                for layer in &mut self.layers {
-                    let (k, v) = kernels::cache_gather(
-                        layer.k.take().expect("cache buffer present"),
-                        layer.v.take().expect("cache buffer present"),
-                        positions,
-                        dst_start,
-                    );
-                    (layer.k, layer.v) = (Some(k), Some(v));
-                }
-            } else {
-                let device = self.layers[0].keys().device();
-                let src: Vec<i64> = positions.iter().map(|&p| p as i64).collect();
-                let src = Tensor::<B, 1, Int>::from_data(TensorData::new(src, [n]), &device);
-                for layer in &mut self.layers {
-                    layer.gather_into(src.clone(), dst_start);
-                }
+            // One launch per layer for keys and values on CubeCL backends (four with select +
+            // slice_assign: 120 launches per accepting Medusa step on a 30-layer model).
+            for layer in &mut self.layers {
+                let (k, v) = kernels::cache_gather(
+                    layer.k.take().expect("cache buffer present"),
+                    layer.v.take().expect("cache buffer present"),
+                    positions,
+                    dst_start,
+                );
+                (layer.k, layer.v) = (Some(k), Some(v));
             }
         }
         self.len = dst_start + n;

@@ -330,7 +330,7 @@ impl<B: FusionBackend + FusedOpsBackend> FusedOpsBackend for Fusion<B> {
         src: &[usize],
         dst_start: usize,
     ) -> (FloatTensor<Self>, FloatTensor<Self>) {
-        if !crate::kernels_enabled() || src.len() > super::CACHE_GATHER_MAX_ROWS {
+        if !crate::kernels_enabled() || !super::cache_gather_supports(src, dst_start) {
             return reference::cache_gather_prim::<Self>(k_cache, v_cache, src, dst_start);
         }
         let mut rows = [0; super::CACHE_GATHER_MAX_ROWS];

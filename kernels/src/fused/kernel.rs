@@ -408,8 +408,8 @@ pub fn cache_write_kernel<F: Float>(
 
 /// Moves rows `src[i]` of both caches (`[batch, heads, capacity, head_dim]`) to rows
 /// `dst_start + i`, in place, one thread per column `(batch, head, i_dim)` walking the rows in
-/// increasing order: a row is read before any later destination overwrites it, which is all the
-/// host ([`super::cache_gather`]) allows.
+/// increasing order: a row is read before any later destination overwrites it, which is what
+/// [`super::cache_gather_supports`] checks.
 #[allow(clippy::too_many_arguments)]
 #[cube(launch_unchecked)]
 pub fn cache_gather_kernel<F: Float>(

@@ -242,13 +242,6 @@ pub fn linear_rope_cache<R: CubeRuntime>(
         "linear_rope_cache: rows {start}..{} do not fit a cache of {capacity}",
         start + seq
     );
-    let exclusive = |t: CubeTensor<R>| {
-        if t.can_mut() && t.is_nonoverlapping() {
-            t
-        } else {
-            t.copy()
-        }
-    };
     let (k_cache, v_cache) = (exclusive(k_cache), exclusive(v_cache));
     assert!(
         k_cache.meta.shape().iter().product::<usize>() < u32::MAX as usize,
@@ -449,13 +442,6 @@ pub fn cache_write<R: CubeRuntime>(
 ) -> (CubeTensor<R>, CubeTensor<R>) {
     let dtype = k_cache.dtype;
     let [b, h, n, d] = k.meta.shape().dims::<4>();
-    let exclusive = |t: CubeTensor<R>| {
-        if t.can_mut() && t.is_nonoverlapping() {
-            t
-        } else {
-            t.copy()
-        }
-    };
     let (k_cache, v_cache) = (exclusive(k_cache), exclusive(v_cache));
     let (k, v) = (in_dtype(k, dtype), in_dtype(v, dtype));
     let total = b * h * n * d;
@@ -501,8 +487,8 @@ pub fn cache_write<R: CubeRuntime>(
     (k_cache, v_cache)
 }
 
-/// See [`super::FusedOpsBackend::cache_gather`]; in place like [`cache_write`]. The host checked
-/// the rows ([`super::cache_gather`]).
+/// See [`super::FusedOpsBackend::cache_gather`]; in place like [`cache_write`]. Only for rows
+/// that [`super::cache_gather_supports`].
 pub fn cache_gather<R: CubeRuntime>(
     k_cache: CubeTensor<R>,
     v_cache: CubeTensor<R>,
@@ -511,13 +497,6 @@ pub fn cache_gather<R: CubeRuntime>(
 ) -> (CubeTensor<R>, CubeTensor<R>) {
     let dtype = k_cache.dtype;
     let [b, h, capacity, d] = k_cache.meta.shape().dims::<4>();
-    let exclusive = |t: CubeTensor<R>| {
-        if t.can_mut() && t.is_nonoverlapping() {
-            t
-        } else {
-            t.copy()
-        }
-    };
     let (k_cache, v_cache) = (exclusive(k_cache), exclusive(v_cache));
     let columns = b * h * d;
     if columns == 0 || src.is_empty() {
@@ -552,4 +531,14 @@ pub fn cache_gather<R: CubeRuntime>(
         );
     }
     (k_cache, v_cache)
+}
+
+/// `t` itself when this call holds its only reference (a KV cache written in place, as Burn's
+/// `slice_assign` does), else a copy, so that no other holder sees the write.
+fn exclusive<R: CubeRuntime>(t: CubeTensor<R>) -> CubeTensor<R> {
+    if t.can_mut() && t.is_nonoverlapping() {
+        t
+    } else {
+        t.copy()
+    }
 }

@@ -474,13 +474,13 @@ pub fn cache_gather_supports(src: &[usize], dst_start: usize) -> bool {
 }
 
 /// Moves rows `src[i]` of both KV caches (`[batch, heads, capacity, head_dim]`) to rows
-/// `dst_start + i` and returns the caches: Medusa's commit of the accepted path after the
-/// prefix. One launch for both caches on CubeCL backends (instead of a `select` and a
-/// `slice_assign` for each), in place when the caches are uniquely owned.
+/// `dst_start + i` (all rows read before any is written) and returns the caches: Medusa's
+/// commit of the accepted path after the prefix. One launch for both caches on CubeCL backends
+/// where [`cache_gather_supports`] the rows (instead of a `select` and a `slice_assign` for
+/// each; other rows take those), in place when the caches are uniquely owned.
 ///
 /// # Panics
-/// When a row is outside the cache, the caches differ in shape, or
-/// [`cache_gather_supports`] says no.
+/// When a row is outside the cache or the caches differ in shape.
 pub fn cache_gather<B: FusedOpsBackend>(
     k_cache: Tensor<B, 4>,
     v_cache: Tensor<B, 4>,
@@ -496,11 +496,6 @@ pub fn cache_gather<B: FusedOpsBackend>(
     assert!(
         dst_start + src.len() <= cap && src.iter().all(|&r| r < cap),
         "cache_gather: rows {src:?} to {dst_start}.. do not fit a cache of {cap} rows"
-    );
-    assert!(
-        cache_gather_supports(src, dst_start),
-        "cache_gather: rows {src:?} to {dst_start}..: more than {CACHE_GATHER_MAX_ROWS} rows, or \
-         a source row overwritten before it is read"
     );
     let (kc, vc) = B::cache_gather(
         k_cache.into_primitive().tensor(),
@@ -675,7 +670,10 @@ where
         src: &[usize],
         dst_start: usize,
     ) -> (FloatTensor<Self>, FloatTensor<Self>) {
-        if !crate::kernels_enabled() || !launch::supported(k_cache.dtype) {
+        if !crate::kernels_enabled()
+            || !launch::supported(k_cache.dtype)
+            || !cache_gather_supports(src, dst_start)
+        {
             return reference::cache_gather_prim::<Self>(k_cache, v_cache, src, dst_start);
         }
         launch::cache_gather(k_cache, v_cache, src, dst_start)
