@@ -167,7 +167,10 @@ pub trait FlashAttentionBackend: FusedOpsBackend {
 /// - `k`, `v`: `[batch, n_kv_heads, kv_capacity, head_dim]`, with `n_heads % n_kv_heads == 0` and
 ///   `q_len <= kv_len <= kv_capacity` (rows from `kv_len` on are ignored, so a preallocated cache
 ///   can be passed as is).
-/// - output: `[batch, n_heads, q_len, head_dim]`, in the dtype of `q`.
+/// - output: `[batch, n_heads, q_len, head_dim]`, in the dtype of `q`. On the CubeCL backends,
+///   for more than one query, a view of a `[batch, q_len, n_heads, head_dim]` buffer, so that
+///   `swap_dims(1, 2)` and merging the heads into `[batch, q_len, n_heads · head_dim]` (the
+///   output projection's input) cost no copy.
 ///
 /// Query head `h` reads key/value head `h / (n_heads / n_kv_heads)`, as in Hugging Face's
 /// `repeat_kv`. The new queries sit at absolute positions `kv_len - q_len .. kv_len`.

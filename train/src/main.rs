@@ -595,6 +595,7 @@ fn run<B: FlashAttentionBackend>(
         time_limited: state.time_limited,
         eval_seconds: state.eval_seconds,
         total_seconds: start.elapsed().as_secs_f64(),
+        resumed: args.resume,
         history: state.history.clone(),
         evals: state.evals.clone(),
         tree,
@@ -615,8 +616,21 @@ fn run<B: FlashAttentionBackend>(
         );
     }
     println!(
-        "time: generation {:.1} s, training {:.1} s, evaluation {:.1} s, total {:.1} s",
-        report.generation_seconds, report.train_seconds, report.eval_seconds, report.total_seconds
+        "time: generation {:.1} s, training {:.1} s{}, evaluation {:.1} s, {} {:.1} s",
+        report.generation_seconds,
+        report.train_seconds,
+        if args.resume {
+            " (all invocations)"
+        } else {
+            ""
+        },
+        report.eval_seconds,
+        if args.resume {
+            "this invocation"
+        } else {
+            "total"
+        },
+        report.total_seconds
     );
     if args.prompts < 1000 {
         println!(

@@ -66,7 +66,10 @@ pub struct Report {
     pub steps_done: usize,
     pub time_limited: bool,
     pub eval_seconds: f64,
+    /// This invocation only; with `resumed`, `train_seconds` also counts earlier invocations.
     pub total_seconds: f64,
+    /// Whether this invocation continued a checkpoint (`--resume`).
+    pub resumed: bool,
     pub history: Vec<StepLog>,
     pub evals: Vec<EvalResult>,
     pub tree: Option<TreeSummary>,
@@ -188,11 +191,13 @@ impl Report {
         };
         let _ = writeln!(s, "| training ({steps}) | {:.1} |", self.train_seconds);
         let _ = writeln!(s, "| evaluation | {:.1} |", self.eval_seconds);
-        let _ = writeln!(
-            s,
-            "| total (incl. loading and saving) | {:.1} |\n",
-            self.total_seconds
-        );
+        let total = if self.resumed {
+            "this invocation, resumed from a checkpoint (incl. loading and saving; training \
+             above counts every invocation)"
+        } else {
+            "total (incl. loading and saving)"
+        };
+        let _ = writeln!(s, "| {total} | {:.1} |\n", self.total_seconds);
 
         s += "## Held-out accuracy\n\n";
         let _ = writeln!(

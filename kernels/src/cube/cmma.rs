@@ -527,7 +527,7 @@ pub fn attention_cmma_kernel<F: Float, N: Size>(
                 };
                 let head = kv_head * group + rho % group;
                 let n_heads = n_kv_heads * group;
-                let orow = (batch * n_heads + head) * q_len + rho / group;
+                let orow = (batch * q_len + rho / group) * n_heads + head;
                 #[unroll]
                 for cc in 0..comptime!(cfg.sweep_iters()) {
                     let col = lane + cc * PLANE;

@@ -429,7 +429,7 @@ pub fn attention_kernel<F: Float, N: Size>(
                 f32::new(0.0)
             };
             let n_heads = n_kv_heads * group;
-            let orow = (batch * n_heads + head) * q_len + o_query;
+            let orow = (batch * q_len + o_query) * n_heads + head;
             #[unroll]
             for ci in 0..comptime!(cfg.cols_per_thread()) {
                 let col = o_lane + ci * cfg.lanes;
@@ -498,6 +498,6 @@ pub fn combine_kernel<F: Float, N: Size>(
     let kv_head = bh % n_kv_heads;
     let head = kv_head * group + rho % group;
     let i = rho / group;
-    let orow = (batch * n_kv_heads * group + head) * q_len + i;
+    let orow = (batch * q_len + i) * (n_kv_heads * group) + head;
     out[orow * nv + col] = Vector::<F, N>::cast_from(num * Vector::new(inv));
 }

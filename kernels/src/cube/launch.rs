@@ -575,8 +575,21 @@ pub fn attention<R: CubeRuntime>(
 
     let client = q.client.clone();
     let device = q.device.clone();
-    let out_shape = Shape::new([batch, n_heads, q_len, head_dim]);
-    let out = empty_device_contiguous_dtype::<R>(client.clone(), device.clone(), out_shape, dtype);
+    // The kernels write `[batch, q_len, n_heads, head_dim]` (`o_proj`'s input order), returned
+    // as the `[batch, n_heads, q_len, head_dim]` view: swapping the axes back and merging the
+    // heads is then free where a head-major buffer would take a copy per layer. One query row
+    // is the same bytes either way and keeps contiguous strides (a reshape's contiguity check
+    // would not see through the swapped stride of a size-1 axis).
+    let alloc = |shape: [usize; 4]| {
+        empty_device_contiguous_dtype::<R>(client.clone(), device.clone(), Shape::new(shape), dtype)
+    };
+    let out = if q_len == 1 {
+        alloc([batch, n_heads, 1, head_dim])
+    } else {
+        let mut out = alloc([batch, q_len, n_heads, head_dim]);
+        out.meta.swap(1, 2);
+        out
+    };
     if batch == 0 || n_heads == 0 || q_len == 0 || head_dim == 0 {
         return out;
     }
@@ -735,7 +748,7 @@ pub fn attention<R: CubeRuntime>(
     if splits > 1 {
         // `part_o` is `[row][head_dim]` f32 whichever way the main kernel wrote it (the `mma`
         // kernel as scalars), so any width dividing `head_dim` reads it: the main kernel's
-        // (up to 8 after the `mma` plan; `out` is contiguous).
+        // (up to 8 after the `mma` plan; `out`'s rows are contiguous).
         let nv = head_dim / vector_size;
         let work = problem.batch_kv_heads * rows * nv;
         let cube_dim = CubeDim::new(&client, work);

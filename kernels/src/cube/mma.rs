@@ -669,7 +669,7 @@ pub fn attention_mma_kernel<F: Float, N: Size>(
                 if rho < rows {
                     let head = kv_head * group + rho % group;
                     let n_heads = n_kv_heads * group;
-                    let orow = (batch * n_heads + head) * q_len + rho / group;
+                    let orow = (batch * q_len + rho / group) * n_heads + head;
                     let mut val = Vector::<F, N>::empty();
                     #[unroll]
                     for x in 0..vs {

@@ -211,20 +211,46 @@ fn split_sum<F: Float>(
     F::cast_from(total)
 }
 
-/// A fused q/k/v projection still held as the f32 partial sums of its K split
-/// (`partial[split][row][col]`, rows `[batch, seq]`, columns `[heads, head_dim]` with the
-/// `n_heads` query heads, then `n_kv` key heads, then `n_kv` value heads) finished, rotated
-/// and put where attention reads it, one thread per element: queries rotated into
+/// One value of a fused q/k/v product for [`rope_cache_kernel`]: with `cfg.splits == 0` the
+/// finished product's element (`product`, read through `product_at` at `(row, col)`), else
+/// [`split_sum`] of its K split's partial sums at `at`.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn product_value<F: Float>(
+    partial: &Array<f32>,
+    product: &Array<F>,
+    product_at: &Strided,
+    bias: &Array<F>,
+    row: usize,
+    col: usize,
+    at: usize,
+    stride: usize,
+    #[comptime] cfg: SplitSumConfig,
+) -> F {
+    if comptime!(cfg.splits == 0) {
+        product[product_at.offset(row, col)]
+    } else {
+        split_sum::<F>(partial, bias, at, col, stride, cfg)
+    }
+}
+
+/// A fused q/k/v projection (rows `[batch, seq]`, columns `[heads, head_dim]` with the
+/// `n_heads` query heads, then `n_kv` key heads, then `n_kv` value heads) rotated and put where
+/// attention reads it, one thread per element: queries rotated into
 /// `q: [batch, n_heads, seq, head_dim]` (contiguous), keys rotated and values as they are into
 /// rows `start..start + seq` of `k_cache`, `v_cache` (`[batch, n_kv, capacity, head_dim]`).
 ///
-/// Each value is [`split_sum`] (the bits of the finished product) and the rotation that of
+/// The product comes finished (`sums.splits == 0`: `product`, any row layout) or as the f32
+/// partial sums of its K split (`partial[split][row][col]`), which each value adds up as
+/// [`split_sum`] does (the bits of the finished product). The rotation is that of
 /// [`rope_kernel`], so the result is exactly the product, [`rope_kernel`] and
-/// [`cache_write_kernel`] in a row -- one launch where those were three.
+/// [`cache_write_kernel`] in a row -- one launch where those were three (split) or two.
 #[allow(clippy::too_many_arguments)]
 #[cube(launch_unchecked)]
-pub fn split_rope_cache_kernel<F: Float>(
+pub fn rope_cache_kernel<F: Float>(
     partial: &Array<f32>,
+    product: &Array<F>,
+    product_at: Strided,
     bias: &Array<F>,
     cos: &Array<F>,
     cos_at: Strided,
@@ -265,11 +291,31 @@ pub fn split_rope_cache_kernel<F: Float>(
     let row = b * seq + s;
     let stride = batch as usize * seq * n;
     let col = h * d + i;
-    let xi = split_sum::<F>(partial, bias, row * n + col, col, stride, sums);
+    let xi = product_value::<F>(
+        partial,
+        product,
+        &product_at,
+        bias,
+        row,
+        col,
+        row * n + col,
+        stride,
+        sums,
+    );
     let mut y = xi;
     if h < nh + nkv {
         let pcol = h * d + rotation_partner(i, d);
-        let xp = split_sum::<F>(partial, bias, row * n + pcol, pcol, stride, sums);
+        let xp = product_value::<F>(
+            partial,
+            product,
+            &product_at,
+            bias,
+            row,
+            pcol,
+            row * n + pcol,
+            stride,
+            sums,
+        );
         y = rotate::<F>(xi, xp, cos[cos_at.offset(s, i)], sin[sin_at.offset(s, i)]);
     }
     if h < nh {

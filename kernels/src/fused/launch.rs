@@ -7,8 +7,8 @@ use burn_cubecl::{
 use cubecl::prelude::*;
 
 use super::kernel::{
-    SplitSumConfig, cache_gather_kernel, cache_write_kernel, rms_norm_kernel, rope_kernel,
-    split_add_rms_norm_kernel, split_rope_cache_kernel, swiglu_kernel,
+    SplitSumConfig, cache_gather_kernel, cache_write_kernel, rms_norm_kernel, rope_cache_kernel,
+    rope_kernel, split_add_rms_norm_kernel, swiglu_kernel,
 };
 use crate::args::{array_arg, strided_arg, strided_out_arg, unused_arg, unused_strided_arg};
 use crate::linear::launch::{LinearTuning, Product, SplitSums};
@@ -173,23 +173,13 @@ fn sum_config<R: CubeRuntime>(y: &SplitSums<R>) -> SplitSumConfig {
     }
 }
 
-/// What [`linear_rope_cache`] did.
-pub enum RopeCache<R: CubeRuntime> {
-    /// The product was split along K and one kernel finished, rotated and wrote it:
-    /// `(q, k_cache, v_cache)`.
-    Written(CubeTensor<R>, CubeTensor<R>, CubeTensor<R>),
-    /// The product did not split: its finished `[m, n]` output, for RoPE and the cache write,
-    /// and the caches as they were passed.
-    Product(CubeTensor<R>, CubeTensor<R>, CubeTensor<R>),
-}
-
 /// [`super::FusedOpsBackend::linear_rope_cache`] on CubeCL tensors: the fused q/k/v product
 /// `x · w (+ bias)` (`x: [batch · seq, k]`, rows batch-major) through the SIMT skinny kernel or
-/// with `tensor_cores` the tensor-core one, planned with `tuning`. When it splits along K, one
-/// kernel adds the partial sums, applies RoPE to the query and key heads and writes queries to
-/// a new `q: [batch, n_heads, seq, head_dim]` and keys and values to rows `start..start + seq`
-/// of the caches (`[batch, n_kv, capacity, head_dim]`, in place when uniquely owned, as
-/// [`cache_write`] does); otherwise the finished product is returned.
+/// with `tensor_cores` the tensor-core one, planned with `tuning`, then one kernel (adding the
+/// partial sums when the product split along K) applies RoPE to the query and key heads and
+/// writes queries to a new `q: [batch, n_heads, seq, head_dim]` and keys and values to rows
+/// `start..start + seq` of the caches (`[batch, n_kv, capacity, head_dim]`, in place when
+/// uniquely owned, as [`cache_write`] does). Returns `(q, k_cache, v_cache)`.
 ///
 /// # Panics
 /// On inputs the chosen kernel does not take, or a product whose width is not
@@ -207,13 +197,15 @@ pub fn linear_rope_cache<R: CubeRuntime>(
     n_heads: usize,
     tensor_cores: bool,
     tuning: &LinearTuning,
-) -> RopeCache<R> {
+) -> (CubeTensor<R>, CubeTensor<R>, CubeTensor<R>) {
     let product = crate::linear::launch::product_on(tensor_cores, x, w, bias, tuning);
-    let y = match product {
-        Product::Done(y) => return RopeCache::Product(y, k_cache, v_cache),
-        Product::Split(y) => y,
+    let (dtype, m, n) = match &product {
+        Product::Done(y) => {
+            let [m, n] = y.meta.shape().dims::<2>();
+            (y.dtype, m, n)
+        }
+        Product::Split(y) => (y.dtype, y.m, y.n),
     };
-    let dtype = y.dtype;
     let shape = k_cache.meta.shape().to_vec();
     let [batch, n_kv, capacity, d]: [usize; 4] = shape.clone().try_into().unwrap_or_else(|_| {
         panic!("linear_rope_cache: the key cache must be [batch, n_kv, capacity, head_dim], got {shape:?}")
@@ -223,7 +215,6 @@ pub fn linear_rope_cache<R: CubeRuntime>(
         [batch, n_kv, capacity, d],
         "linear_rope_cache: key and value caches differ"
     );
-    let (m, n) = (y.m, y.n);
     assert!(
         batch > 0 && m.is_multiple_of(batch) && n == (n_heads + 2 * n_kv) * d && d % 2 == 0,
         "linear_rope_cache: a [{m}, {n}] product does not hold {n_heads} query and 2 x {n_kv} \
@@ -251,22 +242,40 @@ pub fn linear_rope_cache<R: CubeRuntime>(
     let sin = in_dtype(sin, dtype);
     let q = empty_like(&k_cache, Shape::new([batch, n_heads, seq, d]), dtype);
     let total = m * n;
-    let sums = sum_config(&y);
     let client = k_cache.client.clone();
-    let bias_arg = match &y.bias {
-        Some(b) => array_arg(b.clone()),
-        None => unused_arg(&q),
+    // A finished product is read where it lies; a split one as its partial sums (plus bias).
+    let (partial_arg, product_arg, product_at, bias_arg, sums) = match product {
+        Product::Done(y) => {
+            let (y_arg, y_at) = strided_arg(y);
+            let finished = SplitSumConfig {
+                splits: 0,
+                split_lanes: 1,
+                bias: false,
+            };
+            (unused_arg(&q), y_arg, y_at, unused_arg(&q), finished)
+        }
+        Product::Split(y) => {
+            let sums = sum_config(&y);
+            let bias_arg = match &y.bias {
+                Some(b) => array_arg(b.clone()),
+                None => unused_arg(&q),
+            };
+            let (none, none_at) = unused_strided_arg(&q);
+            (array_arg(y.partial), none, none_at, bias_arg, sums)
+        }
     };
     let (cos_arg, cos_at) = strided_arg(cos);
     let (sin_arg, sin_at) = strided_arg(sin);
     let (k_cache_arg, k_cache_at) = strided_out_arg(k_cache.clone());
     let (v_cache_arg, v_cache_at) = strided_out_arg(v_cache.clone());
     unsafe {
-        split_rope_cache_kernel::launch_unchecked::<R>(
+        rope_cache_kernel::launch_unchecked::<R>(
             &client,
             elementwise_count(total),
             CubeDim::new_1d(THREADS as u32),
-            array_arg(y.partial),
+            partial_arg,
+            product_arg,
+            product_at,
             bias_arg,
             cos_arg,
             cos_at,
@@ -288,7 +297,7 @@ pub fn linear_rope_cache<R: CubeRuntime>(
             dtype.into(),
         );
     }
-    RopeCache::Written(q, k_cache, v_cache)
+    (q, k_cache, v_cache)
 }
 
 /// The RMSNorm after adding the skinny product held in `y`'s K-split partial sums to `x`

@@ -300,12 +300,14 @@ pub fn linear_add_rms_norm<B: FusedOpsBackend, const D: usize>(
 /// values written to rows `start..start + seq` -- exactly [`rope`] of the product's heads
 /// (`rotated = n_heads + n_kv`) followed by [`cache_write`], with the same roundings.
 ///
-/// This is how a decoder layer's attention begins. On the plain CubeCL backend, when the
-/// skinny product is split along K (as one-row products of large projections are), one kernel
-/// adds the split's partial sums, rotates and writes: the product's reduction pass, the RoPE
-/// pass and the cache write become one launch; `Fusion` registers one operation that runs its
-/// inner backend's path. Otherwise (one split, mixed dtypes, CPU backends, `Autodiff`) it is
-/// the ops in a row.
+/// This is how a decoder layer's attention begins. On the plain CubeCL backend, where a skinny
+/// kernel takes the product, one kernel follows it: it rotates and writes the heads, and when
+/// the product is split along K (as one-row products of large projections are) it also adds
+/// the split's partial sums, so the product's reduction pass, the RoPE pass and the cache write
+/// become one launch (a Medusa tree's rows: RoPE and the cache write, two launches, become
+/// one). `Fusion` registers one operation that runs its inner backend's path. Otherwise (mixed
+/// dtypes, CPU backends, `Autodiff`, more rows than a skinny kernel takes) it is the ops in a
+/// row.
 ///
 /// `x: [batch, seq, k]`; `cos`, `sin`, `swap` as for [`rope`] (`[seq, head_dim]` rows for
 /// these tokens' positions); `k_cache`, `v_cache`: `[batch, n_kv, capacity, head_dim]`,
@@ -597,9 +599,9 @@ where
         (h, normed)
     }
 
-    /// The skinny kernel `linear_skinny` would run; where it splits K, one kernel finishes,
-    /// rotates and writes the heads. Otherwise the RoPE and cache-write kernels follow the
-    /// product.
+    /// The skinny kernel `linear_skinny` would run, then one kernel (finishing the product's K
+    /// split where it has one) rotates and writes the heads. `swap` is for the reference path;
+    /// the kernel computes each dimension's partner.
     fn linear_rope_cache(
         x: FloatTensor<Self>,
         weight: FloatTensor<Self>,
@@ -618,24 +620,19 @@ where
             );
         };
         let tuning = crate::linear::LinearTuning::default();
-        match launch::linear_rope_cache(
+        launch::linear_rope_cache(
             x,
             weight,
             bias,
-            cos.clone(),
-            sin.clone(),
+            cos,
+            sin,
             k_cache,
             v_cache,
             start,
             n_heads,
             tensor_cores,
             &tuning,
-        ) {
-            launch::RopeCache::Written(q, kc, vc) => (q, kc, vc),
-            launch::RopeCache::Product(y, k_cache, v_cache) => reference::rope_cache_prim::<Self>(
-                y, cos, sin, swap, k_cache, v_cache, start, n_heads,
-            ),
-        }
+        )
     }
 
     fn rope(

@@ -1,0 +1,70 @@
+//! Greedy Medusa on the CubeCL backend (wgpu; lavapipe on a CPU-only machine) gives exactly
+//! the greedy autoregressive output in f32 on the real SmolLM2, over steps that accept several
+//! speculated tokens: there the KV rows of the accepted path move into place through
+//! `kernels::cache_gather`'s in-place kernel (the CPU backends run its reference), and the
+//! tree's q/k/v rows go through the one-launch RoPE + cache write.
+
+use burn::backend::wgpu::{CubeBackend, WgpuRuntime};
+use medusa::{AcceptMode, DecodeConfig, MedusaConfig, MedusaDecoder, MedusaHeads, MedusaTree};
+use model::{GenerationConfig, Llama, LoadOptions, Message, Tokenizer, generate};
+use tests::default_model_dir;
+
+type Cube = CubeBackend<WgpuRuntime, f32, i32, u32>;
+
+#[test]
+fn medusa_on_cubecl_accepts_several_tokens_and_stays_exact() {
+    let dir = default_model_dir();
+    let device = Default::default();
+    let model = Llama::<Cube>::load(&dir, &LoadOptions::default(), &device).unwrap();
+    let tokenizer = Tokenizer::from_dir(&dir).unwrap();
+    // Untrained heads copy the base LM head: each guesses the current next token again, so a
+    // chain tree accepts where the text repeats a token, as this prompt's digits do (the
+    // tokenizer splits digits; seen: steps accepting 2 and 3 speculated tokens).
+    let heads = MedusaHeads::init(
+        &MedusaConfig {
+            num_heads: 3,
+            num_layers: 1,
+            hidden_size: model.config.hidden_size,
+            vocab_size: model.config.vocab_size,
+            share_lm_head: false,
+        },
+        &model.module.lm_head,
+    );
+    let tree = MedusaTree::new(&[vec![0], vec![0, 0], vec![0, 0, 0]], 3).unwrap();
+    let decoder = MedusaDecoder::new(&model, &heads, tree).unwrap();
+    let prompt = "Write the number one followed by forty zeros, in digits only.";
+    let ids = tokenizer.encode_chat(&[Message::user(prompt)]).unwrap();
+    let n = 24;
+    let ar = generate(
+        &model,
+        &ids,
+        &GenerationConfig {
+            max_new_tokens: n,
+            ..Default::default()
+        },
+        |_| {},
+    )
+    .unwrap();
+    let md = decoder
+        .generate(
+            &ids,
+            &DecodeConfig {
+                max_new_tokens: n,
+                stop_tokens: vec![],
+                mode: AcceptMode::Greedy,
+            },
+            |_| {},
+        )
+        .unwrap();
+    eprintln!(
+        "{:?}; accepted per step {:?}",
+        tokenizer.decode(&ar.tokens),
+        md.accept_lengths
+    );
+    assert_eq!(md.tokens, ar.tokens);
+    assert!(
+        md.accept_lengths.iter().any(|&a| a >= 2),
+        "no step accepted two speculated tokens: {:?}",
+        md.accept_lengths
+    );
+}
