@@ -35,8 +35,9 @@ mod options;
 mod reference;
 
 pub use fused::{
-    CACHE_GATHER_MAX_ROWS, FusedOpsBackend, add_rms_norm, cache_gather, cache_gather_supports,
-    cache_write, linear_add_rms_norm, linear_rope_cache, linear_swiglu, rms_norm, rope, swiglu,
+    CACHE_GATHER_MAX_ROWS, FusedOpsBackend, TOP_K_MAX, add_rms_norm, cache_gather,
+    cache_gather_supports, cache_write, linear_add_rms_norm, linear_rope_cache, linear_swiglu,
+    rms_norm, rope, swiglu, top_k,
 };
 pub use linear::{LinearBackend, linear, linear_max_m, set_linear_max_m};
 pub use options::{AttentionMask, FlashAttentionOptions};
@@ -119,7 +120,9 @@ pub fn set_kernels_enabled(on: bool) {
 /// it ([`linear_swiglu`]'s SwiGLU, [`linear_add_rms_norm`]'s residual add and norm,
 /// [`linear_rope_cache`]'s RoPE and cache write; default) or
 /// finish the product first and run the op after it (one launch more each, same values): the
-/// benchmark's measure of what folding saves. Initialised from `BURN_DECODE_FOLD=0` (off).
+/// benchmark's measure of what folding saves. Off, [`linear_rope_cache`] also runs RoPE and
+/// the cache write as two launches after a product that did not split (a Medusa tree's rows),
+/// which on is one. Initialised from `BURN_DECODE_FOLD=0` (off).
 pub fn fold_reductions() -> bool {
     FOLD.get()
 }

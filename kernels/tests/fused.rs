@@ -1,5 +1,6 @@
-//! The fused decoder ops (RMSNorm with and without the residual add, SwiGLU, RoPE) against an
-//! independent f64 reference on the host, on three backends: the unfused CubeCL backend
+//! The fused decoder ops (RMSNorm with and without the residual add, SwiGLU, RoPE, the KV-cache
+//! writes and moves, top-k) against an independent reference on the host (f64 math, a host
+//! copy or sort), on three backends: the unfused CubeCL backend
 //! (kernels), Burn's alias for the runtime (kernels inside the fusion stream) and `Flex` (the
 //! tensor-op reference path).
 //!
@@ -491,5 +492,76 @@ fn cache_write_fusion_is_exact() {
 fn cache_write_reference_is_exact() {
     for dtype in DTYPES {
         cache_write_case::<Flex>(&Default::default(), dtype);
+    }
+}
+
+/// `kernels::top_k` against a host sort of the same (rounded) values: the `k` picked columns
+/// hold the `k` largest values, largest first. With `exact_order` (the kernel), equal values
+/// must also come lowest index first, so the indices equal a stable host sort's; the reference
+/// picks among equal values as `argmax` does. Draws in f16/bf16 repeat values, so ties occur;
+/// the last case is all ties but one.
+fn top_k_case<B: FusedOpsBackend>(device: &B::Device, dtype: DType, exact_order: bool) {
+    let (round, _) = rounding(dtype);
+    let mut rng = StdRng::seed_from_u64(11);
+    let cases = [
+        (4, 49152, 10),
+        (3, 37, 1),
+        (2, 300, kernels::TOP_K_MAX),
+        (5, 10, 10),
+        (1, 513, 4),
+    ];
+    for (case, (rows, cols, k)) in cases.into_iter().enumerate() {
+        let mut data = draw(&mut rng, rows * cols, round);
+        if case == cases.len() - 1 {
+            data.iter_mut().for_each(|v| *v = 0.25);
+            data[400] = 0.5;
+        }
+        let x = tensor::<B, 2>(&data, [rows, cols], dtype, device);
+        let got: Vec<i64> = kernels::top_k(x, k)
+            .into_data()
+            .convert::<i64>()
+            .to_vec()
+            .unwrap();
+        assert_eq!(got.len(), rows * k, "{dtype:?} {rows}x{cols} k={k}");
+        for r in 0..rows {
+            let row = &data[r * cols..(r + 1) * cols];
+            let mut order: Vec<usize> = (0..cols).collect();
+            order.sort_by(|&a, &b| row[b].total_cmp(&row[a]).then(a.cmp(&b)));
+            let picked = &got[r * k..(r + 1) * k];
+            let values: Vec<f32> = picked.iter().map(|&i| row[i as usize]).collect();
+            let best: Vec<f32> = order[..k].iter().map(|&i| row[i]).collect();
+            let what = format!("{dtype:?} {rows}x{cols} k={k} row {r}");
+            assert_eq!(values, best, "{what}: values");
+            let mut distinct = picked.to_vec();
+            distinct.sort();
+            distinct.dedup();
+            assert_eq!(distinct.len(), k, "{what}: an index picked twice");
+            if exact_order {
+                let expected: Vec<i64> = order[..k].iter().map(|&i| i as i64).collect();
+                assert_eq!(picked, expected, "{what}: indices");
+            }
+        }
+    }
+}
+
+#[test]
+fn top_k_kernel_matches_a_host_sort() {
+    let device = Device::default();
+    for dtype in DTYPES {
+        if supports(dtype) {
+            top_k_case::<Cube>(&device, dtype, true);
+        }
+    }
+}
+
+#[test]
+fn top_k_fusion_matches_a_host_sort() {
+    top_k_case::<runtime::Alias>(&Device::default(), DType::F32, true);
+}
+
+#[test]
+fn top_k_reference_matches_a_host_sort() {
+    for dtype in DTYPES {
+        top_k_case::<Flex>(&Default::default(), dtype, false);
     }
 }

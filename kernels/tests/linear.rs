@@ -1065,8 +1065,11 @@ fn rope_and_cache_take_the_split_sums() {
         (2, 3, 300, 4, 2, 8, true, 3),
         (1, 1, 16384, 2, 1, 8, true, 24),
         (1, 2, 128, 2, 2, 8, false, 1),
+        // Unsplit, with bias and batch 2; and a Medusa tree's 32 rows per sequence.
+        (2, 3, 300, 4, 2, 8, true, 1),
+        (2, 32, 64, 2, 1, 16, true, 1),
     ];
-    let (cap, start) = (8, 2);
+    let (cap, start) = (40, 2);
     for dtype in [DType::F32, DType::F16, DType::BF16] {
         if !supports(dtype) {
             continue;

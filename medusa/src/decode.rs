@@ -324,27 +324,10 @@ impl<'a, B: FlashAttentionBackend> MedusaDecoder<'a, B> {
     }
 }
 
-/// Indices of the `k` largest entries of each row of `x` (`[rows, n]` -> `[rows, k]`), on the
-/// device: `k` rounds of argmax-then-mask. Burn 0.21's `sort`/`topk` on CubeCL backends copies
-/// the tensor to the host and sorts there, a sync and a 800 KB transfer per Medusa step.
-pub fn top_k_indices<B: burn::tensor::backend::Backend>(
-    x: Tensor<B, 2>,
-    k: usize,
-) -> Tensor<B, 2, Int> {
-    let [rows, n] = x.dims();
-    let columns = Tensor::<B, 1, Int>::arange(0..n as i64, &x.device()).reshape([1, n]);
-    let mut x = x;
-    let mut picked = Vec::with_capacity(k);
-    for _ in 0..k {
-        let best = x.clone().argmax(1); // [rows, 1]
-        let hit = columns
-            .clone()
-            .expand([rows, n])
-            .equal(best.clone().expand([rows, n]));
-        x = x.mask_fill(hit, f32::NEG_INFINITY);
-        picked.push(best);
-    }
-    Tensor::cat(picked, 1)
+/// Indices of the `k` largest entries of each row of `x` (`[rows, n]` -> `[rows, k]`), largest
+/// first, on the device: [`kernels::top_k`] (one launch on CubeCL backends).
+pub fn top_k_indices<B: kernels::FusedOpsBackend>(x: Tensor<B, 2>, k: usize) -> Tensor<B, 2, Int> {
+    kernels::top_k(x, k)
 }
 
 #[cfg(test)]

@@ -123,13 +123,16 @@ fn launches_per_decode_and_tree_step() {
         "a decode step launches {decode} kernels, over the budget of {}",
         9.0 * layers + 4.0
     );
-    // Measured 2026-11-29: 438-460 for 30 layers (per layer RoPE and the cache write are
-    // separate launches and there is a layout copy; then the heads, the candidates' top-k and
-    // the KV compaction, one gather per layer on steps that accept more than the root). A tree step above 16 per layer
-    // costs Medusa more of its speedup on launch-bound GPUs.
+    // Measured 2026-11-29 for 30 layers: 438-460 while RoPE and the cache write were two
+    // launches for the tree's rows, attention's output took a layout copy and the candidates'
+    // top-k ten rounds of argmax and masking; 378 without the first two, 339 with the top-k
+    // kernel (per layer 11 launches, then the heads, the candidates and the KV compaction, one
+    // gather per layer on steps that accept more than the root). Each launch a tree step adds
+    // costs Medusa part of its speedup on launch-bound GPUs: the budget (12 per layer) fails
+    // when any of those three comes back.
     assert!(
-        tree_step <= 16.0 * layers,
+        tree_step <= 12.0 * layers,
         "a tree step launches {tree_step:.1} kernels, over the budget of {}",
-        16.0 * layers
+        12.0 * layers
     );
 }

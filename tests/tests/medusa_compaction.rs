@@ -22,7 +22,7 @@ fn medusa_on_cubecl_accepts_several_tokens_and_stays_exact() {
     // tokenizer splits digits; seen: steps accepting 2 and 3 speculated tokens).
     let heads = MedusaHeads::init(
         &MedusaConfig {
-            num_heads: 3,
+            num_heads: 4,
             num_layers: 1,
             hidden_size: model.config.hidden_size,
             vocab_size: model.config.vocab_size,
@@ -30,7 +30,10 @@ fn medusa_on_cubecl_accepts_several_tokens_and_stays_exact() {
         },
         &model.module.lm_head,
     );
-    let tree = MedusaTree::new(&[vec![0], vec![0, 0], vec![0, 0, 0]], 3).unwrap();
+    // The paper's 63-node tree: its depth-1 nodes [0]..[9] come first, so a step accepting two
+    // or more speculated tokens commits nodes 0, 1 and one past 10: rows that must move down in
+    // the cache (a pure chain would keep them in place and move nothing).
+    let tree = MedusaTree::named_or_json("mc_sim_7b_63", 4).unwrap();
     let decoder = MedusaDecoder::new(&model, &heads, tree).unwrap();
     let prompt = "Write the number one followed by forty zeros, in digits only.";
     let ids = tokenizer.encode_chat(&[Message::user(prompt)]).unwrap();
@@ -64,7 +67,7 @@ fn medusa_on_cubecl_accepts_several_tokens_and_stays_exact() {
     assert_eq!(md.tokens, ar.tokens);
     assert!(
         md.accept_lengths.iter().any(|&a| a >= 2),
-        "no step accepted two speculated tokens: {:?}",
+        "no step accepted two speculated tokens (so no KV row moved): {:?}",
         md.accept_lengths
     );
 }

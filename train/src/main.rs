@@ -616,21 +616,21 @@ fn run<B: FlashAttentionBackend>(
         );
     }
     println!(
-        "time: generation {:.1} s, training {:.1} s{}, evaluation {:.1} s, {} {:.1} s",
+        "time: generation {:.1} s, training {:.1} s{all}, evaluation {:.1} s{all}, {} {:.1} s",
         report.generation_seconds,
         report.train_seconds,
-        if args.resume {
-            " (all invocations)"
-        } else {
-            ""
-        },
         report.eval_seconds,
         if args.resume {
             "this invocation"
         } else {
             "total"
         },
-        report.total_seconds
+        report.total_seconds,
+        all = if args.resume {
+            " (all invocations)"
+        } else {
+            ""
+        },
     );
     if args.prompts < 1000 {
         println!(

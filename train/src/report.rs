@@ -66,7 +66,8 @@ pub struct Report {
     pub steps_done: usize,
     pub time_limited: bool,
     pub eval_seconds: f64,
-    /// This invocation only; with `resumed`, `train_seconds` also counts earlier invocations.
+    /// This invocation only; with `resumed`, `train_seconds` and `eval_seconds` also count
+    /// earlier invocations (they are saved in the checkpoint).
     pub total_seconds: f64,
     /// Whether this invocation continued a checkpoint (`--resume`).
     pub resumed: bool,
@@ -193,7 +194,7 @@ impl Report {
         let _ = writeln!(s, "| evaluation | {:.1} |", self.eval_seconds);
         let total = if self.resumed {
             "this invocation, resumed from a checkpoint (incl. loading and saving; training \
-             above counts every invocation)"
+             and evaluation above count every invocation)"
         } else {
             "total (incl. loading and saving)"
         };

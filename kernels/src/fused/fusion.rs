@@ -5,7 +5,7 @@
 use core::marker::PhantomData;
 
 use burn::tensor::{
-    Shape,
+    DType, Shape,
     ops::{FloatTensor, IntTensor},
 };
 use burn_fusion::{
@@ -48,6 +48,10 @@ enum Kind {
         dst_start: usize,
         n: usize,
         src: [usize; super::CACHE_GATHER_MAX_ROWS],
+    },
+    /// One float input, one int output.
+    TopK {
+        k: usize,
     },
 }
 
@@ -134,6 +138,10 @@ impl<B: FusionBackend + FusedOpsBackend> Operation<B::FusionRuntime> for FusedOp
                 handles.register_float_tensor::<B>(&outputs[0].id, kc);
                 handles.register_float_tensor::<B>(&outputs[1].id, vc);
             }
+            Kind::TopK { k } => {
+                let idx = B::top_k(float(handles, 0), k);
+                handles.register_int_tensor::<B>(&outputs[0].id, idx);
+            }
         }
     }
 }
@@ -146,8 +154,20 @@ fn register<B: FusionBackend + FusedOpsBackend>(
     int_input: Option<IntTensor<Fusion<B>>>,
     shapes: Vec<Shape>,
 ) -> Vec<FloatTensor<Fusion<B>>> {
-    let client = inputs[0].client.clone();
     let dtype = inputs[0].dtype;
+    register_as::<B>(name, kind, inputs, int_input, shapes, dtype)
+}
+
+/// [`register`] with outputs in `dtype`.
+fn register_as<B: FusionBackend + FusedOpsBackend>(
+    name: &'static str,
+    kind: Kind,
+    inputs: Vec<FloatTensor<Fusion<B>>>,
+    int_input: Option<IntTensor<Fusion<B>>>,
+    shapes: Vec<Shape>,
+    dtype: DType,
+) -> Vec<FloatTensor<Fusion<B>>> {
+    let client = inputs[0].client.clone();
     let mut streams = OperationStreams::default();
     for t in &inputs {
         streams.tensor(t);
@@ -349,5 +369,22 @@ impl<B: FusionBackend + FusedOpsBackend> FusedOpsBackend for Fusion<B> {
         )
         .outputs();
         (kc, vc)
+    }
+
+    fn top_k(x: FloatTensor<Self>, k: usize) -> IntTensor<Self> {
+        if !crate::kernels_enabled() || k > super::TOP_K_MAX {
+            return reference::top_k_prim::<Self>(x, k);
+        }
+        let rows = x.shape[0];
+        let [idx] = register_as::<B>(
+            "kernels::top_k",
+            Kind::TopK { k },
+            vec![x],
+            None,
+            vec![Shape::new([rows, k])],
+            <B::IntElem as burn::tensor::Element>::dtype(),
+        )
+        .outputs();
+        idx
     }
 }

@@ -107,7 +107,8 @@ fn inv_rms(partial: f32, cols: usize, eps: f32, #[comptime] threads: usize) -> f
 /// Compile-time shape of the K-split partial sums a kernel finishes ([`split_sum`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct SplitSumConfig {
-    /// K splits of the product.
+    /// K splits of the product. `0` only for [`rope_cache_kernel`]: the product comes finished
+    /// (the other kernels always take partial sums).
     pub splits: usize,
     /// Split lanes of the product's own reduction pass (fixes the order of the sum).
     pub split_lanes: usize,
@@ -483,5 +484,119 @@ pub fn cache_gather_kernel<F: Float>(
         let to = base + dst_start as usize + i;
         k_cache[k_cache_at.offset(to, col)] = k_cache[k_cache_at.offset(from, col)];
         v_cache[v_cache_at.offset(to, col)] = v_cache[v_cache_at.offset(from, col)];
+    }
+}
+
+/// The index of an empty slot in [`top_k_kernel`]'s lists.
+const EMPTY: u32 = u32::MAX;
+
+/// Whether entry `(av, ai)` ranks before `(bv, bi)` in a top-k list: the larger value, on equal
+/// values the lower index; an empty slot ranks last.
+#[cube]
+fn ranks_before(av: f32, ai: u32, bv: f32, bi: u32) -> bool {
+    let a_empty = ai == EMPTY;
+    let b_empty = bi == EMPTY;
+    b_empty || (!a_empty && (av > bv || (av == bv && ai < bi)))
+}
+
+/// Column indices of the `k` largest entries of each row of `x` (`[rows, cols]`, any row
+/// layout), best first (equal values: the lower index first), into `out: [rows, k]`. One cube
+/// of `threads` per row: each thread keeps the best `k` of its strided share of the row sorted
+/// in registers (insertion), then the threads' lists merge pairwise through shared memory in
+/// `log2(threads)` rounds. One launch where `k` rounds of argmax and masking took three each.
+#[allow(clippy::too_many_arguments)]
+#[cube(launch_unchecked)]
+pub fn top_k_kernel<F: Float, I: Int>(
+    x: &Array<F>,
+    x_at: Strided,
+    out: &mut Array<I>,
+    rows: u32,
+    cols: u32,
+    #[comptime] k: usize,
+    #[comptime] threads: usize,
+    #[define(F, I)] _dtypes: [StorageType; 2],
+) {
+    let row = (CUBE_POS_Y * CUBE_COUNT_X + CUBE_POS_X) as usize;
+    if row >= rows as usize {
+        terminate!();
+    }
+    let t = UNIT_POS as usize;
+    let cols = cols as usize;
+    let mut vals = Array::<f32>::new(k);
+    let mut idxs = Array::<u32>::new(k);
+    #[unroll]
+    for j in 0..k {
+        vals[j] = 0.0f32;
+        idxs[j] = EMPTY;
+    }
+    let mut c = t;
+    while c < cols {
+        let v = f32::cast_from(x[x_at.offset(row, c)]);
+        let ci = c as u32;
+        if ranks_before(v, ci, vals[k - 1], idxs[k - 1]) {
+            // Shift the worse entries down one slot and put this one in the gap.
+            let mut j = comptime!(k - 1).runtime();
+            loop {
+                if j == 0 {
+                    break;
+                }
+                if !ranks_before(v, ci, vals[j - 1], idxs[j - 1]) {
+                    break;
+                }
+                vals[j] = vals[j - 1];
+                idxs[j] = idxs[j - 1];
+                j -= 1;
+            }
+            vals[j] = v;
+            idxs[j] = ci;
+        }
+        c += threads;
+    }
+
+    let mut s_vals = SharedMemory::<f32>::new(threads * k);
+    let mut s_idxs = SharedMemory::<u32>::new(threads * k);
+    #[unroll]
+    for j in 0..k {
+        s_vals[t * k + j] = vals[j];
+        s_idxs[t * k + j] = idxs[j];
+    }
+    sync_cube();
+    let mut stride = comptime!(threads / 2).runtime();
+    while stride > 0 {
+        if t < stride {
+            // Merge this thread's list with that of thread `t + stride` (both sorted); only
+            // this thread reads slot `t` in this round, so the result may replace it.
+            let mut a = t * k;
+            let mut b = (t + stride) * k;
+            #[unroll]
+            for j in 0..k {
+                let av = s_vals[a];
+                let ai = s_idxs[a];
+                let bv = s_vals[b];
+                let bi = s_idxs[b];
+                if ranks_before(av, ai, bv, bi) {
+                    vals[j] = av;
+                    idxs[j] = ai;
+                    a += 1;
+                } else {
+                    vals[j] = bv;
+                    idxs[j] = bi;
+                    b += 1;
+                }
+            }
+            #[unroll]
+            for j in 0..k {
+                s_vals[t * k + j] = vals[j];
+                s_idxs[t * k + j] = idxs[j];
+            }
+        }
+        sync_cube();
+        stride /= 2;
+    }
+    if t == 0 {
+        #[unroll]
+        for j in 0..k {
+            out[row * k + j] = I::cast_from(s_idxs[j]);
+        }
     }
 }

@@ -8,7 +8,7 @@ use cubecl::prelude::*;
 
 use super::kernel::{
     SplitSumConfig, cache_gather_kernel, cache_write_kernel, rms_norm_kernel, rope_cache_kernel,
-    rope_kernel, split_add_rms_norm_kernel, swiglu_kernel,
+    rope_kernel, split_add_rms_norm_kernel, swiglu_kernel, top_k_kernel,
 };
 use crate::args::{array_arg, strided_arg, strided_out_arg, unused_arg, unused_strided_arg};
 use crate::linear::launch::{LinearTuning, Product, SplitSums};
@@ -540,6 +540,47 @@ pub fn cache_gather<R: CubeRuntime>(
         );
     }
     (k_cache, v_cache)
+}
+
+/// Shared memory one [`top_k_kernel`] cube may use for its threads' lists (half of the portable
+/// floor of 32 KiB).
+const TOP_K_SHARED_BYTES: usize = 16 * 1024;
+
+/// See [`super::FusedOpsBackend::top_k`]: `x: [rows, cols]` (any row layout), `1 <= k <=
+/// cols`, `k <= super::TOP_K_MAX`; returns `[rows, k]` indices in `int_dtype`.
+pub fn top_k<R: CubeRuntime>(x: CubeTensor<R>, k: usize, int_dtype: DType) -> CubeTensor<R> {
+    let [rows, cols] = x.meta.shape().dims::<2>();
+    assert!(
+        (1..=super::TOP_K_MAX).contains(&k) && k <= cols,
+        "top_k: k = {k} for rows of {cols} (at most {})",
+        super::TOP_K_MAX
+    );
+    assert!(cols < u32::MAX as usize, "top_k: rows too long");
+    let dtype = x.dtype;
+    let out = empty_like(&x, Shape::new([rows, k]), int_dtype);
+    if rows == 0 {
+        return out;
+    }
+    // Each thread's list (value + index) lives in shared memory during the merge.
+    let threads = threads_for_max(&x, (TOP_K_SHARED_BYTES / (8 * k)).clamp(1, 128));
+    let client = x.client.clone();
+    let (x_arg, x_at) = strided_arg(x);
+    unsafe {
+        top_k_kernel::launch_unchecked::<R>(
+            &client,
+            row_count(rows),
+            CubeDim::new_1d(threads as u32),
+            x_arg,
+            x_at,
+            array_arg(out.clone()),
+            rows as u32,
+            cols as u32,
+            k,
+            threads,
+            [dtype.into(), int_dtype.into()],
+        );
+    }
+    out
 }
 
 /// `t` itself when this call holds its only reference (a KV cache written in place, as Burn's

@@ -132,6 +132,11 @@ pub trait FusedOpsBackend: LinearBackend {
     ) -> (FloatTensor<Self>, FloatTensor<Self>) {
         reference::cache_gather_prim::<Self>(k_cache, v_cache, src, dst_start)
     }
+
+    /// See [`top_k`]; `x: [rows, cols]`, returns `[rows, k]`.
+    fn top_k(x: FloatTensor<Self>, k: usize) -> IntTensor<Self> {
+        reference::top_k_prim::<Self>(x, k)
+    }
 }
 
 /// RMSNorm over the last dimension as `LlamaRMSNorm` computes it: statistics in f32,
@@ -306,8 +311,8 @@ pub fn linear_add_rms_norm<B: FusedOpsBackend, const D: usize>(
 /// the split's partial sums, so the product's reduction pass, the RoPE pass and the cache write
 /// become one launch (a Medusa tree's rows: RoPE and the cache write, two launches, become
 /// one). `Fusion` registers one operation that runs its inner backend's path. Otherwise (mixed
-/// dtypes, CPU backends, `Autodiff`, more rows than a skinny kernel takes) it is the ops in a
-/// row.
+/// dtypes, CPU backends, `Autodiff`, more rows than a skinny kernel takes, folding off: see
+/// [`crate::fold_reductions`]) it is the ops in a row.
 ///
 /// `x: [batch, seq, k]`; `cos`, `sin`, `swap` as for [`rope`] (`[seq, head_dim]` rows for
 /// these tokens' positions); `k_cache`, `v_cache`: `[batch, n_kv, capacity, head_dim]`,
@@ -508,6 +513,29 @@ pub fn cache_gather<B: FusedOpsBackend>(
     (wrap(kc), wrap(vc))
 }
 
+/// Most entries [`top_k`] takes per row on the kernel path (its lists live in registers and
+/// shared memory); larger `k` takes the reference.
+pub const TOP_K_MAX: usize = 32;
+
+/// Column indices of the `k` largest entries of each row of `x` (`[rows, cols]` to
+/// `[rows, k]`), largest first: Medusa's candidates, the top-k tokens of each head's logits. On
+/// CubeCL backends one launch for all rows, on the device (Burn 0.21's `topk` there sorts on
+/// the host: a sync and a transfer of the whole row per step); elsewhere, and for `k` past
+/// [`TOP_K_MAX`], the reference: `k` rounds of argmax and masking the winner. Equal values: the
+/// kernel ranks the lower index first, the reference as `argmax` picks. Rows must be free of
+/// NaN.
+///
+/// # Panics
+/// When `k` is 0 or larger than the rows.
+pub fn top_k<B: FusedOpsBackend>(x: Tensor<B, 2>, k: usize) -> Tensor<B, 2, Int> {
+    let [_, cols] = x.dims();
+    assert!(
+        k >= 1 && k <= cols,
+        "top_k: k = {k} for rows of {cols} entries"
+    );
+    Tensor::from_primitive(B::top_k(x.into_primitive().tensor(), k))
+}
+
 fn check_gamma(x: &[usize], gamma: &[usize; 1]) {
     let last = x[x.len() - 1];
     assert_eq!(
@@ -674,6 +702,13 @@ where
             return reference::cache_gather_prim::<Self>(k_cache, v_cache, src, dst_start);
         }
         launch::cache_gather(k_cache, v_cache, src, dst_start)
+    }
+
+    fn top_k(x: FloatTensor<Self>, k: usize) -> IntTensor<Self> {
+        if !crate::kernels_enabled() || !launch::supported(x.dtype) || k > TOP_K_MAX {
+            return reference::top_k_prim::<Self>(x, k);
+        }
+        launch::top_k(x, k, I::dtype())
     }
 }
 

@@ -218,6 +218,31 @@ pub(crate) fn cache_gather_prim<B: Backend>(
     (unwrap(kc), unwrap(vc))
 }
 
+/// Column indices of the `k` largest entries of each row of `x` (`[rows, cols]` to
+/// `[rows, k]`), largest first: `k` rounds of `argmax` and masking the winner with `-inf`, all
+/// on the device.
+pub fn top_k<B: Backend>(x: Tensor<B, 2>, k: usize) -> Tensor<B, 2, Int> {
+    let [rows, n] = x.dims();
+    let columns = Tensor::<B, 1, Int>::arange(0..n as i64, &x.device()).reshape([1, n]);
+    let mut x = x;
+    let mut picked = Vec::with_capacity(k);
+    for _ in 0..k {
+        let best = x.clone().argmax(1); // [rows, 1]
+        let hit = columns
+            .clone()
+            .expand([rows, n])
+            .equal(best.clone().expand([rows, n]));
+        x = x.mask_fill(hit, f32::NEG_INFINITY);
+        picked.push(best);
+    }
+    Tensor::cat(picked, 1)
+}
+
+/// [`top_k`] on backend primitives.
+pub(crate) fn top_k_prim<B: Backend>(x: FloatTensor<B>, k: usize) -> IntTensor<B> {
+    top_k::<B>(wrap(x), k).into_primitive()
+}
+
 /// [`rms_norm`] on backend primitives of rank `D`.
 pub(crate) fn rms_norm_prim<B: Backend, const D: usize>(
     x: FloatTensor<B>,
