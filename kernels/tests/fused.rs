@@ -512,11 +512,17 @@ fn top_k_case<B: FusedOpsBackend>(device: &B::Device, dtype: DType, exact_order:
     ];
     for (case, (rows, cols, k)) in cases.into_iter().enumerate() {
         let mut data = draw(&mut rng, rows * cols, round);
+        if case == 1 {
+            // Masked entries, as Medusa's reference path writes them.
+            data[5] = f32::NEG_INFINITY;
+            data[cols + 7] = f32::NEG_INFINITY;
+        }
         if case == cases.len() - 1 {
             data.iter_mut().for_each(|v| *v = 0.25);
             data[400] = 0.5;
         }
-        let x = tensor::<B, 2>(&data, [rows, cols], dtype, device);
+        // A column view of a wider tensor (the kernel reads any row layout).
+        let x = column_view::<B, 2>(&data, [rows, cols], 3, 5, dtype, device);
         let got: Vec<i64> = kernels::top_k(x, k)
             .into_data()
             .convert::<i64>()

@@ -17,9 +17,9 @@ fn medusa_on_cubecl_accepts_several_tokens_and_stays_exact() {
     let device = Default::default();
     let model = Llama::<Cube>::load(&dir, &LoadOptions::default(), &device).unwrap();
     let tokenizer = Tokenizer::from_dir(&dir).unwrap();
-    // Untrained heads copy the base LM head: each guesses the current next token again, so a
-    // chain tree accepts where the text repeats a token, as this prompt's digits do (the
-    // tokenizer splits digits; seen: steps accepting 2 and 3 speculated tokens).
+    // Untrained heads copy the base LM head: each guesses the current next token again, so the
+    // tree's first-choice chain accepts where the text repeats a token, as this prompt's digits
+    // do (the tokenizer splits digits; seen: steps accepting 2 and 3 speculated tokens).
     let heads = MedusaHeads::init(
         &MedusaConfig {
             num_heads: 4,

@@ -49,9 +49,10 @@ enum Kind {
         n: usize,
         src: [usize; super::CACHE_GATHER_MAX_ROWS],
     },
-    /// One float input, one int output.
+    /// One float input, one int output in `dtype`.
     TopK {
         k: usize,
+        dtype: DType,
     },
 }
 
@@ -138,8 +139,8 @@ impl<B: FusionBackend + FusedOpsBackend> Operation<B::FusionRuntime> for FusedOp
                 handles.register_float_tensor::<B>(&outputs[0].id, kc);
                 handles.register_float_tensor::<B>(&outputs[1].id, vc);
             }
-            Kind::TopK { k } => {
-                let idx = B::top_k(float(handles, 0), k);
+            Kind::TopK { k, dtype } => {
+                let idx = B::top_k(float(handles, 0), k, dtype);
                 handles.register_int_tensor::<B>(&outputs[0].id, idx);
             }
         }
@@ -371,18 +372,21 @@ impl<B: FusionBackend + FusedOpsBackend> FusedOpsBackend for Fusion<B> {
         (kc, vc)
     }
 
-    fn top_k(x: FloatTensor<Self>, k: usize) -> IntTensor<Self> {
+    fn top_k(x: FloatTensor<Self>, k: usize, out_dtype: DType) -> IntTensor<Self> {
         if !crate::kernels_enabled() || k > super::TOP_K_MAX {
             return reference::top_k_prim::<Self>(x, k);
         }
         let rows = x.shape[0];
         let [idx] = register_as::<B>(
             "kernels::top_k",
-            Kind::TopK { k },
+            Kind::TopK {
+                k,
+                dtype: out_dtype,
+            },
             vec![x],
             None,
             vec![Shape::new([rows, k])],
-            <B::IntElem as burn::tensor::Element>::dtype(),
+            out_dtype,
         )
         .outputs();
         idx

@@ -542,8 +542,8 @@ pub fn cache_gather<R: CubeRuntime>(
     (k_cache, v_cache)
 }
 
-/// Shared memory one [`top_k_kernel`] cube may use for its threads' lists (half of the portable
-/// floor of 32 KiB).
+/// Shared memory one [`top_k_kernel`] cube may use for its threads' lists (the 16 KiB every
+/// Vulkan and WebGPU device offers).
 const TOP_K_SHARED_BYTES: usize = 16 * 1024;
 
 /// See [`super::FusedOpsBackend::top_k`]: `x: [rows, cols]` (any row layout), `1 <= k <=

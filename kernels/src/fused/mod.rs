@@ -31,7 +31,7 @@ pub mod reference;
 mod fusion;
 
 use burn::tensor::{
-    Int, Tensor, TensorPrimitive,
+    DType, Int, Tensor, TensorPrimitive,
     ops::{FloatTensor, IntTensor},
 };
 use burn_cubecl::{
@@ -133,8 +133,10 @@ pub trait FusedOpsBackend: LinearBackend {
         reference::cache_gather_prim::<Self>(k_cache, v_cache, src, dst_start)
     }
 
-    /// See [`top_k`]; `x: [rows, cols]`, returns `[rows, k]`.
-    fn top_k(x: FloatTensor<Self>, k: usize) -> IntTensor<Self> {
+    /// See [`top_k`]; `x: [rows, cols]`, returns `[rows, k]` in `out_dtype` (an int dtype, the
+    /// device's default as `argmax` uses it).
+    fn top_k(x: FloatTensor<Self>, k: usize, out_dtype: DType) -> IntTensor<Self> {
+        let _ = out_dtype; // `argmax` in the reference already gives the device's int dtype.
         reference::top_k_prim::<Self>(x, k)
     }
 }
@@ -518,22 +520,25 @@ pub fn cache_gather<B: FusedOpsBackend>(
 pub const TOP_K_MAX: usize = 32;
 
 /// Column indices of the `k` largest entries of each row of `x` (`[rows, cols]` to
-/// `[rows, k]`), largest first: Medusa's candidates, the top-k tokens of each head's logits. On
-/// CubeCL backends one launch for all rows, on the device (Burn 0.21's `topk` there sorts on
-/// the host: a sync and a transfer of the whole row per step); elsewhere, and for `k` past
-/// [`TOP_K_MAX`], the reference: `k` rounds of argmax and masking the winner. Equal values: the
-/// kernel ranks the lower index first, the reference as `argmax` picks. Rows must be free of
-/// NaN.
+/// `[rows, k]`), largest first, in the device's default int dtype: Medusa's candidates, the
+/// top-k tokens of each head's logits. On CubeCL backends one launch for all rows; elsewhere,
+/// and for `k` past [`TOP_K_MAX`], the reference: `k` rounds of argmax and masking the winner
+/// (three launches a round on a GPU). Burn's own `argtopk` is no portable alternative: Flex
+/// (the default CPU backend) does not implement it. Equal values: the kernel ranks the lower
+/// index first, the reference as `argmax` picks. Rows must be free of NaN.
 ///
 /// # Panics
-/// When `k` is 0 or larger than the rows.
+/// When `k` is 0 or larger than the row length.
 pub fn top_k<B: FusedOpsBackend>(x: Tensor<B, 2>, k: usize) -> Tensor<B, 2, Int> {
     let [_, cols] = x.dims();
     assert!(
         k >= 1 && k <= cols,
         "top_k: k = {k} for rows of {cols} entries"
     );
-    Tensor::from_primitive(B::top_k(x.into_primitive().tensor(), k))
+    let out_dtype = burn::tensor::get_device_settings::<B>(&x.device())
+        .int_dtype
+        .into();
+    Tensor::from_primitive(B::top_k(x.into_primitive().tensor(), k, out_dtype))
 }
 
 fn check_gamma(x: &[usize], gamma: &[usize; 1]) {
@@ -704,11 +709,11 @@ where
         launch::cache_gather(k_cache, v_cache, src, dst_start)
     }
 
-    fn top_k(x: FloatTensor<Self>, k: usize) -> IntTensor<Self> {
+    fn top_k(x: FloatTensor<Self>, k: usize, out_dtype: DType) -> IntTensor<Self> {
         if !crate::kernels_enabled() || !launch::supported(x.dtype) || k > TOP_K_MAX {
             return reference::top_k_prim::<Self>(x, k);
         }
-        launch::top_k(x, k, I::dtype())
+        launch::top_k(x, k, out_dtype)
     }
 }
 
