@@ -6,7 +6,8 @@
 use std::path::PathBuf;
 
 use burn::backend::Flex;
-use model::{Llama, LoadOptions, ModelSource, Tokenizer};
+use medusa::{AcceptMode, DecodeConfig, MedusaConfig, MedusaDecoder, MedusaHeads, MedusaOutput};
+use model::{GenerationConfig, Llama, LoadOptions, ModelSource, Tokenizer, generate};
 
 /// The CPU backend the fidelity tests use.
 pub type Cpu = Flex;
@@ -38,6 +39,46 @@ pub fn default_model() -> (Llama<Cpu>, Tokenizer) {
         .unwrap_or_else(|e| panic!("loading {}: {e}", dir.display()));
     let tokenizer = Tokenizer::from_dir(&dir).unwrap();
     (model, tokenizer)
+}
+
+/// `num_heads` one-layer Medusa heads as `MedusaHeads::init` makes them: untrained, each a
+/// copy of `model`'s LM head, so each guesses the base model's current next token again.
+pub fn untrained_heads<B: kernels::FlashAttentionBackend>(
+    model: &Llama<B>,
+    num_heads: usize,
+) -> MedusaHeads<B> {
+    let config = MedusaConfig {
+        num_heads,
+        num_layers: 1,
+        hidden_size: model.config.hidden_size,
+        vocab_size: model.config.vocab_size,
+        share_lm_head: false,
+    };
+    MedusaHeads::init(&config, &model.module.lm_head)
+}
+
+/// Plain greedy decoding and greedy Medusa of `ids`, `new_tokens` each, stopping at `stop`;
+/// `on_token` sees Medusa's stream.
+pub fn decode_both<B: kernels::FlashAttentionBackend>(
+    model: &Llama<B>,
+    decoder: &MedusaDecoder<'_, B>,
+    ids: &[u32],
+    new_tokens: usize,
+    stop: &[u32],
+    on_token: impl FnMut(u32),
+) -> (Vec<u32>, MedusaOutput) {
+    let plain = GenerationConfig {
+        max_new_tokens: new_tokens,
+        stop_tokens: stop.to_vec(),
+        ..Default::default()
+    };
+    let ar = generate(model, ids, &plain, |_| {}).unwrap();
+    let config = DecodeConfig {
+        max_new_tokens: new_tokens,
+        stop_tokens: stop.to_vec(),
+        mode: AcceptMode::Greedy,
+    };
+    (ar.tokens, decoder.generate(ids, &config, on_token).unwrap())
 }
 
 /// The shared evaluation prompts (Spec-Bench), first turn of each question.

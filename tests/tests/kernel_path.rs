@@ -6,7 +6,7 @@ use burn::{
     backend::wgpu::{CubeBackend, WgpuRuntime},
     tensor::DType,
 };
-use medusa::{AcceptMode, DecodeConfig, MedusaConfig, MedusaDecoder, MedusaHeads, MedusaTree};
+use medusa::{AcceptMode, DecodeConfig, MedusaDecoder, MedusaTree};
 use model::{GenerationConfig, Llama, LoadOptions, generate, generate::last_logits};
 use tests::{default_model_dir, fixture};
 
@@ -50,16 +50,7 @@ fn real_model_on_cubecl_kernel_matches_transformers() {
     .unwrap();
     assert_eq!(out.tokens, greedy[..n]);
 
-    let heads = MedusaHeads::init(
-        &MedusaConfig {
-            num_heads: 2,
-            num_layers: 1,
-            hidden_size: 576,
-            vocab_size: 49152,
-            share_lm_head: false,
-        },
-        &model.module.lm_head,
-    );
+    let heads = tests::untrained_heads(&model, 2);
     let tree = MedusaTree::new(&[vec![0], vec![1], vec![0, 0], vec![0, 1], vec![1, 0]], 2).unwrap();
     let decoder = MedusaDecoder::new(&model, &heads, tree).unwrap();
     let md = decoder

@@ -12,7 +12,7 @@ use std::{collections::BTreeMap, path::PathBuf, time::Duration};
 
 use burn::backend::wgpu::{CubeBackend, WgpuRuntime};
 use cubecl::config::{CubeClRuntimeConfig, RuntimeConfig, profiling::ProfilingLogLevel};
-use medusa::{AcceptMode, DecodeConfig, MedusaConfig, MedusaDecoder, MedusaHeads, MedusaTree};
+use medusa::{AcceptMode, DecodeConfig, MedusaDecoder, MedusaTree};
 use model::{GenerationConfig, Llama, LoadOptions, generate};
 use tests::{default_model_dir, fixture};
 
@@ -82,16 +82,7 @@ fn launches_per_decode_and_tree_step() {
     }
 
     // Medusa (untrained heads, so mostly the root is accepted): launches per tree step.
-    let heads = MedusaHeads::init(
-        &MedusaConfig {
-            num_heads: 4,
-            num_layers: 1,
-            hidden_size: model.config.hidden_size,
-            vocab_size: model.config.vocab_size,
-            share_lm_head: false,
-        },
-        &model.module.lm_head,
-    );
+    let heads = tests::untrained_heads(&model, 4);
     let tree = MedusaTree::named_or_json("mc_sim_7b_63", 4).unwrap();
     let decoder = MedusaDecoder::new(&model, &heads, tree).unwrap();
     let run = |n: usize| {

@@ -5,9 +5,9 @@
 //! tree's q/k/v rows go through the one-launch RoPE + cache write.
 
 use burn::backend::wgpu::{CubeBackend, WgpuRuntime};
-use medusa::{AcceptMode, DecodeConfig, MedusaConfig, MedusaDecoder, MedusaHeads, MedusaTree};
-use model::{GenerationConfig, Llama, LoadOptions, Message, Tokenizer, generate};
-use tests::default_model_dir;
+use medusa::{MedusaDecoder, MedusaTree};
+use model::{Llama, LoadOptions, Message, Tokenizer};
+use tests::{decode_both, default_model_dir, untrained_heads};
 
 type Cube = CubeBackend<WgpuRuntime, f32, i32, u32>;
 
@@ -20,16 +20,7 @@ fn medusa_on_cubecl_accepts_several_tokens_and_stays_exact() {
     // Untrained heads copy the base LM head: each guesses the current next token again, so the
     // tree's first-choice chain accepts where the text repeats a token, as this prompt's digits
     // do (the tokenizer splits digits; seen: steps accepting 2 and 3 speculated tokens).
-    let heads = MedusaHeads::init(
-        &MedusaConfig {
-            num_heads: 4,
-            num_layers: 1,
-            hidden_size: model.config.hidden_size,
-            vocab_size: model.config.vocab_size,
-            share_lm_head: false,
-        },
-        &model.module.lm_head,
-    );
+    let heads = untrained_heads(&model, 4);
     // The paper's 63-node tree: its depth-1 nodes [0]..[9] come first, so a step accepting two
     // or more speculated tokens commits nodes 0, 1 and one past 10: rows that must move down in
     // the cache (a pure chain would keep them in place and move nothing).
@@ -37,34 +28,13 @@ fn medusa_on_cubecl_accepts_several_tokens_and_stays_exact() {
     let decoder = MedusaDecoder::new(&model, &heads, tree).unwrap();
     let prompt = "Write the number one followed by forty zeros, in digits only.";
     let ids = tokenizer.encode_chat(&[Message::user(prompt)]).unwrap();
-    let n = 24;
-    let ar = generate(
-        &model,
-        &ids,
-        &GenerationConfig {
-            max_new_tokens: n,
-            ..Default::default()
-        },
-        |_| {},
-    )
-    .unwrap();
-    let md = decoder
-        .generate(
-            &ids,
-            &DecodeConfig {
-                max_new_tokens: n,
-                stop_tokens: vec![],
-                mode: AcceptMode::Greedy,
-            },
-            |_| {},
-        )
-        .unwrap();
+    let (ar, md) = decode_both(&model, &decoder, &ids, 24, &[], |_| {});
     eprintln!(
         "{:?}; accepted per step {:?}",
-        tokenizer.decode(&ar.tokens),
+        tokenizer.decode(&ar),
         md.accept_lengths
     );
-    assert_eq!(md.tokens, ar.tokens);
+    assert_eq!(md.tokens, ar);
     assert!(
         md.accept_lengths.iter().any(|&a| a >= 2),
         "no step accepted two speculated tokens (so no KV row moved): {:?}",

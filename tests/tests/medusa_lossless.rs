@@ -4,11 +4,13 @@
 
 use burn::tensor::DType;
 use medusa::{
-    AcceptMode, DecodeConfig, MedusaConfig, MedusaDecoder, MedusaHeads, MedusaOutput, MedusaTree,
+    AcceptMode, DecodeConfig, MedusaDecoder, MedusaTree,
     lossless::{greedy_score, well_terminated},
 };
-use model::{GenerationConfig, Llama, LoadOptions, Message, generate, generate::last_logits};
-use tests::{Cpu, default_model, default_model_dir, specbench_prompts};
+use model::{Llama, LoadOptions, Message, generate::last_logits};
+use tests::{
+    Cpu, decode_both, default_model, default_model_dir, specbench_prompts, untrained_heads,
+};
 
 const NEW_TOKENS: usize = 24;
 
@@ -28,44 +30,10 @@ fn prompts() -> Vec<String> {
     picked
 }
 
-fn untrained_heads(model: &model::Llama<tests::Cpu>) -> MedusaHeads<tests::Cpu> {
-    let config = MedusaConfig {
-        num_heads: 4,
-        num_layers: 1,
-        hidden_size: model.config.hidden_size,
-        vocab_size: model.config.vocab_size,
-        share_lm_head: false,
-    };
-    MedusaHeads::init(&config, &model.module.lm_head)
-}
-
-/// Plain greedy decoding and greedy Medusa of `ids`, `NEW_TOKENS` each; `on_token` sees
-/// Medusa's stream.
-fn decode_both<B: kernels::FlashAttentionBackend>(
-    model: &Llama<B>,
-    decoder: &MedusaDecoder<'_, B>,
-    ids: &[u32],
-    stop: &[u32],
-    on_token: impl FnMut(u32),
-) -> (Vec<u32>, MedusaOutput) {
-    let plain = GenerationConfig {
-        max_new_tokens: NEW_TOKENS,
-        stop_tokens: stop.to_vec(),
-        ..Default::default()
-    };
-    let ar = generate(model, ids, &plain, |_| {}).unwrap();
-    let config = DecodeConfig {
-        max_new_tokens: NEW_TOKENS,
-        stop_tokens: stop.to_vec(),
-        mode: AcceptMode::Greedy,
-    };
-    (ar.tokens, decoder.generate(ids, &config, on_token).unwrap())
-}
-
 #[test]
 fn greedy_medusa_equals_greedy_autoregressive() {
     let (model, tokenizer) = default_model();
-    let heads = untrained_heads(&model);
+    let heads = untrained_heads(&model, 4);
     let decoder = MedusaDecoder::new(
         &model,
         &heads,
@@ -78,7 +46,9 @@ fn greedy_medusa_equals_greedy_autoregressive() {
     for prompt in prompts() {
         let ids = tokenizer.encode_chat(&[Message::user(&prompt)]).unwrap();
         let mut streamed = Vec::new();
-        let (ar, md) = decode_both(&model, &decoder, &ids, &stop, |t| streamed.push(t));
+        let (ar, md) = decode_both(&model, &decoder, &ids, NEW_TOKENS, &stop, |t| {
+            streamed.push(t)
+        });
         assert_eq!(md.tokens, ar, "prompt {prompt:?}");
         assert_eq!(streamed, md.tokens);
         assert_eq!(md.accept_lengths.len(), md.steps);
@@ -103,7 +73,7 @@ fn greedy_medusa_in_bf16_is_greedy_within_rounding() {
     let options = LoadOptions::default().with_dtype(DType::BF16);
     let model = Llama::<Cpu>::load(&dir, &options, &Default::default()).unwrap();
     let tokenizer = model::Tokenizer::from_dir(&dir).unwrap();
-    let heads = untrained_heads(&model);
+    let heads = untrained_heads(&model, 4);
     let decoder = MedusaDecoder::new(
         &model,
         &heads,
@@ -118,7 +88,7 @@ fn greedy_medusa_in_bf16_is_greedy_within_rounding() {
     let mut identical = 0;
     for (_, prompt) in writing.chain(qa) {
         let ids = tokenizer.encode_chat(&[Message::user(prompt)]).unwrap();
-        let (ar, md) = decode_both(&model, &decoder, &ids, &stop, |_| {});
+        let (ar, md) = decode_both(&model, &decoder, &ids, NEW_TOKENS, &stop, |_| {});
         let md_score = greedy_score(&model, &ids, &md.tokens, 4.0).unwrap();
         let ar_score = greedy_score(&model, &ids, &ar, 4.0).unwrap();
         eprintln!(
@@ -142,7 +112,7 @@ fn greedy_medusa_in_bf16_is_greedy_within_rounding() {
 #[test]
 fn typical_acceptance_at_low_temperature_is_greedy() {
     let (model, tokenizer) = default_model();
-    let heads = untrained_heads(&model);
+    let heads = untrained_heads(&model, 4);
     let decoder = MedusaDecoder::new(
         &model,
         &heads,
@@ -184,7 +154,7 @@ fn typical_acceptance_at_low_temperature_is_greedy() {
 #[test]
 fn typical_acceptance_samples_valid_continuations() {
     let (model, tokenizer) = default_model();
-    let heads = untrained_heads(&model);
+    let heads = untrained_heads(&model, 4);
     let decoder = MedusaDecoder::new(
         &model,
         &heads,

@@ -338,12 +338,7 @@ pub fn linear_rope_cache<B: FusedOpsBackend>(
     let [b, seq, _] = x.dims();
     let (m, k, n) =
         crate::linear::product_dims("linear_rope_cache", &x.dims(), weight.dims(), bias.as_ref());
-    let [cb, n_kv, cap, d] = k_cache.dims();
-    assert_eq!(
-        v_cache.dims(),
-        [cb, n_kv, cap, d],
-        "linear_rope_cache: key and value caches differ"
-    );
+    let [cb, n_kv, cap, d] = cache_dims("linear_rope_cache", &k_cache, &v_cache);
     assert!(
         cb == b && d % 2 == 0 && n == (n_heads + 2 * n_kv) * d,
         "linear_rope_cache: a [{b}, {seq}, {n}] projection does not hold {n_heads} query and \
@@ -444,13 +439,8 @@ pub fn cache_write<B: FusedOpsBackend>(
     v: Tensor<B, 4>,
     start: usize,
 ) -> (Tensor<B, 4>, Tensor<B, 4>) {
-    let [b, h, cap, d] = k_cache.dims();
+    let [b, h, cap, d] = cache_dims("cache_write", &k_cache, &v_cache);
     let [kb, kh, n, kd] = k.dims();
-    assert_eq!(
-        v_cache.dims(),
-        [b, h, cap, d],
-        "cache_write: k and v caches differ"
-    );
     assert_eq!(v.dims(), k.dims(), "cache_write: k and v differ");
     assert!(
         (kb, kh, kd) == (b, h, d) && start + n <= cap,
@@ -496,12 +486,7 @@ pub fn cache_gather<B: FusedOpsBackend>(
     src: &[usize],
     dst_start: usize,
 ) -> (Tensor<B, 4>, Tensor<B, 4>) {
-    let [b, h, cap, d] = k_cache.dims();
-    assert_eq!(
-        v_cache.dims(),
-        [b, h, cap, d],
-        "cache_gather: k and v caches differ"
-    );
+    let [_, _, cap, _] = cache_dims("cache_gather", &k_cache, &v_cache);
     assert!(
         dst_start + src.len() <= cap && src.iter().all(|&r| r < cap),
         "cache_gather: rows {src:?} to {dst_start}.. do not fit a cache of {cap} rows"
@@ -539,6 +524,17 @@ pub fn top_k<B: FusedOpsBackend>(x: Tensor<B, 2>, k: usize) -> Tensor<B, 2, Int>
         .int_dtype
         .into();
     Tensor::from_primitive(B::top_k(x.into_primitive().tensor(), k, out_dtype))
+}
+
+/// The key cache's `[batch, heads, capacity, head_dim]`, checked against the value cache's.
+fn cache_dims<B: burn::tensor::backend::Backend>(
+    op: &str,
+    k_cache: &Tensor<B, 4>,
+    v_cache: &Tensor<B, 4>,
+) -> [usize; 4] {
+    let dims = k_cache.dims();
+    assert_eq!(v_cache.dims(), dims, "{op}: key and value caches differ");
+    dims
 }
 
 fn check_gamma(x: &[usize], gamma: &[usize; 1]) {
