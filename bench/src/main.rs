@@ -13,6 +13,8 @@ mod scale;
 mod system;
 mod timing;
 #[cfg(feature = "cuda")]
+mod topk;
+#[cfg(feature = "cuda")]
 mod tune;
 
 use std::path::PathBuf;
@@ -115,6 +117,9 @@ enum Command {
     /// Sweep the skinny linear kernels' plan knobs on the 8B projection shapes, for a 64-row
     /// tree step and a one-row decode step (CUDA only; `TUNE_TREE_ONLY=1` skips the latter).
     Tune,
+    /// Medusa's candidate top-k on a tree step's shapes: this crate's kernel vs Burn's
+    /// `argtopk` vs argmax-and-mask rounds (CUDA only).
+    TopK,
 }
 
 #[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -147,13 +152,13 @@ fn main() -> Result<()> {
         b => b,
     };
     #[cfg(not(feature = "cuda"))]
-    if matches!(args.command, Some(Command::Launch | Command::Tune)) {
-        bail!("the launch and tune probes need CUDA (build with the `cuda` feature)");
+    if matches!(args.command, Some(Command::Launch | Command::Tune | Command::TopK)) {
+        bail!("the launch, tune and top-k probes need CUDA (build with the `cuda` feature)");
     }
     #[cfg(feature = "cuda")]
-    if let Some(probe @ (Command::Launch | Command::Tune)) = args.command {
+    if let Some(probe @ (Command::Launch | Command::Tune | Command::TopK)) = args.command {
         if backend == BackendArg::Cpu {
-            bail!("the launch and tune probes need a CubeCL runtime (CUDA)");
+            bail!("the launch, tune and top-k probes need a CubeCL runtime (CUDA)");
         }
         type Cuda = cubecl::cuda::CudaRuntime;
         let device = Default::default();
@@ -162,6 +167,10 @@ fn main() -> Result<()> {
             let costs = launch::anatomy::<Cuda>(&device, 2000, 7);
             let md = launch::markdown(&costs, &gpu);
             ("launch", md, serde_json::to_string_pretty(&costs)?)
+        } else if probe == Command::TopK {
+            let rows = topk::compare::<burn_cubecl::CubeBackend<Cuda, f32, i32, u8>>(&device);
+            let md = topk::markdown(&rows, &gpu);
+            ("top-k", md, serde_json::to_string_pretty(&rows)?)
         } else {
             // A decode step's products (one row), then a 64-node tree step's.
             let mut rows = tune::sweep_tree::<Cuda>(&device, 64);
