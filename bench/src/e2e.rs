@@ -4,7 +4,8 @@
 //! The check has two levels: token for token against the autoregressive output, and, where
 //! they differ (bf16 rounds a 64-row tree step and a one-row decode step differently, so
 //! near-ties fall either way), every Medusa token scored teacher-forced must be within
-//! `tie_ulps` units in the last place of its position's top logit ([`medusa::lossless`]).
+//! `tie_ulps` units in the last place of its position's largest logit magnitude below the top
+//! logit ([`medusa::lossless`]).
 
 use std::time::Instant;
 
@@ -79,7 +80,8 @@ pub struct Summary {
     /// Every prompt identical, or all of Medusa's tokens greedy within the tolerance
     /// ([`PromptResult::lossless`]).
     pub lossless: bool,
-    /// Largest gap of a Medusa token below its position's top logit, in ulps.
+    /// Largest gap of a Medusa token below its position's top logit, in ulps of the position's
+    /// largest logit magnitude.
     pub medusa_max_gap_ulps: f32,
     /// The same for the autoregressive tokens.
     pub ar_max_gap_ulps: f32,
@@ -144,8 +146,9 @@ pub struct E2eSettings {
     pub max_new_tokens: usize,
     pub prompt_max_tokens: usize,
     pub trials: usize,
-    /// How many units in the last place of the top logit a token's logit may sit below it and
-    /// still count as greedy (a near-tie that rounding decides).
+    /// How many units in the last place (of the position's largest logit magnitude) a token's
+    /// logit may sit below the top logit and still count as greedy (a near-tie that rounding
+    /// decides).
     pub tie_ulps: f32,
 }
 

@@ -91,8 +91,8 @@ struct Args {
     #[arg(long, global = true, default_value = "llama3-8b")]
     scale: String,
     /// Lossless check: a Medusa token that differs from the autoregressive output must be within
-    /// this many units in the last place (of the run's dtype) of its position's top logit,
-    /// teacher-forced, and the output must end where greedy decoding would; identical outputs
+    /// this many units in the last place (of the run's dtype, at its position's largest logit
+    /// magnitude) of the position's top logit, teacher-forced, and the output must end where greedy decoding would; identical outputs
     /// pass outright (see medusa::lossless).
     #[arg(long, global = true, default_value_t = 4.0)]
     tie_ulps: f32,
@@ -152,7 +152,10 @@ fn main() -> Result<()> {
         b => b,
     };
     #[cfg(not(feature = "cuda"))]
-    if matches!(args.command, Some(Command::Launch | Command::Tune | Command::TopK)) {
+    if matches!(
+        args.command,
+        Some(Command::Launch | Command::Tune | Command::TopK)
+    ) {
         bail!("the launch, tune and top-k probes need CUDA (build with the `cuda` feature)");
     }
     #[cfg(feature = "cuda")]

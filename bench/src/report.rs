@@ -33,7 +33,8 @@ pub struct E2eReport {
     pub tree_nodes: usize,
     /// Prompts the run set out to decode (more than `overall.prompts` in a partial report).
     pub planned_prompts: usize,
-    /// Tolerance of the lossless check, in units in the last place of the top logit.
+    /// Tolerance of the lossless check, in units in the last place of each position's largest
+    /// logit magnitude.
     pub tie_ulps: f32,
     pub overall: Summary,
     pub per_category: Vec<Summary>,
@@ -175,7 +176,7 @@ impl Report {
                     "exact".to_string()
                 } else {
                     format!(
-                        "in the prompts that differ, every Medusa token, scored teacher-forced, within {} {} ulps of its position's top logit and each output ending as greedy decoding ends: {}",
+                        "in the prompts that differ, every Medusa token, scored teacher-forced, within {} {} ulps (of the position's largest logit magnitude) of its position's top logit and each output ending as greedy decoding ends: {}",
                         e.tie_ulps,
                         e.dtype,
                         if o.lossless { "yes" } else { "NO" }
@@ -184,7 +185,7 @@ impl Report {
             );
             let _ = writeln!(
                 s,
-                "\nTeacher-forced greedy check (one forward over prompt + output; gap = top logit minus the emitted token's, in {} ulps of the top logit): Medusa tokens at most {:.2} ulps below the top, autoregressive tokens at most {:.2}. Exact arithmetic would give 0 for both; the autoregressive figure is the rounding distance between the decode path and the teacher-forced forward alone.",
+                "\nTeacher-forced greedy check (one forward over prompt + output; gap = top logit minus the emitted token's, in {} ulps of the position's largest logit magnitude): Medusa tokens at most {:.2} ulps below the top, autoregressive tokens at most {:.2}. Exact arithmetic would give 0 for both; the autoregressive figure is the rounding distance between the decode path and the teacher-forced forward alone.",
                 e.dtype, o.medusa_max_gap_ulps, o.ar_max_gap_ulps
             );
             if o.identical_prompts < o.prompts {

@@ -51,6 +51,9 @@ fn host<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
         .expect("f32 data")
 }
 
+/// One way to compute the top-k indices of a fixed input.
+type TopK<'a, B> = &'a dyn Fn() -> Tensor<B, 2, Int>;
+
 /// Times each implementation on each shape in f32 and bf16.
 pub fn compare<B: FusedOpsBackend>(device: &B::Device) -> Vec<TopKRow> {
     let mut rows = Vec::new();
@@ -59,7 +62,7 @@ pub fn compare<B: FusedOpsBackend>(device: &B::Device) -> Vec<TopKRow> {
             let x = Tensor::<B, 2>::random([r, cols], Distribution::Normal(0.0, 1.0), device)
                 .cast(dtype);
             let want = host_top_values(&host(x.clone()), cols, k);
-            let ways: [(&str, &dyn Fn() -> Tensor<B, 2, Int>); 3] = [
+            let ways: [(&str, TopK<'_, B>); 3] = [
                 ("kernels::top_k", &|| kernels::top_k(x.clone(), k)),
                 ("burn argtopk", &|| x.clone().argtopk(k, 1)),
                 ("argmax-and-mask rounds", &|| {

@@ -643,6 +643,11 @@ fn half_prefill_grid(dtype: DType) {
             .tree(ancestor_tree(64, 7)),
         Case::new(2, 2, 255, 256, 64).tree(random_mask(255, 11)),
         Case::new(1, 1, 200, 200, 64).tree(ancestor_tree(200, 3)),
+        // SmolLM2's 256-node Medusa tree step (`--tree optimal:255`): 9 query / 3 KV heads,
+        // d = 64, after a 600-token prefix in a longer cache.
+        Case::new(9, 3, 256, 256 + 600, 64)
+            .cap(1024)
+            .tree(ancestor_tree(256, 13)),
         Case::new(2, 2, 128, 128, 96).causal(),
         Case::new(3, 1, 70, 90, 80).causal().batch(2),
         Case::new(1, 1, 130, 130, 256).causal(),

@@ -508,6 +508,11 @@ fn top_k_case<B: FusedOpsBackend>(device: &B::Device, dtype: DType, exact_order:
         (3, 37, 1),
         (2, 300, kernels::TOP_K_MAX),
         (5, 10, 10),
+        // Rows over several segments of the two-pass kernel, the last one ragged (k = 32: 64
+        // threads, segments of 1024), and one whose last segment holds fewer than k columns,
+        // all ties but one, so that equal values meet across segments.
+        (3, 5000, kernels::TOP_K_MAX),
+        (2, 2053, 10),
         (1, 513, 4),
     ];
     for (case, (rows, cols, k)) in cases.into_iter().enumerate() {
@@ -520,6 +525,10 @@ fn top_k_case<B: FusedOpsBackend>(device: &B::Device, dtype: DType, exact_order:
         if case == cases.len() - 1 {
             data.iter_mut().for_each(|v| *v = 0.25);
             data[400] = 0.5;
+        }
+        if case == cases.len() - 2 {
+            data.iter_mut().for_each(|v| *v = 0.25);
+            data[2050] = 0.5;
         }
         // A column view of a wider tensor (the kernel reads any row layout).
         let x = column_view::<B, 2>(&data, [rows, cols], 3, 5, dtype, device);

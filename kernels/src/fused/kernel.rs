@@ -499,29 +499,31 @@ fn ranks_before(av: f32, ai: u32, bv: f32, bi: u32) -> bool {
     b_empty || (!a_empty && (av > bv || (av == bv && ai < bi)))
 }
 
-/// Column indices of the `k` largest entries of each row of `x` (`[rows, cols]`, any row
-/// layout), best first (equal values: the lower index first), into `out: [rows, k]`. One cube
-/// of `threads` per row: each thread keeps the best `k` of its strided share of the row sorted
-/// in registers (insertion), then the threads' lists merge pairwise through shared memory in
-/// `log2(threads)` rounds. One launch where `k` rounds of argmax and masking took three each.
-#[allow(clippy::too_many_arguments)]
-#[cube(launch_unchecked)]
-pub fn top_k_kernel<F: Float, I: Int>(
-    x: &Array<F>,
-    x_at: Strided,
-    out: &mut Array<I>,
-    rows: u32,
-    cols: u32,
-    #[comptime] k: usize,
-    #[comptime] threads: usize,
-    #[define(F, I)] _dtypes: [StorageType; 2],
-) {
-    let row = (CUBE_POS_Y * CUBE_COUNT_X + CUBE_POS_X) as usize;
-    if row >= rows as usize {
-        terminate!();
+/// Puts entry `(v, ci)` into the sorted list `vals`/`idxs` of length `k` if it ranks before the
+/// list's last entry: the worse entries shift down one slot.
+#[cube]
+fn insert(vals: &mut Array<f32>, idxs: &mut Array<u32>, v: f32, ci: u32, #[comptime] k: usize) {
+    if ranks_before(v, ci, vals[k - 1], idxs[k - 1]) {
+        let mut j = comptime!(k - 1).runtime();
+        loop {
+            if j == 0 {
+                break;
+            }
+            if !ranks_before(v, ci, vals[j - 1], idxs[j - 1]) {
+                break;
+            }
+            vals[j] = vals[j - 1];
+            idxs[j] = idxs[j - 1];
+            j -= 1;
+        }
+        vals[j] = v;
+        idxs[j] = ci;
     }
-    let t = UNIT_POS as usize;
-    let cols = cols as usize;
+}
+
+/// An empty list of `k` entries in registers.
+#[cube]
+fn empty_list(#[comptime] k: usize) -> (Array<f32>, Array<u32>) {
     let mut vals = Array::<f32>::new(k);
     let mut idxs = Array::<u32>::new(k);
     #[unroll]
@@ -529,32 +531,22 @@ pub fn top_k_kernel<F: Float, I: Int>(
         vals[j] = 0.0f32;
         idxs[j] = EMPTY;
     }
-    let mut c = t;
-    while c < cols {
-        let v = f32::cast_from(x[x_at.offset(row, c)]);
-        let ci = c as u32;
-        if ranks_before(v, ci, vals[k - 1], idxs[k - 1]) {
-            // Shift the worse entries down one slot and put this one in the gap.
-            let mut j = comptime!(k - 1).runtime();
-            loop {
-                if j == 0 {
-                    break;
-                }
-                if !ranks_before(v, ci, vals[j - 1], idxs[j - 1]) {
-                    break;
-                }
-                vals[j] = vals[j - 1];
-                idxs[j] = idxs[j - 1];
-                j -= 1;
-            }
-            vals[j] = v;
-            idxs[j] = ci;
-        }
-        c += threads;
-    }
+    (vals, idxs)
+}
 
-    let mut s_vals = SharedMemory::<f32>::new(threads * k);
-    let mut s_idxs = SharedMemory::<u32>::new(threads * k);
+/// Merges the `threads` sorted lists of a cube (thread `t` holds `vals`/`idxs`) pairwise
+/// through shared memory in `log2(threads)` rounds; the best `k` of all end in slots `0..k` of
+/// `s_vals`/`s_idxs` (`threads * k` each), readable by every thread after the call.
+#[cube]
+fn merge_lists(
+    vals: &mut Array<f32>,
+    idxs: &mut Array<u32>,
+    s_vals: &mut SharedMemory<f32>,
+    s_idxs: &mut SharedMemory<u32>,
+    #[comptime] k: usize,
+    #[comptime] threads: usize,
+) {
+    let t = UNIT_POS as usize;
     #[unroll]
     for j in 0..k {
         s_vals[t * k + j] = vals[j];
@@ -593,6 +585,137 @@ pub fn top_k_kernel<F: Float, I: Int>(
         sync_cube();
         stride /= 2;
     }
+}
+
+/// Column indices of the `k` largest entries of each row of `x` (`[rows, cols]`, any row
+/// layout), best first (equal values: the lower index first), into `out: [rows, k]`, for rows
+/// short enough for one cube. One cube of `threads` per row: each thread keeps the best `k` of
+/// its strided share of the row sorted in registers (insertion), then the threads' lists merge
+/// through shared memory ([`merge_lists`]). Longer rows take [`top_k_segments_kernel`] and
+/// [`top_k_merge_kernel`].
+#[allow(clippy::too_many_arguments)]
+#[cube(launch_unchecked)]
+pub fn top_k_kernel<F: Float, I: Int>(
+    x: &Array<F>,
+    x_at: Strided,
+    out: &mut Array<I>,
+    rows: u32,
+    cols: u32,
+    #[comptime] k: usize,
+    #[comptime] threads: usize,
+    #[define(F, I)] _dtypes: [StorageType; 2],
+) {
+    let row = (CUBE_POS_Y * CUBE_COUNT_X + CUBE_POS_X) as usize;
+    if row >= rows as usize {
+        terminate!();
+    }
+    let t = UNIT_POS as usize;
+    let cols = cols as usize;
+    let (mut vals, mut idxs) = empty_list(k);
+    let mut c = t;
+    while c < cols {
+        let v = f32::cast_from(x[x_at.offset(row, c)]);
+        insert(&mut vals, &mut idxs, v, c as u32, k);
+        c += threads;
+    }
+    let mut s_vals = SharedMemory::<f32>::new(threads * k);
+    let mut s_idxs = SharedMemory::<u32>::new(threads * k);
+    merge_lists(&mut vals, &mut idxs, &mut s_vals, &mut s_idxs, k, threads);
+    if t == 0 {
+        #[unroll]
+        for j in 0..k {
+            out[row * k + j] = I::cast_from(s_idxs[j]);
+        }
+    }
+}
+
+/// First pass of top-k over long rows: cube `(segment, row)` finds the best `k` of the
+/// `threads * per_thread` columns of its segment and writes them (value, column; empty slots
+/// as [`EMPTY`]) to `seg_vals`/`seg_idxs` at `[row, segment, 0..k]`. A cube per row alone
+/// would leave a GPU nearly idle on Medusa's few rows (measured on an H200: 180 µs for 4 rows
+/// of 49152, bound by each thread's chain of loads); each thread here issues its `per_thread`
+/// loads before it compares any of them.
+#[allow(clippy::too_many_arguments)]
+#[cube(launch_unchecked)]
+pub fn top_k_segments_kernel<F: Float>(
+    x: &Array<F>,
+    x_at: Strided,
+    seg_vals: &mut Array<f32>,
+    seg_idxs: &mut Array<u32>,
+    cols: u32,
+    #[comptime] k: usize,
+    #[comptime] threads: usize,
+    #[comptime] per_thread: usize,
+    #[define(F)] _dtype: StorageType,
+) {
+    let segment = CUBE_POS_X as usize;
+    let segments = CUBE_COUNT_X as usize;
+    let row = CUBE_POS_Y as usize;
+    let t = UNIT_POS as usize;
+    let cols = cols as usize;
+    let first = segment * comptime!(threads * per_thread) + t;
+    let mut loaded = Array::<f32>::new(per_thread);
+    #[unroll]
+    for i in 0..per_thread {
+        // Clamped, so that every load is issued unconditionally; out-of-row ones are skipped
+        // below.
+        let c = min(first + i * threads, cols - 1);
+        loaded[i] = f32::cast_from(x[x_at.offset(row, c)]);
+    }
+    let (mut vals, mut idxs) = empty_list(k);
+    #[unroll]
+    for i in 0..per_thread {
+        let c = first + i * threads;
+        if c < cols {
+            insert(&mut vals, &mut idxs, loaded[i], c as u32, k);
+        }
+    }
+    let mut s_vals = SharedMemory::<f32>::new(threads * k);
+    let mut s_idxs = SharedMemory::<u32>::new(threads * k);
+    merge_lists(&mut vals, &mut idxs, &mut s_vals, &mut s_idxs, k, threads);
+    if t < k {
+        let at = (row * segments + segment) * k + t;
+        seg_vals[at] = s_vals[t];
+        seg_idxs[at] = s_idxs[t];
+    }
+}
+
+/// Second pass of top-k over long rows: one cube per row merges the `candidates` entries
+/// [`top_k_segments_kernel`] left for it (`segments * k`) into the row's best `k` column
+/// indices, `out: [rows, k]`.
+#[allow(clippy::too_many_arguments)]
+#[cube(launch_unchecked)]
+pub fn top_k_merge_kernel<I: Int>(
+    seg_vals: &Array<f32>,
+    seg_idxs: &Array<u32>,
+    out: &mut Array<I>,
+    rows: u32,
+    candidates: u32,
+    #[comptime] k: usize,
+    #[comptime] threads: usize,
+    #[define(I)] _dtype: StorageType,
+) {
+    let row = (CUBE_POS_Y * CUBE_COUNT_X + CUBE_POS_X) as usize;
+    if row >= rows as usize {
+        terminate!();
+    }
+    let t = UNIT_POS as usize;
+    let n = candidates as usize;
+    let (mut vals, mut idxs) = empty_list(k);
+    let mut c = t;
+    while c < n {
+        insert(
+            &mut vals,
+            &mut idxs,
+            seg_vals[row * n + c],
+            seg_idxs[row * n + c],
+            k,
+        );
+        c += threads;
+    }
+    let mut s_vals = SharedMemory::<f32>::new(threads * k);
+    let mut s_idxs = SharedMemory::<u32>::new(threads * k);
+    merge_lists(&mut vals, &mut idxs, &mut s_vals, &mut s_idxs, k, threads);
     if t == 0 {
         #[unroll]
         for j in 0..k {

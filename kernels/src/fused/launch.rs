@@ -8,7 +8,8 @@ use cubecl::prelude::*;
 
 use super::kernel::{
     SplitSumConfig, cache_gather_kernel, cache_write_kernel, rms_norm_kernel, rope_cache_kernel,
-    rope_kernel, split_add_rms_norm_kernel, swiglu_kernel, top_k_kernel,
+    rope_kernel, split_add_rms_norm_kernel, swiglu_kernel, top_k_kernel, top_k_merge_kernel,
+    top_k_segments_kernel,
 };
 use crate::args::{array_arg, strided_arg, strided_out_arg, unused_arg, unused_strided_arg};
 use crate::linear::launch::{LinearTuning, Product, SplitSums};
@@ -546,6 +547,13 @@ pub fn cache_gather<R: CubeRuntime>(
 /// Vulkan and WebGPU device offers).
 const TOP_K_SHARED_BYTES: usize = 16 * 1024;
 
+/// Columns each thread of [`top_k_segments_kernel`] loads (all before comparing any).
+const TOP_K_PER_THREAD: usize = 16;
+
+/// From this many rows on, one cube per row already fills a GPU: [`top_k`] skips the
+/// segmented pass.
+const TOP_K_SEGMENTED_ROWS: usize = 256;
+
 /// See [`super::FusedOpsBackend::top_k`]: `x: [rows, cols]` (any row layout), `1 <= k <=
 /// cols`, `k <= super::TOP_K_MAX`; returns `[rows, k]` indices in `int_dtype`.
 pub fn top_k<R: CubeRuntime>(x: CubeTensor<R>, k: usize, int_dtype: DType) -> CubeTensor<R> {
@@ -564,20 +572,59 @@ pub fn top_k<R: CubeRuntime>(x: CubeTensor<R>, k: usize, int_dtype: DType) -> Cu
     // Each thread's list (value + index) lives in shared memory during the merge.
     let threads = threads_for_max(&x, (TOP_K_SHARED_BYTES / (8 * k)).clamp(1, 128));
     let client = x.client.clone();
+    let segments = cols.div_ceil(threads * TOP_K_PER_THREAD);
+    if segments == 1 || rows >= TOP_K_SEGMENTED_ROWS {
+        let (x_arg, x_at) = strided_arg(x);
+        unsafe {
+            top_k_kernel::launch_unchecked::<R>(
+                &client,
+                row_count(rows),
+                CubeDim::new_1d(threads as u32),
+                x_arg,
+                x_at,
+                array_arg(out.clone()),
+                rows as u32,
+                cols as u32,
+                k,
+                threads,
+                [dtype.into(), int_dtype.into()],
+            );
+        }
+        return out;
+    }
+    // Few long rows (Medusa's heads over a vocabulary): a cube per segment of each row, then
+    // a cube per row merging the segments' lists.
+    let candidates = segments * k;
+    let seg_vals = empty_like(&x, Shape::new([rows, candidates]), DType::F32);
+    let seg_idxs = empty_like(&x, Shape::new([rows, candidates]), DType::U32);
     let (x_arg, x_at) = strided_arg(x);
     unsafe {
-        top_k_kernel::launch_unchecked::<R>(
+        top_k_segments_kernel::launch_unchecked::<R>(
             &client,
-            row_count(rows),
+            CubeCount::Static(segments as u32, rows as u32, 1),
             CubeDim::new_1d(threads as u32),
             x_arg,
             x_at,
-            array_arg(out.clone()),
-            rows as u32,
+            array_arg(seg_vals.clone()),
+            array_arg(seg_idxs.clone()),
             cols as u32,
             k,
             threads,
-            [dtype.into(), int_dtype.into()],
+            TOP_K_PER_THREAD,
+            dtype.into(),
+        );
+        top_k_merge_kernel::launch_unchecked::<R>(
+            &client,
+            row_count(rows),
+            CubeDim::new_1d(threads as u32),
+            array_arg(seg_vals),
+            array_arg(seg_idxs),
+            array_arg(out.clone()),
+            rows as u32,
+            candidates as u32,
+            k,
+            threads,
+            int_dtype.into(),
         );
     }
     out

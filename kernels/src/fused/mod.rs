@@ -506,7 +506,8 @@ pub const TOP_K_MAX: usize = 32;
 
 /// Column indices of the `k` largest entries of each row of `x` (`[rows, cols]` to
 /// `[rows, k]`), largest first, in the device's default int dtype: Medusa's candidates, the
-/// top-k tokens of each head's logits. On CubeCL backends one launch for all rows; elsewhere,
+/// top-k tokens of each head's logits. On CubeCL backends one launch for all rows (two for a
+/// few long rows: the best `k` of each segment of a row, then their merge); elsewhere,
 /// and for `k` past [`TOP_K_MAX`], the reference: `k` rounds of argmax and masking the winner
 /// (three launches a round on a GPU). Burn's own `argtopk` is no portable alternative: Flex
 /// (the default CPU backend) does not implement it. Equal values: the kernel ranks the lower
