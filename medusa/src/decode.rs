@@ -16,7 +16,7 @@ use rand::{Rng, SeedableRng, rngs::StdRng};
 use crate::{
     accept::{self, Accepted},
     error::Result,
-    heads::MedusaHeads,
+    heads::{MedusaHeads, StackedBlocks},
     tree::{MedusaTree, TOPK},
 };
 
@@ -94,6 +94,8 @@ impl MedusaOutput {
 pub struct MedusaDecoder<'a, B: FlashAttentionBackend> {
     model: &'a Llama<B>,
     heads: &'a MedusaHeads<B>,
+    /// The heads' residual blocks stacked once, so a step computes all heads' blocks together.
+    stacked: Option<StackedBlocks<B>>,
     tree: MedusaTree,
     tree_mask: Tensor<B, 2, Bool>,
     tree_indices: Tensor<B, 1, Int>,
@@ -120,6 +122,7 @@ impl<'a, B: FlashAttentionBackend> MedusaDecoder<'a, B> {
         Ok(Self {
             model,
             heads,
+            stacked: heads.stack_blocks(),
             tree_mask: Tensor::from_data(TensorData::new(tree.attn_mask.clone(), [n, n]), device),
             tree_indices: ints(&tree.tree_indices),
             parents: ints(&tree.parents),
@@ -240,11 +243,13 @@ impl<'a, B: FlashAttentionBackend> MedusaDecoder<'a, B> {
 
     /// `[K, vocab]` head logits for one position's hidden state (`[1, 1, hidden]`).
     fn head_logits(&self, hidden: Tensor<B, 3>) -> Tensor<B, 2> {
+        let base = &self.model.module.lm_head;
+        if let Some(stacked) = &self.stacked {
+            return self.heads.forward_stacked(stacked, hidden, base);
+        }
         let k = self.heads.num_heads();
         let vocab = self.model.config.vocab_size;
-        self.heads
-            .forward(hidden, &self.model.module.lm_head)
-            .reshape([k, vocab])
+        self.heads.forward(hidden, base).reshape([k, vocab])
     }
 
     /// The root candidate as a `[1]` device tensor.

@@ -98,7 +98,70 @@ impl<B: Backend> MedusaHeads<B> {
     }
 }
 
+/// The heads' residual blocks with a leading head axis: per block depth, the weights
+/// `[K, hidden, hidden]` and biases `[K, 1, hidden]` of all `K` heads, so that one batched
+/// product, one SiLU and one add serve every head where each head's block took its own three
+/// launches (a tree step is launch-bound on a GPU). A copy made once for decoding
+/// ([`MedusaHeads::stack_blocks`]); the heads keep their own parameters for training and
+/// checkpoints.
+#[derive(Debug, Clone)]
+pub struct StackedBlocks<B: Backend> {
+    layers: Vec<(Tensor<B, 3>, Tensor<B, 3>)>,
+}
+
+impl<B: Backend> MedusaHeads<B> {
+    /// The blocks stacked for [`MedusaHeads::forward_stacked`], or `None` when the heads'
+    /// blocks differ in depth or lack a bias (then [`MedusaHeads::forward`] serves).
+    pub fn stack_blocks(&self) -> Option<StackedBlocks<B>> {
+        let depth = self.heads.first()?.blocks.len();
+        if self.heads.iter().any(|head| head.blocks.len() != depth) {
+            return None;
+        }
+        let layers = (0..depth)
+            .map(|l| {
+                let blocks = self.heads.iter().map(|head| &head.blocks[l].linear);
+                let weights = blocks.clone().map(|p| p.weight.val()).collect();
+                let biases = blocks
+                    .map(|p| p.bias.as_ref().map(|b| b.val().unsqueeze_dim::<2>(0)))
+                    .collect::<Option<Vec<_>>>()?;
+                Some((Tensor::stack(weights, 0), Tensor::stack(biases, 0)))
+            })
+            .collect::<Option<Vec<_>>>()?;
+        Some(StackedBlocks { layers })
+    }
+}
+
 impl<B: LinearBackend> MedusaHeads<B> {
+    /// [`MedusaHeads::forward`] for one position, `hidden: [1, 1, hidden]` → `[K, vocab]`,
+    /// with the residual blocks of all heads computed together (`stacked` from
+    /// [`MedusaHeads::stack_blocks`] of these heads); each head's vocabulary projection stays
+    /// its own skinny product.
+    pub fn forward_stacked(
+        &self,
+        stacked: &StackedBlocks<B>,
+        hidden: Tensor<B, 3>,
+        base_lm_head: &Proj<B>,
+    ) -> Tensor<B, 2> {
+        let [_, _, h] = hidden.dims();
+        let k = self.heads.len();
+        // `[1, 1, h]` against `[K, h, h]`: the batch axis broadcasts.
+        let mut x = hidden.reshape([1, 1, h]);
+        for (weight, bias) in &stacked.layers {
+            x = x.clone() + silu(x.matmul(weight.clone()) + bias.clone());
+        }
+        let x = x.expand([k, 1, h]);
+        let logits: Vec<Tensor<B, 2>> = self
+            .heads
+            .iter()
+            .enumerate()
+            .map(|(i, head)| {
+                let row = x.clone().slice([i..i + 1, 0..1, 0..h]).reshape([1, h]);
+                head.lm_head.as_ref().unwrap_or(base_lm_head).forward(row)
+            })
+            .collect();
+        Tensor::cat(logits, 0)
+    }
+
     /// Logits of every head: `hidden` `[batch, seq, hidden]` → `[K, batch, seq, vocab]`.
     /// `base_lm_head` is used by heads without their own projection.
     pub fn forward(&self, hidden: Tensor<B, 3>, base_lm_head: &Proj<B>) -> Tensor<B, 4> {
@@ -114,5 +177,70 @@ impl<B: LinearBackend> MedusaHeads<B> {
             })
             .collect();
         Tensor::stack(logits, 0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use burn::{backend::Flex, tensor::Distribution};
+
+    use super::*;
+
+    fn random<const D: usize>(shape: [usize; D], scale: f64) -> Tensor<Flex, D> {
+        Tensor::random(shape, Distribution::Normal(0.0, scale), &Default::default())
+    }
+
+    /// The stacked blocks compute what each head's own blocks compute, with trained-like
+    /// (non-zero) blocks, two per head, and with own or shared vocabulary projections.
+    #[test]
+    fn stacked_blocks_match_the_heads() {
+        let (h, vocab) = (16, 40);
+        let base = Proj {
+            weight: Param::from_tensor(random([h, vocab], 0.3)),
+            bias: None,
+        };
+        for share_lm_head in [false, true] {
+            let config = MedusaConfig {
+                num_heads: 3,
+                num_layers: 2,
+                hidden_size: h,
+                vocab_size: vocab,
+                share_lm_head,
+            };
+            let mut heads = MedusaHeads::init(&config, &base);
+            for head in &mut heads.heads {
+                for block in &mut head.blocks {
+                    block.linear.weight = Param::from_tensor(random([h, h], 0.3));
+                    block.linear.bias = Some(Param::from_tensor(random([h], 0.3)));
+                }
+                if let Some(p) = &mut head.lm_head {
+                    p.weight = Param::from_tensor(random([h, vocab], 0.3));
+                }
+            }
+            let hidden = random([1, 1, h], 1.0);
+            let want = heads.forward(hidden.clone(), &base).reshape([3, vocab]);
+            let stacked = heads.stack_blocks().expect("uniform blocks with biases");
+            let got = heads.forward_stacked(&stacked, hidden, &base);
+            assert_eq!(got.dims(), [3, vocab]);
+            let want: Vec<f32> = want.into_data().to_vec().unwrap();
+            let got: Vec<f32> = got.into_data().to_vec().unwrap();
+            let max_err = want
+                .iter()
+                .zip(&got)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0.0f32, f32::max);
+            assert!(max_err < 1e-4, "share_lm_head {share_lm_head}: {max_err}");
+        }
+        // Blocks without a bias are not stacked.
+        let config = MedusaConfig {
+            num_heads: 2,
+            num_layers: 1,
+            hidden_size: h,
+            vocab_size: vocab,
+            share_lm_head: false,
+        };
+        let mut heads = MedusaHeads::init(&config, &base);
+        heads.heads[1].blocks[0].linear.bias = None;
+        assert!(heads.stack_blocks().is_none());
     }
 }

@@ -21,5 +21,5 @@ pub mod tree;
 
 pub use decode::{AcceptMode, DecodeConfig, MedusaDecoder, MedusaOutput};
 pub use error::{MedusaError, Result};
-pub use heads::{MedusaConfig, MedusaHead, MedusaHeads, ResBlock};
+pub use heads::{MedusaConfig, MedusaHead, MedusaHeads, ResBlock, StackedBlocks};
 pub use tree::MedusaTree;
