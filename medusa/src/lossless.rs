@@ -96,7 +96,9 @@ pub fn greedy_score<B: FlashAttentionBackend>(
     let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [n, 1]), &rows.device());
     let chosen = host_f32(rows.clone().gather(1, ids))?;
     let top = host_f32(rows.clone().max_dim(1))?;
-    let magnitude = host_f32(rows.abs().max_dim(1))?;
+    // Over the finite logits: a masked (-inf) entry says nothing about the row's rounding.
+    let abs = rows.abs();
+    let magnitude = host_f32(abs.clone().mask_fill(abs.is_inf(), 0.0).max_dim(1))?;
     Ok(score_positions(
         &chosen,
         &top,
@@ -124,8 +126,10 @@ pub fn score_positions(
         let gap = t - c;
         let unit = ulp(m, mantissa);
         score.below_top += usize::from(gap > 0.0);
-        // A NaN logit counts as beyond the tolerance.
-        score.beyond_tolerance += usize::from(gap.is_nan() || gap > tie_ulps * unit);
+        // A NaN logit counts as beyond the tolerance, and so does a gap under a magnitude that
+        // is not finite (its unit would excuse any gap; `greedy_score` passes finite ones).
+        score.beyond_tolerance +=
+            usize::from(gap.is_nan() || (gap > 0.0 && (!m.is_finite() || gap > tie_ulps * unit)));
         score.max_gap = score.max_gap.max(gap);
         score.max_gap_ulps = score.max_gap_ulps.max(gap / unit);
     }
@@ -160,9 +164,8 @@ mod tests {
     }
 
     /// The unit is the row's largest logit magnitude, not the top logit: a 0.29 gap under a top
-    /// logit of 1.5 (37 bf16 ulps of 1.5) is a near-tie in a row whose logits reach -20 (2.3
-    /// ulps of 20), as the twelfth and thirteenth sessions' bf16 runs on the H200 showed; a
-    /// whole logit below the top is not.
+    /// logit of 1.5 (37 bf16 ulps of 1.5, the size of a gap that failed an H200 run) passes in
+    /// a row whose logits reach -20 (2.3 ulps of 20); a whole logit below the top does not.
     #[test]
     fn tolerance_scales_with_the_row() {
         let bf16 = mantissa_bits(DType::BF16);
@@ -174,6 +177,8 @@ mod tests {
         assert_eq!(far.max_gap, 1.0);
         let nan = score_positions(&[f32::NAN], &[1.5], &[20.0], bf16, 4.0);
         assert_eq!(nan.beyond_tolerance, 1);
+        let inf = score_positions(&[1.0, 1.5], &[1.5, 1.5], &[f32::INFINITY; 2], bf16, 4.0);
+        assert_eq!((inf.below_top, inf.beyond_tolerance), (1, 1), "{inf:?}");
     }
 
     #[test]
