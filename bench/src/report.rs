@@ -210,8 +210,13 @@ impl Report {
                                 p.medusa_greedy.beyond_tolerance
                             )
                         };
+                        let at = if p.medusa_greedy.max_gap_ulps > 0.0 {
+                            format!(" of |logit| {:.1}", p.medusa_greedy.max_gap_magnitude)
+                        } else {
+                            String::new()
+                        };
                         format!(
-                            "#{} at token {}{gap} (max {:.2} ulps{verdict})",
+                            "#{} at token {}{gap} (max {:.2} ulps{at}{verdict})",
                             p.id,
                             p.first_mismatch.unwrap_or(0),
                             p.medusa_greedy.max_gap_ulps
@@ -221,7 +226,7 @@ impl Report {
                 let _ = writeln!(s, "\nDiverged from autoregressive: {}", diverged.join(", "));
                 let _ = writeln!(
                     s,
-                    "\nLogit gap: the autoregressive token's logit minus Medusa's at the first difference, from a fresh forward over the common prefix; a gap near zero is a near-tie that the dtype's rounding decided differently in the two paths. Max ulps: the largest teacher-forced gap of that prompt's Medusa tokens."
+                    "\nLogit gap: the autoregressive token's logit minus Medusa's at the first difference, from a fresh forward over the common prefix; a gap near zero is a near-tie that the dtype's rounding decided differently in the two paths. Max ulps: the largest teacher-forced gap of that prompt's Medusa tokens, in ulps of its position's largest logit magnitude (given)."
                 );
             }
             let _ = writeln!(s, "\n### Per category\n");

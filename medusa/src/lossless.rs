@@ -37,6 +37,9 @@ pub struct GreedyScore {
     /// the model's dtype (a maximum of its own: it may come from another token than
     /// `max_gap`).
     pub max_gap_ulps: f32,
+    /// The largest logit magnitude (the unit's base) at the position of `max_gap_ulps`: how
+    /// coarse the tolerance was where the output came closest to failing it.
+    pub max_gap_magnitude: f32,
 }
 
 /// Whether a greedy output ends as greedy decoding would end it: no stop token before the last
@@ -131,7 +134,10 @@ pub fn score_positions(
         score.beyond_tolerance +=
             usize::from(gap.is_nan() || (gap > 0.0 && (!m.is_finite() || gap > tie_ulps * unit)));
         score.max_gap = score.max_gap.max(gap);
-        score.max_gap_ulps = score.max_gap_ulps.max(gap / unit);
+        if gap / unit > score.max_gap_ulps {
+            score.max_gap_ulps = gap / unit;
+            score.max_gap_magnitude = m;
+        }
     }
     score
 }
@@ -171,7 +177,7 @@ mod tests {
         let bf16 = mantissa_bits(DType::BF16);
         let near = score_positions(&[1.5 - 0.2890625], &[1.5], &[20.0], bf16, 4.0);
         assert_eq!((near.below_top, near.beyond_tolerance), (1, 0), "{near:?}");
-        assert_eq!(near.max_gap_ulps, 2.3125);
+        assert_eq!((near.max_gap_ulps, near.max_gap_magnitude), (2.3125, 20.0));
         let far = score_positions(&[0.5, 3.0], &[1.5, 3.0], &[20.0, 20.0], bf16, 4.0);
         assert_eq!((far.tokens, far.below_top, far.beyond_tolerance), (2, 1, 1));
         assert_eq!(far.max_gap, 1.0);
