@@ -512,6 +512,8 @@ fn top_k_case<B: FusedOpsBackend>(device: &B::Device, dtype: DType, exact_order:
         // threads, segments of 1024), and one whose last segment holds fewer than k columns,
         // all ties but one, so that equal values meet across segments.
         (3, 5000, kernels::TOP_K_MAX),
+        // As many rows as fill a GPU with a cube each: one pass even over long rows.
+        (300, 2500, 5),
         (2, 2053, 10),
         (1, 513, 4),
     ];
