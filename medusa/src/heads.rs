@@ -111,7 +111,9 @@ pub struct StackedBlocks<B: Backend> {
 
 impl<B: Backend> MedusaHeads<B> {
     /// The blocks stacked for [`MedusaHeads::forward_stacked`], or `None` when the heads'
-    /// blocks differ in depth or lack a bias (then [`MedusaHeads::forward`] serves).
+    /// blocks differ in depth or lack a bias (then [`MedusaHeads::forward`] serves). A copy of
+    /// the blocks' `K · L · hidden²` weights (SmolLM2, 4 × 2 blocks: 2.7 M; Vicuna-7B's 5 × 1:
+    /// 84 M), small beside the heads' vocabulary projections.
     pub fn stack_blocks(&self) -> Option<StackedBlocks<B>> {
         let depth = self.heads.first()?.blocks.len();
         if self.heads.iter().any(|head| head.blocks.len() != depth) {
