@@ -4,11 +4,14 @@
 //! reduction), and `k` rounds of argmax and masking the winner (the portable reference). If
 //! Burn's is as fast, the hand-written kernel has no reason to exist on CubeCL backends.
 
-use burn::tensor::{DType, Distribution, Int, Tensor, backend::Backend};
+use burn::tensor::{DType, Distribution, Int, Tensor};
 use kernels::FusedOpsBackend;
 use serde::Serialize;
 
-use crate::timing::time_device;
+use crate::{
+    kernel::{dtype_name, host_f32},
+    timing::time_device,
+};
 
 #[derive(Debug, Clone, Serialize)]
 pub struct TopKRow {
@@ -44,14 +47,6 @@ fn host_top_values(values: &[f32], cols: usize, k: usize) -> Vec<f32> {
         .collect()
 }
 
-fn host<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
-    t.cast(DType::F32)
-        .into_data()
-        .convert::<f32>()
-        .to_vec()
-        .expect("f32 data")
-}
-
 /// One way to compute the top-k indices of a fixed input.
 type TopK<'a, B> = &'a dyn Fn() -> Tensor<B, 2, Int>;
 
@@ -62,7 +57,7 @@ pub fn compare<B: FusedOpsBackend>(device: &B::Device) -> Vec<TopKRow> {
         for dtype in [DType::F32, DType::BF16] {
             let x = Tensor::<B, 2>::random([r, cols], Distribution::Normal(0.0, 1.0), device)
                 .cast(dtype);
-            let want = host_top_values(&host(x.clone()), cols, k);
+            let want = host_top_values(&host_f32(x.clone()), cols, k);
             let ways: [(&str, TopK<'_, B>); 3] = [
                 ("kernels::top_k", &|| kernels::top_k(x.clone(), k)),
                 ("burn argtopk", &|| x.clone().argtopk(k, 1)),
@@ -75,40 +70,30 @@ pub fn compare<B: FusedOpsBackend>(device: &B::Device) -> Vec<TopKRow> {
                 // numbers: record it as disagreeing, with no time.
                 let run = || {
                     let indices = f();
-                    let distinct = host(indices.clone().float()).chunks(k).all(|row| {
+                    let distinct = host_f32(indices.clone().float()).chunks(k).all(|row| {
                         let mut row = row.to_vec();
                         row.sort_by(f32::total_cmp);
                         row.windows(2).all(|w| w[0] != w[1])
                     });
-                    let got = host(x.clone().gather(1, indices));
+                    let got = host_f32(x.clone().gather(1, indices));
                     let timing = time_device::<B>(device, 3, 9, 2.0, || {
                         let _ = f();
                     });
                     (distinct && got == want, timing)
                 };
-                let Ok((agrees, timing)) =
-                    std::panic::catch_unwind(std::panic::AssertUnwindSafe(run))
-                else {
-                    rows.push(TopKRow {
-                        rows: r,
-                        cols,
-                        k,
-                        dtype: crate::kernel::dtype_name(dtype).into(),
-                        implementation: format!("{name} (panicked)"),
-                        median_us: f64::NAN,
-                        host_us: f64::NAN,
-                        agrees: false,
-                    });
-                    continue;
+                let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(run));
+                let (implementation, agrees, median_us, host_us) = match outcome {
+                    Ok((agrees, t)) => (name.into(), agrees, t.median_ms * 1e3, t.host_ms * 1e3),
+                    Err(_) => (format!("{name} (panicked)"), false, f64::NAN, f64::NAN),
                 };
                 rows.push(TopKRow {
                     rows: r,
                     cols,
                     k,
-                    dtype: crate::kernel::dtype_name(dtype).into(),
-                    implementation: name.into(),
-                    median_us: timing.median_ms * 1e3,
-                    host_us: timing.host_ms * 1e3,
+                    dtype: dtype_name(dtype).into(),
+                    implementation,
+                    median_us,
+                    host_us,
                     agrees,
                 });
             }

@@ -535,17 +535,17 @@ fn empty_list(#[comptime] k: usize) -> (Array<f32>, Array<u32>) {
 }
 
 /// Merges the `threads` sorted lists of a cube (thread `t` holds `vals`/`idxs`) pairwise
-/// through shared memory in `log2(threads)` rounds; the best `k` of all end in slots `0..k` of
-/// `s_vals`/`s_idxs` (`threads * k` each), readable by every thread after the call.
+/// through shared memory in `log2(threads)` rounds. Thread 0 takes part in every round, so
+/// after the call its `vals`/`idxs` hold the best `k` of all.
 #[cube]
 fn merge_lists(
     vals: &mut Array<f32>,
     idxs: &mut Array<u32>,
-    s_vals: &mut SharedMemory<f32>,
-    s_idxs: &mut SharedMemory<u32>,
     #[comptime] k: usize,
     #[comptime] threads: usize,
 ) {
+    let mut s_vals = SharedMemory::<f32>::new(threads * k);
+    let mut s_idxs = SharedMemory::<u32>::new(threads * k);
     let t = UNIT_POS as usize;
     #[unroll]
     for j in 0..k {
@@ -587,6 +587,17 @@ fn merge_lists(
     }
 }
 
+/// Thread 0 writes the cube's merged list ([`merge_lists`]) as row `row` of `out: [rows, k]`.
+#[cube]
+fn write_indices<I: Int>(out: &mut Array<I>, idxs: &Array<u32>, row: usize, #[comptime] k: usize) {
+    if UNIT_POS == 0 {
+        #[unroll]
+        for j in 0..k {
+            out[row * k + j] = I::cast_from(idxs[j]);
+        }
+    }
+}
+
 /// Column indices of the `k` largest entries of each row of `x` (`[rows, cols]`, any row
 /// layout), best first (equal values: the lower index first), into `out: [rows, k]`, for rows
 /// short enough for one cube. One cube of `threads` per row: each thread keeps the best `k` of
@@ -618,15 +629,8 @@ pub fn top_k_kernel<F: Float, I: Int>(
         insert(&mut vals, &mut idxs, v, c as u32, k);
         c += threads;
     }
-    let mut s_vals = SharedMemory::<f32>::new(threads * k);
-    let mut s_idxs = SharedMemory::<u32>::new(threads * k);
-    merge_lists(&mut vals, &mut idxs, &mut s_vals, &mut s_idxs, k, threads);
-    if t == 0 {
-        #[unroll]
-        for j in 0..k {
-            out[row * k + j] = I::cast_from(s_idxs[j]);
-        }
-    }
+    merge_lists(&mut vals, &mut idxs, k, threads);
+    write_indices(out, &idxs, row, k);
 }
 
 /// First pass of top-k over long rows: cube `(segment, row)` finds the best `k` of the
@@ -670,13 +674,14 @@ pub fn top_k_segments_kernel<F: Float>(
             insert(&mut vals, &mut idxs, loaded[i], c as u32, k);
         }
     }
-    let mut s_vals = SharedMemory::<f32>::new(threads * k);
-    let mut s_idxs = SharedMemory::<u32>::new(threads * k);
-    merge_lists(&mut vals, &mut idxs, &mut s_vals, &mut s_idxs, k, threads);
-    if t < k {
-        let at = (row * segments + segment) * k + t;
-        seg_vals[at] = s_vals[t];
-        seg_idxs[at] = s_idxs[t];
+    merge_lists(&mut vals, &mut idxs, k, threads);
+    if t == 0 {
+        let at = (row * segments + segment) * k;
+        #[unroll]
+        for j in 0..k {
+            seg_vals[at + j] = vals[j];
+            seg_idxs[at + j] = idxs[j];
+        }
     }
 }
 
@@ -713,13 +718,6 @@ pub fn top_k_merge_kernel<I: Int>(
         );
         c += threads;
     }
-    let mut s_vals = SharedMemory::<f32>::new(threads * k);
-    let mut s_idxs = SharedMemory::<u32>::new(threads * k);
-    merge_lists(&mut vals, &mut idxs, &mut s_vals, &mut s_idxs, k, threads);
-    if t == 0 {
-        #[unroll]
-        for j in 0..k {
-            out[row * k + j] = I::cast_from(s_idxs[j]);
-        }
-    }
+    merge_lists(&mut vals, &mut idxs, k, threads);
+    write_indices(out, &idxs, row, k);
 }
