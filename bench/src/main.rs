@@ -90,6 +90,10 @@ struct Args {
     /// 8B-scale random-weight timing preset for `all` on CUDA ("none" to skip).
     #[arg(long, global = true, default_value = "llama3-8b")]
     scale: String,
+    /// Leave stock Burn's decode and projections out of the scale timing (on a fresh GPU its
+    /// first-use autotuning takes minutes).
+    #[arg(long, global = true)]
+    skip_stock: bool,
     /// Lossless check: a Medusa token that differs from the autoregressive output must be within
     /// this many units in the last place (of the run's dtype, at its position's largest logit
     /// magnitude) of the position's top logit, teacher-forced, and the output must end where greedy decoding would; identical outputs
@@ -114,8 +118,9 @@ enum Command {
     /// Where the host time of one kernel launch goes (CUDA only; its second half holds ~15 GB
     /// of buffers, the size of Llama-3-8B's bf16 weights).
     Launch,
-    /// Sweep the skinny linear kernels' plan knobs on the 8B projection shapes, for a 64-row
-    /// tree step and a one-row decode step (CUDA only; `TUNE_TREE_ONLY=1` skips the latter).
+    /// Sweep the skinny linear kernels' plan knobs on a model's projection shapes (Llama-3-8B,
+    /// or `--model random:<preset>`), for a 64-row tree step and a one-row decode step (CUDA
+    /// only; `TUNE_TREE_ONLY=1` skips the latter).
     Tune,
     /// Medusa's candidate top-k on a tree step's shapes: this crate's kernel vs Burn's
     /// `argtopk` vs argmax-and-mask rounds (CUDA only).
@@ -175,10 +180,15 @@ fn main() -> Result<()> {
             let md = topk::markdown(&rows, &gpu);
             ("top-k", md, serde_json::to_string_pretty(&rows)?)
         } else {
-            // A decode step's products (one row), then a 64-node tree step's.
-            let mut rows = tune::sweep_tree::<Cuda>(&device, 64);
+            // A 64-node tree step's products, then a decode step's (one row), on the shapes of
+            // the named random preset (Llama-3-8B by default).
+            let config = match ModelSource::parse(&args.model) {
+                ModelSource::Random { preset } => model::LlamaConfig::preset(&preset)?,
+                _ => model::LlamaConfig::preset("llama3-8b")?,
+            };
+            let mut rows = tune::sweep_tree::<Cuda>(&device, 64, &config);
             if std::env::var("TUNE_TREE_ONLY").is_err() {
-                rows.extend(tune::sweep::<Cuda>(&device));
+                rows.extend(tune::sweep::<Cuda>(&device, &config));
             }
             let md = tune::markdown(&rows, &gpu);
             ("tune", md, serde_json::to_string_pretty(&rows)?)
@@ -326,6 +336,7 @@ fn run<B: FlashAttentionBackend>(
             &tree,
             args.heads,
             args.max_new_tokens.unwrap_or(128),
+            !args.skip_stock,
             &bar,
         )?);
         bar.finish_with_message("scale: done");

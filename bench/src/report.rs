@@ -290,9 +290,13 @@ impl Report {
                     "| projection | rows | k × n | per forward | ours ms | ours host ms | ours GB/s | stock ms | stock GB/s |\n|---|---:|---|---:|---:|---:|---:|---:|---:|"
                 );
                 for l in &sc.linear {
+                    let (stock_ms, stock_gbps) = match (&l.stock, l.stock_gbps) {
+                        (Some(t), Some(g)) => (format!("{:.4}", t.median_ms), format!("{g:.0}")),
+                        _ => ("—".into(), "—".into()),
+                    };
                     let _ = writeln!(
                         s,
-                        "| {} | {} | {} × {} | {} | {:.4} | {:.4} | {:.0} | {:.4} | {:.0} |",
+                        "| {} | {} | {} × {} | {} | {:.4} | {:.4} | {:.0} | {} | {} |",
                         l.name,
                         l.rows,
                         l.k,
@@ -301,8 +305,8 @@ impl Report {
                         l.ours.median_ms,
                         l.ours.host_ms,
                         l.ours_gbps,
-                        l.stock.median_ms,
-                        l.stock_gbps
+                        stock_ms,
+                        stock_gbps
                     );
                 }
                 let projections_ms: f64 = sc
@@ -323,6 +327,15 @@ impl Report {
             let _ = writeln!(
                 s,
                 "\nDispatch: one decode forward (no read-back) keeps the host busy {:.2} ms enqueueing it and the device done after {:.2} ms ({:.0}% host); the host share close to 100% means the GPU waits for dispatch.",
+                f.host_ms,
+                f.median_ms,
+                100.0 * f.host_ms / f.median_ms
+            );
+            let f = &sc.tree_forward;
+            let _ = writeln!(
+                s,
+                "\nThe same for one tree forward ({} nodes, hidden states only): host {:.2} ms, device done after {:.2} ms ({:.0}% host).",
+                sc.tree_nodes,
                 f.host_ms,
                 f.median_ms,
                 100.0 * f.host_ms / f.median_ms

@@ -32,10 +32,11 @@ pub struct LinearSpeed {
     /// How many such products one forward runs (layers).
     pub per_forward: usize,
     pub ours: Timing,
-    pub stock: Timing,
+    /// Burn's `linear` (absent when the run skipped stock Burn).
+    pub stock: Option<Timing>,
     /// Weight bytes over the median time.
     pub ours_gbps: f64,
-    pub stock_gbps: f64,
+    pub stock_gbps: Option<f64>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -58,6 +59,9 @@ pub struct ScaleResult {
     /// kernel launch costs through Burn and CubeCL on this machine.
     pub launch: Timing,
     pub tree_step: Timing,
+    /// One tree forward (hidden states of every node, no LM head, no read-back): `host_ms`
+    /// against `median_ms`, as for `decode_forward`.
+    pub tree_forward: Timing,
     pub tree_nodes: usize,
     pub medusa_heads: usize,
     pub medusa_heads_step: Timing,
@@ -101,6 +105,7 @@ fn linear_speeds<B: FlashAttentionBackend>(
     config: &LlamaConfig,
     dtype: DType,
     rows: usize,
+    stock: bool,
     device: &B::Device,
 ) -> Vec<LinearSpeed> {
     let (h, d) = (config.hidden_size, config.head_dim());
@@ -132,7 +137,7 @@ fn linear_speeds<B: FlashAttentionBackend>(
                 })
             };
             let ours = time(true);
-            let stock = time(false);
+            let stock = stock.then(|| time(false));
             kernels::set_kernels_enabled(true);
             let gbps = |t: &Timing| bytes as f64 / (t.median_ms / 1e3) / 1e9;
             LinearSpeed {
@@ -142,7 +147,7 @@ fn linear_speeds<B: FlashAttentionBackend>(
                 n,
                 per_forward,
                 ours_gbps: gbps(&ours),
-                stock_gbps: gbps(&stock),
+                stock_gbps: stock.as_ref().map(gbps),
                 ours,
                 stock,
             }
@@ -157,6 +162,7 @@ pub fn run<B: FlashAttentionBackend>(
     tree: &MedusaTree,
     num_heads: usize,
     new_tokens: usize,
+    stock: bool,
     progress: &crate::progress::Progress,
 ) -> Result<ScaleResult> {
     let config = LlamaConfig::preset(preset)?;
@@ -218,6 +224,9 @@ pub fn run<B: FlashAttentionBackend>(
         ),
         ("stock Burn (matmul + attention)", false, true, &model),
     ] {
+        if !kernels_on && !stock {
+            continue;
+        }
         progress.set_message(format!("scale: decoding, {label}"));
         kernels::set_kernels_enabled(kernels_on);
         kernels::set_fold_reductions(fold);
@@ -241,8 +250,8 @@ pub fn run<B: FlashAttentionBackend>(
     drop(apart);
 
     progress.set_message("scale: projection shapes".to_string());
-    let mut linear = linear_speeds::<B>(&config, dtype, 1, device);
-    linear.extend(linear_speeds::<B>(&config, dtype, tree.len(), device));
+    let mut linear = linear_speeds::<B>(&config, dtype, 1, stock, device);
+    linear.extend(linear_speeds::<B>(&config, dtype, tree.len(), stock, device));
 
     // One decode step vs one tree verification, both on a cache holding prompt + output.
     progress.set_message("scale: tree step vs decode step".to_string());
@@ -293,6 +302,12 @@ pub fn run<B: FlashAttentionBackend>(
         let _ = model::generate::read_ints(argmax);
         cache.truncate(len);
     });
+    let tree_forward = time_device::<B>(device, 3, 15, 0.0, || {
+        let _ = model
+            .forward_hidden(nodes.clone(), &mut cache, Some(&tree_input))
+            .expect("tree step");
+        cache.truncate(len);
+    });
     let heads = MedusaHeads::init(
         &MedusaConfig {
             num_heads,
@@ -326,6 +341,7 @@ pub fn run<B: FlashAttentionBackend>(
         decode_forward,
         launch,
         tree_step,
+        tree_forward,
         tree_nodes: n,
         medusa_heads: num_heads,
         medusa_heads_step,

@@ -1,11 +1,12 @@
 //! A sweep over the skinny linear kernels' plan knobs ([`LinearTuning`]) on the projection
-//! shapes of Llama-3-8B in bf16: one row of `x` (a decode step, the SIMT kernel) and 64 rows
+//! shapes of a model config (Llama-3-8B unless the bench names a random preset) in bf16: one row of `x` (a decode step, the SIMT kernel) and 64 rows
 //! (a Medusa tree step, the tensor-core kernel, beside Burn's matmul), to see how far the
 //! default plan is from the best one the kernels can run, and which knob matters.
 
 use burn::tensor::{DType, Distribution, Tensor, backend::Backend};
 use burn_cubecl::{CubeBackend, CubeRuntime, tensor::CubeTensor};
 use kernels::linear::{LinearProblem, LinearTuning, cmma_usable, launch, plan_cmma, plan_for};
+use model::LlamaConfig;
 use serde::Serialize;
 
 use crate::timing::time_calls;
@@ -69,12 +70,13 @@ fn time_us<R: CubeRuntime>(
     1e3 * time_calls::<B<R>>(device, 4 * ws.len(), 7, run).median_ms
 }
 
-/// The projection shapes of one Llama-3-8B layer: (name, k, n).
-fn shapes() -> [(&'static str, usize, usize); 4] {
-    let (h, kv, ffn) = (4096usize, 1024usize, 14336usize);
+/// The projection shapes of one layer of `config`: (name, k, n).
+fn shapes(config: &LlamaConfig) -> [(&'static str, usize, usize); 4] {
+    let (h, d, ffn) = (config.hidden_size, config.head_dim(), config.intermediate_size);
+    let (q, kv) = (config.num_attention_heads * d, config.num_kv_heads() * d);
     [
-        ("q/k/v (fused)", h, h + 2 * kv),
-        ("o", h, h),
+        ("q/k/v (fused)", h, q + 2 * kv),
+        ("o", q, h),
         ("gate/up (fused)", h, 2 * ffn),
         ("down", ffn, h),
     ]
@@ -86,9 +88,9 @@ fn weights<R: CubeRuntime>(k: usize, n: usize, device: &R::Device) -> Vec<CubeTe
     (0..copies).map(|_| bf16::<R>([k, n], device)).collect()
 }
 
-/// Times every combination of the knobs on each shape, one row of `x` (SIMT kernel); the first
-/// row of each shape is the default plan.
-pub fn sweep<R: CubeRuntime>(device: &R::Device) -> Vec<TuneRow> {
+/// Times every combination of the knobs on each shape of `config`, one row of `x` (SIMT
+/// kernel); the first row of each shape is the default plan.
+pub fn sweep<R: CubeRuntime>(device: &R::Device, config: &LlamaConfig) -> Vec<TuneRow> {
     let client = R::client(device);
     let mut knobs = vec![LinearTuning::default()];
     for cubes_per_sm in [2, 4, 8] {
@@ -107,7 +109,7 @@ pub fn sweep<R: CubeRuntime>(device: &R::Device) -> Vec<TuneRow> {
         }
     }
     let mut rows = Vec::new();
-    for (name, k, n) in shapes() {
+    for (name, k, n) in shapes(config) {
         let ws = weights::<R>(k, n, device);
         let x = bf16::<R>([1, k], device);
         for tuning in &knobs {
@@ -157,10 +159,15 @@ fn knob_label(tuning: &LinearTuning) -> String {
     s
 }
 
-/// A Medusa tree step's products (`m` rows, bf16): Burn's matmul, the SIMT kernel's default
-/// plan, then the tensor-core kernel's default plan and its knob combinations. The first row of
-/// each shape is Burn's matmul, the baseline the tree step used before the tensor-core kernel.
-pub fn sweep_tree<R: CubeRuntime>(device: &R::Device, m: usize) -> Vec<TuneRow> {
+/// A Medusa tree step's products (`m` rows, bf16) on the shapes of `config`: Burn's matmul, the
+/// SIMT kernel's default plan, then the tensor-core kernel's default plan and its knob
+/// combinations. The first row of each shape is Burn's matmul, the baseline the tree step used
+/// before the tensor-core kernel.
+pub fn sweep_tree<R: CubeRuntime>(
+    device: &R::Device,
+    m: usize,
+    config: &LlamaConfig,
+) -> Vec<TuneRow> {
     let client = R::client(device);
     let hw = &client.properties().hardware;
     let sms = hw.num_streaming_multiprocessors.unwrap_or(16) as usize;
@@ -168,9 +175,10 @@ pub fn sweep_tree<R: CubeRuntime>(device: &R::Device, m: usize) -> Vec<TuneRow> 
     let mut knobs = vec![LinearTuning::default()];
     // K splits past the planner's cap (the f32 partials at most a quarter of the weight bytes),
     // which may pay while the partials stay in L2.
+    // 64-thread cubes (two planes, 32 columns) double the cubes of a narrow product.
     for splits in [2, 4, 8, 12, 16] {
         for unroll in [2, 4] {
-            for threads in [128, 256] {
+            for threads in [64, 128, 256] {
                 knobs.push(LinearTuning {
                     splits: Some(splits),
                     unroll: Some(unroll),
@@ -181,7 +189,7 @@ pub fn sweep_tree<R: CubeRuntime>(device: &R::Device, m: usize) -> Vec<TuneRow> 
         }
     }
     let mut rows = Vec::new();
-    for (name, k, n) in shapes() {
+    for (name, k, n) in shapes(config) {
         let ws = weights::<R>(k, n, device);
         let x = bf16::<R>([m, k], device);
         let row = |tuning: String, plan: String, us: f64| TuneRow {

@@ -60,6 +60,19 @@ const CMMA_UNROLL: usize = 4;
 pub const CMMA_DEPTH: usize = 1;
 /// Cubes per multiprocessor the K split aims for.
 const CMMA_CUBES_PER_SM: usize = 4;
+/// Weight bytes up to which a tensor-core product counts as small: 8 MiB stream in ~2.4 µs at
+/// an H200's 3.5 TB/s, less than a launch, so such a product is bound by the latency of its
+/// cubes' K loops, not by bandwidth, and the partials' traffic does not matter.
+const CMMA_SMALL_WEIGHT_BYTES: usize = 8 << 20;
+/// Planes per cube of a small product: two (32 columns) give twice the cubes of the default.
+const CMMA_SMALL_WARPS: usize = 2;
+/// Fewest K rows per split of a small product. Measured on an H200 (`bench tune --model
+/// random:smollm2-135m`, 64 rows of bf16, each product with its reduction launch): SmolLM2's
+/// q/k/v, o, gate/up and down took 23.0 / 23.5 / 24.8 / 53.8 µs with the default plan (4
+/// planes, no split: 15, 9, 48 and 9 cubes each running the whole K), 14.5 / 16.5 / 16.7 /
+/// 16.5 µs with 2 planes and splits of at least 128 rows (the best of 61 combinations per
+/// shape: 14.5 / 13.9 / 16.5 / 15.2); shorter splits were slower again (q/k/v at 64 rows: 18.2).
+const CMMA_SMALL_MIN_CHUNK: usize = 128;
 
 /// Knobs for tests and benchmarks; the defaults (all `None`) are what
 /// [`crate::LinearBackend::linear_skinny`] uses.
@@ -767,7 +780,10 @@ impl LinearCmmaPlan {
 ///   halved until the cube fits `shared_limit`; `tuning.stages` of them in flight (default 1);
 /// - K split across cubes as in [`plan`]: towards `cubes_per_sm` (default 4) cubes per
 ///   multiprocessor, with the f32 partials costing at most a quarter of the weight bytes and
-///   each split at least one stage.
+///   each split at least one stage;
+/// - small products (weights up to [`CMMA_SMALL_WEIGHT_BYTES`], e.g. SmolLM2's) are
+///   latency-bound: 2 planes per cube, and the partials' cap gives way to splits of at least
+///   [`CMMA_SMALL_MIN_CHUNK`] K rows.
 pub fn plan_cmma(
     p: &LinearProblem,
     multiprocessors: usize,
@@ -782,10 +798,11 @@ pub fn plan_cmma(
     {
         return None;
     }
+    let small = p.k * p.n * p.elem_size <= CMMA_SMALL_WEIGHT_BYTES;
     let warps = tuning
         .threads
         .map(|t| (t / PLANE).clamp(1, 16))
-        .unwrap_or(CMMA_WARPS);
+        .unwrap_or(if small { CMMA_SMALL_WARPS } else { CMMA_WARPS });
     let mut config = LinearCmmaConfig {
         vector_size: 16 / p.elem_size,
         warps,
@@ -805,7 +822,12 @@ pub fn plan_cmma(
     let col_tiles = p.n.div_ceil(config.cols_per_cube());
     let target = multiprocessors.max(1) * tuning.cubes_per_sm.unwrap_or(CMMA_CUBES_PER_SM);
     let max_useful = p.k.div_ceil(config.block_k).max(1);
-    let partial_cap = (p.k * p.elem_size / (32 * p.m)).max(1);
+    let partial_cap = if small {
+        p.k / CMMA_SMALL_MIN_CHUNK
+    } else {
+        p.k * p.elem_size / (32 * p.m)
+    }
+    .max(1);
     let splits = match tuning.splits {
         Some(s) => s.clamp(1, max_useful),
         None if col_tiles >= target => 1,
@@ -1068,8 +1090,14 @@ mod tests {
             assert!(plan.splits * plan.k_chunk >= k && (plan.splits - 1) * plan.k_chunk < k);
             assert_eq!(c.partial, plan.splits > 1);
             assert_eq!(plan.reduce.is_some(), plan.splits > 1);
-            // The f32 partials cost at most a quarter of the weight bytes.
-            assert!(plan.splits == 1 || plan.splits * m * 4 * 2 * 4 <= k * 2);
+            if k * n * 2 <= CMMA_SMALL_WEIGHT_BYTES {
+                // Small products: two planes, splits of at least CMMA_SMALL_MIN_CHUNK rows.
+                assert_eq!(c.warps, CMMA_SMALL_WARPS);
+                assert!(plan.splits == 1 || plan.k_chunk >= CMMA_SMALL_MIN_CHUNK);
+            } else {
+                // The f32 partials cost at most a quarter of the weight bytes.
+                assert!(plan.splits == 1 || plan.splits * m * 4 * 2 * 4 <= k * 2);
+            }
             assert!(c.shared_bytes(2) <= h100);
         }
         // A small shared-memory budget shortens the stages.
@@ -1082,6 +1110,19 @@ mod tests {
         .unwrap();
         assert!(small.config.shared_bytes(2) + 384 <= 12 * 1024);
         assert!(small.config.block_k < 64);
+        // SmolLM2's tree-step products take the plans measured best among the swept ones.
+        let smol = |k, n| {
+            let plan = plan_cmma(&problem(64, k, n, 2), 132, h100, &LinearTuning::default())
+                .unwrap();
+            (plan.col_tiles, plan.splits, plan.config.warps)
+        };
+        assert_eq!(smol(576, 960), (30, 4, 2));
+        assert_eq!(smol(576, 3072), (96, 4, 2));
+        assert_eq!(smol(1536, 576), (18, 12, 2));
+        // Llama-3-8B's keep the default plan (4 planes, partials capped).
+        let big = plan_cmma(&problem(64, 4096, 4096, 2), 132, h100, &LinearTuning::default())
+            .unwrap();
+        assert_eq!((big.config.warps, big.splits), (4, 4));
     }
 
     #[test]
