@@ -329,16 +329,15 @@ fn run<B: FlashAttentionBackend>(
         };
         let tree = MedusaTree::named_or_json(spec, args.heads)?;
         let bar = Progress::new(None);
-        report.scale = Some(scale::run::<B>(
-            &preset,
+        let settings = scale::ScaleSettings {
+            preset: &preset,
             dtype,
-            device,
-            &tree,
-            args.heads,
-            args.max_new_tokens.unwrap_or(128),
-            !args.skip_stock,
-            &bar,
-        )?);
+            tree: &tree,
+            num_heads: args.heads,
+            new_tokens: args.max_new_tokens.unwrap_or(128),
+            stock: !args.skip_stock,
+        };
+        report.scale = Some(scale::run::<B>(&settings, device, &bar)?);
         bar.finish_with_message("scale: done");
         report.write(&args.out)?;
     }

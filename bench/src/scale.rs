@@ -155,16 +155,32 @@ fn linear_speeds<B: FlashAttentionBackend>(
         .collect()
 }
 
+/// What [`run`] times.
+pub struct ScaleSettings<'a> {
+    /// A [`LlamaConfig::preset`] name.
+    pub preset: &'a str,
+    pub dtype: DType,
+    pub tree: &'a MedusaTree,
+    /// Untrained Medusa heads whose forward is timed.
+    pub num_heads: usize,
+    pub new_tokens: usize,
+    /// Also time stock Burn (its decode and projections).
+    pub stock: bool,
+}
+
 pub fn run<B: FlashAttentionBackend>(
-    preset: &str,
-    dtype: DType,
+    settings: &ScaleSettings,
     device: &B::Device,
-    tree: &MedusaTree,
-    num_heads: usize,
-    new_tokens: usize,
-    stock: bool,
     progress: &crate::progress::Progress,
 ) -> Result<ScaleResult> {
+    let ScaleSettings {
+        preset,
+        dtype,
+        tree,
+        num_heads,
+        new_tokens,
+        stock,
+    } = *settings;
     let config = LlamaConfig::preset(preset)?;
     progress.set_message("scale: measuring bandwidth");
     let bandwidth_gbps = bandwidth::<B>(device);
@@ -251,7 +267,13 @@ pub fn run<B: FlashAttentionBackend>(
 
     progress.set_message("scale: projection shapes".to_string());
     let mut linear = linear_speeds::<B>(&config, dtype, 1, stock, device);
-    linear.extend(linear_speeds::<B>(&config, dtype, tree.len(), stock, device));
+    linear.extend(linear_speeds::<B>(
+        &config,
+        dtype,
+        tree.len(),
+        stock,
+        device,
+    ));
 
     // One decode step vs one tree verification, both on a cache holding prompt + output.
     progress.set_message("scale: tree step vs decode step".to_string());

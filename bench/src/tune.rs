@@ -72,7 +72,11 @@ fn time_us<R: CubeRuntime>(
 
 /// The projection shapes of one layer of `config`: (name, k, n).
 fn shapes(config: &LlamaConfig) -> [(&'static str, usize, usize); 4] {
-    let (h, d, ffn) = (config.hidden_size, config.head_dim(), config.intermediate_size);
+    let (h, d, ffn) = (
+        config.hidden_size,
+        config.head_dim(),
+        config.intermediate_size,
+    );
     let (q, kv) = (config.num_attention_heads * d, config.num_kv_heads() * d);
     [
         ("q/k/v (fused)", h, q + 2 * kv),

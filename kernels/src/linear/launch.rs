@@ -1112,16 +1112,21 @@ mod tests {
         assert!(small.config.block_k < 64);
         // SmolLM2's tree-step products take the plans measured best among the swept ones.
         let smol = |k, n| {
-            let plan = plan_cmma(&problem(64, k, n, 2), 132, h100, &LinearTuning::default())
-                .unwrap();
+            let plan =
+                plan_cmma(&problem(64, k, n, 2), 132, h100, &LinearTuning::default()).unwrap();
             (plan.col_tiles, plan.splits, plan.config.warps)
         };
         assert_eq!(smol(576, 960), (30, 4, 2));
         assert_eq!(smol(576, 3072), (96, 4, 2));
         assert_eq!(smol(1536, 576), (18, 12, 2));
         // Llama-3-8B's keep the default plan (4 planes, partials capped).
-        let big = plan_cmma(&problem(64, 4096, 4096, 2), 132, h100, &LinearTuning::default())
-            .unwrap();
+        let big = plan_cmma(
+            &problem(64, 4096, 4096, 2),
+            132,
+            h100,
+            &LinearTuning::default(),
+        )
+        .unwrap();
         assert_eq!((big.config.warps, big.splits), (4, 4));
     }
 
