@@ -111,7 +111,8 @@ enum Command {
     All,
     /// Attention microbenchmark only.
     Kernel,
-    /// End-to-end decoding only (with --model random:<preset>: 8B-scale timing only).
+    /// End-to-end decoding only (with --model random:<preset>: only the random-weight timing of
+    /// that preset's config).
     E2e,
     /// The model on this backend (f32 and bf16) against transformers' outputs.
     Fidelity,
@@ -184,7 +185,11 @@ fn main() -> Result<()> {
             // the named random preset (Llama-3-8B by default).
             let config = match ModelSource::parse(&args.model) {
                 ModelSource::Random { preset } => model::LlamaConfig::preset(&preset)?,
-                _ => model::LlamaConfig::preset("llama3-8b")?,
+                _ if args.model == "default" => model::LlamaConfig::preset("llama3-8b")?,
+                _ => bail!(
+                    "tune sweeps the shapes of a preset: --model random:<preset> (without \
+                     --model, Llama-3-8B's)"
+                ),
             };
             let mut rows = tune::sweep_tree::<Cuda>(&device, 64, &config);
             if std::env::var("TUNE_TREE_ONLY").is_err() {

@@ -1,7 +1,9 @@
-//! Decoding at 8B scale on random weights with an exact preset config (no download): ms per
-//! token against the memory-bandwidth ceiling, stock Burn (its matmul and attention) beside ours
-//! (with and without fused projections), the bandwidth each projection shape streams at, and the
-//! cost of one Medusa tree-verification step relative to a plain decode step.
+//! Decoding on random weights with an exact preset config (no download; Llama-3-8B by
+//! default, any [`LlamaConfig::preset`]): ms per token against the memory-bandwidth ceiling,
+//! ours (with and without fused projections and folded reductions) beside stock Burn (its matmul
+//! and attention; optional), the bandwidth each projection shape streams at, the host and
+//! device time of a decode forward and of a tree forward, and the cost of one Medusa
+//! tree-verification step relative to a plain decode step.
 
 use anyhow::Result;
 use burn::tensor::{DType, Distribution, Int, Tensor, TensorData, backend::Backend};

@@ -1,7 +1,8 @@
 //! A sweep over the skinny linear kernels' plan knobs ([`LinearTuning`]) on the projection
-//! shapes of a model config (Llama-3-8B unless the bench names a random preset) in bf16: one row of `x` (a decode step, the SIMT kernel) and 64 rows
-//! (a Medusa tree step, the tensor-core kernel, beside Burn's matmul), to see how far the
-//! default plan is from the best one the kernels can run, and which knob matters.
+//! shapes of a model config (Llama-3-8B unless the bench names a random preset) in bf16: one
+//! row of `x` (a decode step, the SIMT kernel) and 64 rows (a Medusa tree step, the
+//! tensor-core kernel, beside Burn's matmul), to see how far the default plan is from the best
+//! one the kernels can run, and which knob matters.
 
 use burn::tensor::{DType, Distribution, Tensor, backend::Backend};
 use burn_cubecl::{CubeBackend, CubeRuntime, tensor::CubeTensor};
@@ -22,6 +23,9 @@ pub struct TuneRow {
     /// Grid and layout the planner chose for these knobs.
     pub plan: String,
     pub median_us: f64,
+    /// Host time per product spent enqueueing it: close to `median_us`, the timing measures
+    /// dispatch rather than the device.
+    pub host_us: f64,
     pub gbps: f64,
 }
 
@@ -45,14 +49,14 @@ enum Path {
     Burn,
 }
 
-/// Median microseconds per product over 7 batches of `4 × ws.len()` products, rotating the
+/// Median microseconds per product (device done, and host time enqueueing) over 7 batches of `4 × ws.len()` products, rotating the
 /// weights, after one untimed pass over them.
 fn time_us<R: CubeRuntime>(
     device: &R::Device,
     x: &CubeTensor<R>,
     ws: &[CubeTensor<R>],
     path: Path,
-) -> f64 {
+) -> (f64, f64) {
     let mut i = 0;
     let mut run = || {
         let w = ws[i % ws.len()].clone();
@@ -67,7 +71,8 @@ fn time_us<R: CubeRuntime>(
         run();
     }
     B::<R>::sync(device).expect("device sync");
-    1e3 * time_calls::<B<R>>(device, 4 * ws.len(), 7, run).median_ms
+    let t = time_calls::<B<R>>(device, 4 * ws.len(), 7, run);
+    (1e3 * t.median_ms, 1e3 * t.host_ms)
 }
 
 /// The projection shapes of one layer of `config`: (name, k, n).
@@ -118,7 +123,7 @@ pub fn sweep<R: CubeRuntime>(device: &R::Device, config: &LlamaConfig) -> Vec<Tu
         let x = bf16::<R>([1, k], device);
         for tuning in &knobs {
             let plan = plan_for(&client, DType::BF16, 1, k, n, false, tuning);
-            let us = time_us::<R>(device, &x, &ws, Path::Simt(*tuning));
+            let (us, host_us) = time_us::<R>(device, &x, &ws, Path::Simt(*tuning));
             let c = plan.config;
             rows.push(TuneRow {
                 m: 1,
@@ -138,6 +143,7 @@ pub fn sweep<R: CubeRuntime>(device: &R::Device, config: &LlamaConfig) -> Vec<Tu
                     plan.k_chunk
                 ),
                 median_us: us,
+                host_us,
                 gbps: (k * n * 2) as f64 / (us * 1e-6) / 1e9,
             });
         }
@@ -177,8 +183,9 @@ pub fn sweep_tree<R: CubeRuntime>(
     let sms = hw.num_streaming_multiprocessors.unwrap_or(16) as usize;
     let shared = hw.max_shared_memory_size;
     let mut knobs = vec![LinearTuning::default()];
-    // K splits past the planner's cap (the f32 partials at most a quarter of the weight bytes),
-    // which may pay while the partials stay in L2.
+    // K splits past the planner's cap (the f32 partials at most a quarter of the weight bytes;
+    // splits of >= 128 K rows for products under 4 MiB), which may pay while the partials stay
+    // in L2.
     // 64-thread cubes (two planes, 32 columns) double the cubes of a narrow product.
     for splits in [2, 4, 8, 12, 16] {
         for unroll in [2, 4] {
@@ -196,7 +203,7 @@ pub fn sweep_tree<R: CubeRuntime>(
     for (name, k, n) in shapes(config) {
         let ws = weights::<R>(k, n, device);
         let x = bf16::<R>([m, k], device);
-        let row = |tuning: String, plan: String, us: f64| TuneRow {
+        let row = |tuning: String, plan: String, (us, host_us): (f64, f64)| TuneRow {
             m,
             shape: name.into(),
             k,
@@ -204,6 +211,7 @@ pub fn sweep_tree<R: CubeRuntime>(
             tuning,
             plan,
             median_us: us,
+            host_us,
             gbps: (k * n * 2) as f64 / (us * 1e-6) / 1e9,
         };
         rows.push(row(
@@ -250,24 +258,30 @@ pub fn sweep_tree<R: CubeRuntime>(
     rows
 }
 
-/// Per shape (of each row count): the first two rows (the default plan, or Burn's matmul and
-/// the SIMT kernel), then the five fastest.
+/// Per shape (of each row count): the fixed rows (the default plan, or Burn's matmul, the SIMT
+/// kernel and the tensor-core kernel's default plan), then the five fastest others.
 pub fn markdown(rows: &[TuneRow], device: &str) -> String {
     let mut s = String::new();
     let mut ms: Vec<usize> = rows.iter().map(|r| r.m).collect();
     ms.dedup();
     for m in ms {
         let of_m: Vec<&TuneRow> = rows.iter().filter(|r| r.m == m).collect();
-        let fixed = if m == 1 { 1 } else { 2 };
         s += &format!(
             "## Skinny linear plan sweep ({device}, bf16, {m} row{})\n\n| shape | knobs | plan \
-             | µs | GB/s |\n|---|---|---|---:|---:|\n",
+             | µs | host µs | GB/s |\n|---|---|---|---:|---:|---:|\n",
             if m == 1 { "" } else { "s" }
         );
         let mut shapes: Vec<&str> = of_m.iter().map(|r| r.shape.as_str()).collect();
         shapes.dedup();
         for shape in shapes {
             let of: Vec<&TuneRow> = of_m.iter().copied().filter(|r| r.shape == shape).collect();
+            let is_fixed = |r: &TuneRow| {
+                matches!(
+                    r.tuning.as_str(),
+                    "default" | "burn matmul" | "simt default" | "tensor cores, default"
+                )
+            };
+            let fixed = of.iter().take_while(|r| is_fixed(r)).count();
             let mut rest: Vec<&TuneRow> = of.iter().copied().skip(fixed).collect();
             rest.sort_by(|a, b| a.median_us.total_cmp(&b.median_us));
             for r in of
@@ -277,8 +291,8 @@ pub fn markdown(rows: &[TuneRow], device: &str) -> String {
                 .chain(rest.into_iter().take(5))
             {
                 s += &format!(
-                    "| {} | {} | {} | {:.1} | {:.0} |\n",
-                    r.shape, r.tuning, r.plan, r.median_us, r.gbps
+                    "| {} | {} | {} | {:.1} | {:.1} | {:.0} |\n",
+                    r.shape, r.tuning, r.plan, r.median_us, r.host_us, r.gbps
                 );
             }
         }

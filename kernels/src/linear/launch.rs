@@ -52,7 +52,7 @@ const MIN_LANES: usize = 8;
 /// cubes per SM: 70 / 55 / 226 / 119 µs for q/k/v, o, gate/up, down (Burn's matmul: 90 / 74 /
 /// 187 / 249). Of the 48 combinations swept (cubes per SM 2/4, stages of 32/64 rows, 4/8
 /// planes, 1/2/4 stages in flight), this one and the same with 32-row stages had the lowest
-/// sum; more stages in flight were not faster.
+/// sum; more stages in flight were not faster. Small products take [`CMMA_SMALL_WARPS`].
 const CMMA_WARPS: usize = 4;
 /// Fragments of 16 K rows per stage (`LinearTuning::unroll`).
 const CMMA_UNROLL: usize = 4;
@@ -60,18 +60,21 @@ const CMMA_UNROLL: usize = 4;
 pub const CMMA_DEPTH: usize = 1;
 /// Cubes per multiprocessor the K split aims for.
 const CMMA_CUBES_PER_SM: usize = 4;
-/// Weight bytes up to which a tensor-core product counts as small: 8 MiB stream in ~2.4 µs at
+/// Weight bytes below which a tensor-core product counts as small: 4 MiB stream in ~1.2 µs at
 /// an H200's 3.5 TB/s, less than a launch, so such a product is bound by the latency of its
-/// cubes' K loops, not by bandwidth, and the partials' traffic does not matter.
-const CMMA_SMALL_WEIGHT_BYTES: usize = 8 << 20;
+/// cubes' K loops, not by bandwidth, and the partials' traffic does not matter. SmolLM2's
+/// products (0.66–3.5 MB) are small; Llama-3.2-1B's and Llama-3-8B's (8 MiB and up, also
+/// unfused) keep the plan measured on the 8B shapes.
+const CMMA_SMALL_WEIGHT_BYTES: usize = 4 << 20;
 /// Planes per cube of a small product: two (32 columns) give twice the cubes of the default.
 const CMMA_SMALL_WARPS: usize = 2;
 /// Fewest K rows per split of a small product. Measured on an H200 (`bench tune --model
 /// random:smollm2-135m`, 64 rows of bf16, each product with its reduction launch): SmolLM2's
-/// q/k/v, o, gate/up and down took 23.0 / 23.5 / 24.8 / 53.8 µs with the default plan (4
+/// q/k/v, o, gate/up and down took 23.0 / 23.5 / 24.8 / 53.8 µs with the previous plan (4
 /// planes, no split: 15, 9, 48 and 9 cubes each running the whole K), 14.5 / 16.5 / 16.7 /
-/// 16.5 µs with 2 planes and splits of at least 128 rows (the best of 61 combinations per
-/// shape: 14.5 / 13.9 / 16.5 / 15.2); shorter splits were slower again (q/k/v at 64 rows: 18.2).
+/// 16.5 µs with 2 planes and splits of at least 128 rows (the best of 31 combinations per
+/// shape: 14.5 / 13.9 / 16.5 / 15.2, within the sweep's run-to-run spread of 1–3 µs). Shorter
+/// splits were slower on q/k/v and gate/up (q/k/v at 64 rows: 18.2–21.5), not on o and down.
 const CMMA_SMALL_MIN_CHUNK: usize = 128;
 
 /// Knobs for tests and benchmarks; the defaults (all `None`) are what
@@ -774,14 +777,14 @@ impl LinearCmmaPlan {
 /// Chooses the tensor-core launch for `p` (f16/bf16), or `None` when the shapes do not suit
 /// it (`n` or `k` not a multiple of 16, more than [`MAX_M`] rows, too little shared memory).
 ///
-/// - planes of one column fragment each, 4 per cube (64 columns; `tuning.threads` overrides,
-///   32 units per plane);
+/// - planes of one column fragment each, 4 per cube (64 columns; 2 for small products, below;
+///   `tuning.threads` overrides, 32 units per plane);
 /// - stages of `16 · unroll` K rows (`unroll` 4 by default: 64 rows, 8 KiB of bf16 weights),
 ///   halved until the cube fits `shared_limit`; `tuning.stages` of them in flight (default 1);
 /// - K split across cubes as in [`plan`]: towards `cubes_per_sm` (default 4) cubes per
 ///   multiprocessor, with the f32 partials costing at most a quarter of the weight bytes and
 ///   each split at least one stage;
-/// - small products (weights up to [`CMMA_SMALL_WEIGHT_BYTES`], e.g. SmolLM2's) are
+/// - small products (weights under [`CMMA_SMALL_WEIGHT_BYTES`], e.g. SmolLM2's) are
 ///   latency-bound: 2 planes per cube, and the partials' cap gives way to splits of at least
 ///   [`CMMA_SMALL_MIN_CHUNK`] K rows.
 pub fn plan_cmma(
@@ -798,7 +801,7 @@ pub fn plan_cmma(
     {
         return None;
     }
-    let small = p.k * p.n * p.elem_size <= CMMA_SMALL_WEIGHT_BYTES;
+    let small = p.k * p.n * p.elem_size < CMMA_SMALL_WEIGHT_BYTES;
     let warps = tuning
         .threads
         .map(|t| (t / PLANE).clamp(1, 16))
@@ -1090,7 +1093,7 @@ mod tests {
             assert!(plan.splits * plan.k_chunk >= k && (plan.splits - 1) * plan.k_chunk < k);
             assert_eq!(c.partial, plan.splits > 1);
             assert_eq!(plan.reduce.is_some(), plan.splits > 1);
-            if k * n * 2 <= CMMA_SMALL_WEIGHT_BYTES {
+            if k * n * 2 < CMMA_SMALL_WEIGHT_BYTES {
                 // Small products: two planes, splits of at least CMMA_SMALL_MIN_CHUNK rows.
                 assert_eq!(c.warps, CMMA_SMALL_WARPS);
                 assert!(plan.splits == 1 || plan.k_chunk >= CMMA_SMALL_MIN_CHUNK);
@@ -1110,7 +1113,8 @@ mod tests {
         .unwrap();
         assert!(small.config.shared_bytes(2) + 384 <= 12 * 1024);
         assert!(small.config.block_k < 64);
-        // SmolLM2's tree-step products take the plans measured best among the swept ones.
+        // SmolLM2's tree-step products take the small-product plan (within ~1.3 µs of the
+        // best swept plan per shape on an H200).
         let smol = |k, n| {
             let plan =
                 plan_cmma(&problem(64, k, n, 2), 132, h100, &LinearTuning::default()).unwrap();
@@ -1119,15 +1123,12 @@ mod tests {
         assert_eq!(smol(576, 960), (30, 4, 2));
         assert_eq!(smol(576, 3072), (96, 4, 2));
         assert_eq!(smol(1536, 576), (18, 12, 2));
-        // Llama-3-8B's keep the default plan (4 planes, partials capped).
-        let big = plan_cmma(
-            &problem(64, 4096, 4096, 2),
-            132,
-            h100,
-            &LinearTuning::default(),
-        )
-        .unwrap();
-        assert_eq!((big.config.warps, big.splits), (4, 4));
+        assert_eq!(smol(576, 576), (18, 4, 2));
+        // Llama-3.2-1B's o (exactly 8 MiB), Llama-3-8B's unfused k/v and its o keep the plan
+        // tuned on the 8B shapes (4 planes, partials capped).
+        for (k, n, splits) in [(2048, 2048, 2), (4096, 1024, 4), (4096, 4096, 4)] {
+            assert_eq!(smol(k, n), (n.div_ceil(64), splits, 4), "{k} x {n}");
+        }
     }
 
     #[test]
