@@ -433,12 +433,14 @@ fn check_cmma(case: Case, dtype: DType, layout: Layout, tuning: LinearTuning) ->
     true
 }
 
-/// Rows 9..=64 (partial row fragments), the SmolLM2 and Llama-3-8B tree shapes, bias on and off,
-/// in both half dtypes.
+/// Rows 9..=64 (partial row fragments), the SmolLM2 tree shapes (the small-product plan: 2
+/// planes, K splits) and Llama-3-8B's, bias on and off, in both half dtypes.
 #[test]
 fn tensor_cores_grid() {
     let cases = [
         Case::new(64, 576, 960, true),
+        Case::new(64, 576, 576, false),
+        Case::new(64, 576, 3072, true),
         Case::new(64, 1536, 576, false),
         Case::new(9, 576, 3072, false),
         Case::new(17, 64, 48, true),
