@@ -74,6 +74,13 @@ pub struct Summary {
     pub mean_accepted_length: f64,
     /// Fraction of steps where head k's token was accepted.
     pub head_acceptance: Vec<f64>,
+    /// Milliseconds per Medusa step (its seconds over its steps, prefill included).
+    pub medusa_step_ms: f64,
+    /// Milliseconds per autoregressive token (its seconds over its tokens, prefill included).
+    pub ar_token_ms: f64,
+    /// A Medusa step in autoregressive decode steps: `speedup` is about
+    /// `mean_accepted_length / step_cost`.
+    pub step_cost: f64,
     pub speedup: f64,
     /// Prompts where greedy Medusa reproduced the autoregressive tokens exactly.
     pub identical_prompts: usize,
@@ -103,6 +110,8 @@ impl Summary {
             .collect();
         let ar_tps = ar_tokens as f64 / ar_seconds.max(1e-9);
         let md_tps = md_tokens as f64 / md_seconds.max(1e-9);
+        let medusa_step_ms = 1e3 * md_seconds / steps.max(1) as f64;
+        let ar_token_ms = 1e3 * ar_seconds / ar_tokens.max(1) as f64;
         Self {
             name: name.into(),
             prompts: results.len(),
@@ -115,6 +124,9 @@ impl Summary {
             medusa_steps: steps,
             mean_accepted_length: md_tokens as f64 / steps.max(1) as f64,
             head_acceptance,
+            medusa_step_ms,
+            ar_token_ms,
+            step_cost: medusa_step_ms / ar_token_ms.max(1e-12),
             speedup: md_tps / ar_tps.max(1e-9),
             identical_prompts: results.iter().filter(|r| r.identical).count(),
             lossless: results.iter().all(|r| r.lossless()),

@@ -185,6 +185,11 @@ impl Report {
             );
             let _ = writeln!(
                 s,
+                "\nA Medusa step took {:.2} ms and an autoregressive token {:.2} ms (each run's seconds over its steps or tokens, prefill included): a step costs **{:.2} decode steps** and yields {:.3} tokens.",
+                o.medusa_step_ms, o.ar_token_ms, o.step_cost, o.mean_accepted_length
+            );
+            let _ = writeln!(
+                s,
                 "\nTeacher-forced greedy check (one forward over prompt + output; gap = top logit minus the emitted token's, in {} ulps of the position's largest logit magnitude): Medusa tokens at most {:.2} ulps below the top, autoregressive tokens at most {:.2}. Exact arithmetic would give 0 for both; the autoregressive figure is the rounding distance between the decode path and the teacher-forced forward alone.",
                 e.dtype, o.medusa_max_gap_ulps, o.ar_max_gap_ulps
             );
