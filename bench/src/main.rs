@@ -185,7 +185,7 @@ fn main() -> Result<()> {
             // the named random preset (Llama-3-8B by default).
             let config = match ModelSource::parse(&args.model) {
                 ModelSource::Random { preset } => model::LlamaConfig::preset(&preset)?,
-                _ if args.model == "default" => model::LlamaConfig::preset("llama3-8b")?,
+                ModelSource::Default => model::LlamaConfig::preset("llama3-8b")?,
                 _ => bail!(
                     "tune sweeps the shapes of a preset: --model random:<preset> (without \
                      --model, Llama-3-8B's)"

@@ -49,8 +49,8 @@ enum Path {
     Burn,
 }
 
-/// Median microseconds per product (device done, and host time enqueueing) over 7 batches of `4 × ws.len()` products, rotating the
-/// weights, after one untimed pass over them.
+/// Median microseconds per product (device done, and host time enqueueing) over 7 batches of
+/// `4 × ws.len()` products, rotating the weights, after one untimed pass over them.
 fn time_us<R: CubeRuntime>(
     device: &R::Device,
     x: &CubeTensor<R>,
