@@ -541,6 +541,33 @@ fn forced_kv_splits() {
     check_tuned(&Case::new(4, 1, 1, 2000, 128), DType::F32, splits(1));
 }
 
+/// The row blocks a small grid plans on a many-multiprocessor GPU (16 or 32 rows instead of
+/// 64), forced here so the device running the tests (lavapipe reports few) takes them too:
+/// the seed's shape, a causal ragged block, a tree with a prefix, GQA with a cache offset.
+#[test]
+fn forced_row_blocks() {
+    for (block_q, splits) in [(16, None), (32, None), (8, None), (16, Some(2))] {
+        let tuning = LaunchTuning {
+            block_q: Some(block_q),
+            splits,
+            decode: Some(false),
+            ..Default::default()
+        };
+        check_tuned(&Case::new(1, 1, 256, 256, 64), DType::F32, tuning);
+        check_tuned(&Case::new(2, 2, 100, 100, 64).causal(), DType::F32, tuning);
+        check_tuned(
+            &Case::new(2, 1, 33, 333, 64).tree(ancestor_tree(33, 2)),
+            DType::F32,
+            tuning,
+        );
+        check_tuned(
+            &Case::new(4, 2, 70, 300, 64).cap(320).causal(),
+            DType::F32,
+            tuning,
+        );
+    }
+}
+
 #[test]
 fn small_shared_memory_configs() {
     // Force the planner down its list of tile sizes.
@@ -855,6 +882,82 @@ fn prefill_throughput() {
     // kernels run it with a KV split.
     let small = [variants[0], variants[7], variants[8]];
     time_prefill(&Case::new(9, 3, 1024, 1024, 64).causal(), &small);
+}
+
+/// The seed's sizes (one head, f32, d = 64, no mask: the SIMT kernel) under forced row blocks
+/// and KV splits against the planner's choice and Burn's naive attention on the same backend,
+/// timed as the bench does: the median of single calls, each followed by a device sync.
+/// `cargo test --release -p kernels --features cuda --test attention seed -- --ignored --nocapture`.
+#[cfg(feature = "cuda")]
+#[test]
+#[ignore = "benchmark: run explicitly on a GPU"]
+fn seed_throughput() {
+    let device = Device::default();
+    // (name, rows per cube, KV splits); `None` = the planner's choice.
+    let variants: [(&str, Option<usize>, Option<usize>); 9] = [
+        ("planned", None, None),
+        ("bq64", Some(64), Some(1)),
+        ("bq32", Some(32), Some(1)),
+        ("bq16", Some(16), Some(1)),
+        ("bq8", Some(8), Some(1)),
+        ("bq16 split2", Some(16), Some(2)),
+        ("bq16 split4", Some(16), Some(4)),
+        ("bq32 split4", Some(32), Some(4)),
+        ("bq64 split8", Some(64), Some(8)),
+    ];
+    for n in [64, 256] {
+        let case = Case::new(1, 1, n, n, 64);
+        let x = make_inputs(&case, round_f32);
+        let expected = reference(&case, &x);
+        let inp = upload::<Cube>(&case, &x, DType::F32, Layout::default(), &device);
+        let median = |f: &mut dyn FnMut() -> Tensor<Cube, 4>| {
+            let _ = f(); // compile + warm up
+            Cube::sync(&device).unwrap();
+            let mut times: Vec<f64> = (0..50)
+                .map(|_| {
+                    let start = Instant::now();
+                    let _ = f();
+                    Cube::sync(&device).unwrap();
+                    start.elapsed().as_secs_f64() * 1e3
+                })
+                .collect();
+            times.sort_by(f64::total_cmp);
+            times[times.len() / 2]
+        };
+        let scale = case.options().scale;
+        let naive = median(&mut || {
+            let scores = inp.q.clone().matmul(inp.k.clone().swap_dims(2, 3)) * scale;
+            burn::tensor::activation::softmax(scores, 3).matmul(inp.v.clone())
+        });
+        println!("seed n={n}: burn naive {naive:.4} ms");
+        for (name, block_q, splits) in variants {
+            // A forced block is a prefill configuration (64 rows or fewer plan as decode).
+            let tuning = LaunchTuning {
+                block_q,
+                splits,
+                decode: block_q.map(|_| false),
+                ..Default::default()
+            };
+            let mut run = || {
+                let out = kernels::cube::attention::<Runtime>(
+                    inp.q.clone().into_primitive().tensor(),
+                    inp.k.clone().into_primitive().tensor(),
+                    inp.v.clone().into_primitive().tensor(),
+                    None,
+                    case.options(),
+                    &tuning,
+                );
+                Tensor::<Cube, 4>::from_primitive(TensorPrimitive::Float(out))
+            };
+            let ms = median(&mut run);
+            let err = rel_l2(&read(run()), &expected);
+            println!(
+                "seed n={n}: {name}: {ms:.4} ms, {:.2}x naive, rel_l2 {err:.1e}",
+                naive / ms
+            );
+            assert!(err <= 1e-4, "{name}: rel L2 {err:e}");
+        }
+    }
 }
 
 #[cfg(feature = "cuda")]

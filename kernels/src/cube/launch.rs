@@ -23,6 +23,9 @@ pub const DECODE_MAX_ROWS: usize = 64;
 /// A KV split never gives a cube fewer keys than this: below it the combine costs more than the
 /// extra parallelism brings.
 const MIN_KEYS_PER_SPLIT: usize = 256;
+/// The smallest query block a prefill launch shrinks to when its grid of 64-row blocks would
+/// not cover the device's multiprocessors (see [`plan`]).
+const MIN_SMALL_GRID_ROWS: usize = 16;
 /// Upper bound on the number of KV splits (bounds the scratch buffer and the combine loop).
 const MAX_SPLITS: usize = 64;
 
@@ -37,6 +40,9 @@ pub struct LaunchTuning {
     pub shared_memory: Option<usize>,
     /// Force the decode (`Some(true)`) or the prefill (`Some(false)`) tile configuration.
     pub decode: Option<bool>,
+    /// Query rows per cube of the portable kernel's prefill configuration (one of its
+    /// candidates: 64, 32, 16, 8, 4, 2 or 1); `None` lets [`plan`] choose.
+    pub block_q: Option<usize>,
     /// Tensor cores for the f16/bf16 prefill kernel: `Some(false)` never, `Some(true)` whenever
     /// the device supports them (ignoring `BURN_DECODE_CMMA`), `None` as
     /// [`tensor_cores_enabled`] says. Decode configurations and f32 never use them.
@@ -178,23 +184,49 @@ pub fn plan(
             (1, 4),
         ]
     };
-    let mut chosen = None;
-    for &(bq, bk) in &candidates {
-        let (lanes, kg, threads) = thread_layout(nv, bq, bk);
-        let cpt = nv.div_ceil(lanes);
-        let bytes = shared_bytes(p, bq, bk, kg, threads, cpt);
-        if bytes <= budget && threads <= max_threads {
-            chosen = Some((bq, bk, lanes, kg, threads, bytes));
-            break;
-        }
-    }
+    // Candidates that fit the device, in order of preference.
+    let fitting: Vec<_> = candidates
+        .iter()
+        .filter(|&&(bq, _)| decode || tuning.block_q.is_none_or(|b| b == bq))
+        .filter_map(|&(bq, bk)| {
+            let (lanes, kg, threads) = thread_layout(nv, bq, bk);
+            let cpt = nv.div_ceil(lanes);
+            let bytes = shared_bytes(p, bq, bk, kg, threads, cpt);
+            (bytes <= budget && threads <= max_threads)
+                .then_some((bq, bk, lanes, kg, threads, bytes))
+        })
+        .collect();
+    // A prefill grid of big row blocks may not cover the device (the seed's single head of 256
+    // queries is 4 cubes of 64 rows): each cube then walks every key tile in turn while most
+    // multiprocessors idle. Smaller row blocks, down to `MIN_SMALL_GRID_ROWS`, cut the
+    // sequential work per cube and spread it over more of them.
+    let grid = |bq: usize| rows.div_ceil(bq) * p.batch_kv_heads;
+    let chosen = if decode || tuning.block_q.is_some() {
+        fitting.first().copied()
+    } else {
+        fitting
+            .iter()
+            .filter(|c| c.0 >= MIN_SMALL_GRID_ROWS)
+            .find(|c| grid(c.0) >= multiprocessors)
+            .or_else(|| {
+                fitting
+                    .iter()
+                    .filter(|c| c.0 >= MIN_SMALL_GRID_ROWS)
+                    .min_by_key(|c| c.0)
+            })
+            .or(fitting.first())
+            .copied()
+    };
     let (bq, bk, lanes, key_groups, threads, bytes) = chosen.unwrap_or_else(|| {
         panic!(
-            "flash_attention: head_dim {} does not fit in {budget} bytes of shared memory",
-            p.head_dim
+            "flash_attention: head_dim {} does not fit in {budget} bytes of shared memory{}",
+            p.head_dim,
+            match tuning.block_q {
+                Some(b) if !decode => format!(" with {b}-row blocks"),
+                _ => String::new(),
+            }
         )
     });
-
     let row_blocks = rows.div_ceil(bq);
     let base = row_blocks * p.batch_kv_heads;
     let max_splits = p
@@ -812,13 +844,24 @@ mod tests {
                         (256, 8),
                         (1000, 1),
                     ] {
-                        for decode in [None, Some(true), Some(false)] {
+                        for (decode, block_q) in [
+                            (None, None),
+                            (Some(true), None),
+                            (Some(false), None),
+                            (None, Some(16)),
+                            (Some(false), Some(8)),
+                        ] {
                             let p = problem(rows, group, 5000, d, elem);
                             let tuning = LaunchTuning {
                                 decode,
+                                block_q,
                                 ..Default::default()
                             };
                             if budget < 16 * 1024 && d >= 256 {
+                                continue;
+                            }
+                            // A forced block must fit: 16 f32 rows of d = 256 take more than 48 KiB.
+                            if block_q.is_some() && (budget < 32 * 1024 || d >= 256) {
                                 continue;
                             }
                             let plan = plan(&p, budget, 1024, 132, &tuning);
@@ -842,6 +885,49 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// A prefill grid too small for the device takes smaller row blocks (down to 16 rows);
+    /// one that covers it keeps the preferred 64-row blocks; a forced block size is obeyed.
+    #[test]
+    fn small_grids_take_smaller_row_blocks() {
+        // The seed sizes: one head, f32, d = 64, no mask.
+        let seed = |n: usize| Problem {
+            batch_kv_heads: 1,
+            group: 1,
+            q_len: n,
+            kv_len: n,
+            head_dim: 64,
+            elem_size: 4,
+            vector_size: 4,
+            causal: false,
+            tree: false,
+        };
+        let tuning = LaunchTuning::default();
+        let plan_on = |p: &Problem, sms: usize, tuning: &LaunchTuning| {
+            let plan = plan(p, 48 * 1024, 1024, sms, tuning);
+            (plan.config.block_q, plan.row_blocks)
+        };
+        assert_eq!(plan_on(&seed(256), 132, &tuning), (16, 16));
+        // 64 rows or fewer take the decode configuration (one block of every row), as before.
+        assert_eq!(plan_on(&seed(64), 132, &tuning), (64, 1));
+        // Few multiprocessors (lavapipe on a small CPU): 64-row blocks already cover them.
+        assert_eq!(plan_on(&seed(256), 4, &tuning), (64, 4));
+        // Between: the largest block whose grid covers the device.
+        assert_eq!(plan_on(&seed(256), 8, &tuning), (32, 8));
+        // A large prefill keeps 64-row blocks.
+        let big = Problem {
+            batch_kv_heads: 32,
+            q_len: 2048,
+            kv_len: 2048,
+            ..seed(0)
+        };
+        assert_eq!(plan_on(&big, 132, &tuning).0, 64);
+        let forced = LaunchTuning {
+            block_q: Some(64),
+            ..Default::default()
+        };
+        assert_eq!(plan_on(&seed(256), 132, &forced), (64, 4));
     }
 
     /// Tensor-core plans: only half-precision prefill with `head_dim % 16 == 0`, tiles within

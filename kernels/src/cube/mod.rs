@@ -39,7 +39,10 @@
 //! the device (at most 48 KiB: the CUDA static limit; lavapipe and many Vulkan/Metal devices
 //! have 32 KiB), e.g. f32 d=64 → 32×32, f16 d=128 → 32×32, f32 d=128 → 32×16. Bigger query
 //! blocks amortise each K/V tile over more rows; 32-key tiles keep the three barriers per tile
-//! cheap. The K tile rows are padded by one vector so that threads reading different keys hit
+//! cheap. A grid of such blocks smaller than the device's multiprocessor count (the seed's one
+//! head of 256 queries: 4 cubes of 64 rows) takes the largest block, down to 16 rows, whose
+//! grid covers the device, so that each cube walks the keys for fewer rows while more of them
+//! run at once. The K tile rows are padded by one vector so that threads reading different keys hit
 //! different banks; loads are vectorised by 4 when `head_dim` and the strides allow.
 //!
 //! **Accumulation** is always f32 (scores, softmax statistics, output), whatever the input dtype;
