@@ -221,16 +221,25 @@ pub fn run<B: FlashAttentionBackend>(
         &options.clone().with_fuse_projections(false),
         device,
     )?;
-    for (label, kernels_on, fold, model) in [
+    for (label, kernels_on, fold, mlp_fold, model) in [
         (
             "ours (CubeCL attention + linear kernels)",
+            true,
             true,
             true,
             &model,
         ),
         (
+            "ours, SwiGLU apart (its own launch, or the gate/up reduction's, before down_proj)",
+            true,
+            true,
+            false,
+            &model,
+        ),
+        (
             "ours, reductions apart (K-split sums finished before SwiGLU and the norms)",
             true,
+            false,
             false,
             &model,
         ),
@@ -238,9 +247,10 @@ pub fn run<B: FlashAttentionBackend>(
             "ours, projections apart (q, k, v, gate, up unfused)",
             true,
             true,
+            true,
             &apart,
         ),
-        ("stock Burn (matmul + attention)", false, true, &model),
+        ("stock Burn (matmul + attention)", false, true, true, &model),
     ] {
         if !kernels_on && !stock {
             continue;
@@ -248,6 +258,7 @@ pub fn run<B: FlashAttentionBackend>(
         progress.set_message(format!("scale: decoding, {label}"));
         kernels::set_kernels_enabled(kernels_on);
         kernels::set_fold_reductions(fold);
+        kernels::set_mlp_fold(mlp_fold);
         generate(model, &prompt, &gen_config, |_| {})?; // warm-up: compilation, autotune
         let out = generate(model, &prompt, &gen_config, |_| {})?;
         let per_token = out.decode.as_secs_f64() / (out.tokens.len() - 1) as f64;
@@ -265,6 +276,7 @@ pub fn run<B: FlashAttentionBackend>(
     }
     kernels::set_kernels_enabled(true);
     kernels::set_fold_reductions(true);
+    kernels::set_mlp_fold(true);
     drop(apart);
 
     progress.set_message("scale: projection shapes".to_string());

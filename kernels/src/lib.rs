@@ -37,7 +37,7 @@ mod reference;
 pub use fused::{
     CACHE_GATHER_MAX_ROWS, FusedOpsBackend, TOP_K_MAX, add_rms_norm, cache_gather,
     cache_gather_supports, cache_write, linear_add_rms_norm, linear_rope_cache, linear_swiglu,
-    rms_norm, rope, swiglu, top_k,
+    mlp_add_rms_norm, rms_norm, rope, swiglu, top_k,
 };
 pub use linear::{LinearBackend, linear, linear_max_m, set_linear_max_m};
 pub use options::{AttentionMask, FlashAttentionOptions};
@@ -101,6 +101,7 @@ impl Switch {
 
 static KERNELS: Switch = Switch::new("BURN_DECODE_ATTENTION", "reference");
 static FOLD: Switch = Switch::new("BURN_DECODE_FOLD", "0");
+static MLP_FOLD: Switch = Switch::new("BURN_DECODE_MLP_FOLD", "0");
 static REGISTER_MMA: Switch = Switch::new("BURN_DECODE_MMA", "0");
 static TENSOR_CORES: Switch = Switch::new("BURN_DECODE_CMMA", "0");
 
@@ -130,6 +131,20 @@ pub fn fold_reductions() -> bool {
 /// Switches [`fold_reductions`] on or off for the whole process.
 pub fn set_fold_reductions(on: bool) {
     FOLD.set(on)
+}
+
+/// Whether CubeCL backends run [`mlp_add_rms_norm`] with SwiGLU computed by the down projection
+/// as it stages its input (default, where both products take the SIMT kernel and
+/// [`fold_reductions`] is on) or as [`linear_swiglu`] then [`linear_add_rms_norm`] (one launch
+/// more per MLP, same values): the benchmark's measure of that launch. Initialised from
+/// `BURN_DECODE_MLP_FOLD=0` (off).
+pub fn mlp_fold() -> bool {
+    MLP_FOLD.get()
+}
+
+/// Switches [`mlp_fold`] on or off for the whole process.
+pub fn set_mlp_fold(on: bool) {
+    MLP_FOLD.set(on)
 }
 
 /// Whether f16/bf16 prefill attention on CUDA runs the register-level `mma.sync` kernel

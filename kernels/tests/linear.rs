@@ -872,6 +872,184 @@ fn tensor_cores_swiglu_in_the_reduction() {
 }
 
 // ---------------------------------------------------------------------------------------------
+// SwiGLU computed by the down projection as it stages its input.
+
+/// `kernels::fused::launch::mlp_add_rms_norm` (the gate/up product, the down projection
+/// computing SwiGLU of it while staging, the residual add and the norm) gives the same bits as
+/// the two ops it replaces (`linear_swiglu`, then `linear_add_rms_norm`), and the f64 reference
+/// within tolerance: with the gate/up product split along K (the down projection adds its
+/// partial sums, in the order of the split's reduction pass) and
+/// finished (it reads the product), with and without biases, one row to many, K splits of the
+/// down projection or none. The public `kernels::mlp_add_rms_norm` (rank 3) agrees with the two
+/// public ops on the plain and the fusion backend.
+#[test]
+fn mlp_folds_swiglu_into_the_down_projection() {
+    let device = Device::default();
+    let client = Runtime::client(&device);
+    let eps = 1e-5;
+    // (rows, hidden k, intermediate f, output n, bias, forced K splits of both products)
+    let cases = [
+        (1, 576, 1536, 576, false, Some(4)),
+        (1, 576, 1536, 576, false, None),
+        (3, 256, 320, 96, true, Some(3)),
+        (17, 128, 512, 64, true, Some(8)),
+        (2, 96, 200, 96, false, Some(1)),
+        // Many gate/up splits (the planner caps the 24 asked for, 16 on lavapipe).
+        (1, 8192, 64, 128, true, Some(24)),
+        // Eight rows (the f16/bf16 SIMT limit), a width no multiple of the vector size.
+        (8, 300, 100, 202, true, Some(2)),
+    ];
+    for dtype in [DType::F32, DType::F16, DType::BF16] {
+        if !supports(dtype) {
+            continue;
+        }
+        let (round, tol) = rounding(dtype);
+        let mut gate_up_split = 0;
+        for (m, k, f, n, bias, splits) in cases {
+            let gu_case = Case::new(m, k, 2 * f, bias);
+            let gu = make_inputs(&gu_case, round);
+            let mut rng = StdRng::seed_from_u64(gu_case.seed() + 7);
+            let w_down = draw(&mut rng, f * n, round);
+            let b_down = bias.then(|| draw(&mut rng, n, round));
+            let r = draw(&mut rng, m * n, round);
+            let g = draw(&mut rng, n, round);
+
+            // f64 reference: SwiGLU of the gate/up product, the down product, add, norm.
+            let y = reference(&gu_case, &gu);
+            let act: Vec<f32> = (0..m * f)
+                .map(|i| {
+                    let (row, c) = (i / f, i % f);
+                    let (gv, uv) = (y[row * 2 * f + c], y[row * 2 * f + f + c]);
+                    (gv / (1.0 + (-gv).exp()) * uv) as f32
+                })
+                .collect();
+            let down_case = Case::new(m, f, n, bias);
+            let down_inputs = Inputs {
+                x: act,
+                w: w_down.clone(),
+                b: b_down.clone(),
+            };
+            let [h_ref, normed_ref] =
+                add_norm_reference(&reference(&down_case, &down_inputs), &r, &g, n, eps);
+
+            let tuning = LinearTuning {
+                splits,
+                ..Default::default()
+            };
+            let plan = plan_for(&client, dtype, m, k, 2 * f, bias, &tuning);
+            gate_up_split += usize::from(plan.splits > 1);
+            let d = upload::<Cube>(&gu_case, &gu, dtype, Layout::Contiguous, &device);
+            let wd = tensor::<Cube, 2>(&w_down, [f, n], dtype, &device);
+            let bd = b_down
+                .as_ref()
+                .map(|b| tensor::<Cube, 1>(b, [n], dtype, &device));
+            let residual = tensor::<Cube, 2>(&r, [m, n], dtype, &device);
+            let gamma = tensor::<Cube, 1>(&g, [n], dtype, &device);
+            let prim = |t: Tensor<Cube, 2>| t.into_primitive().tensor();
+            let prim1 = |t: Option<Tensor<Cube, 1>>| t.map(|b| b.into_primitive().tensor());
+            let wrap = |t| Tensor::<Cube, 2>::from_primitive(TensorPrimitive::Float(t));
+
+            let (h, normed) = kernels::fused::launch::mlp_add_rms_norm::<Runtime>(
+                prim(d.x.clone()),
+                prim(d.w.clone()),
+                prim1(d.b.clone()),
+                prim(wd.clone()),
+                prim1(bd.clone()),
+                prim(residual.clone()),
+                gamma.clone().into_primitive().tensor(),
+                eps,
+                &tuning,
+            );
+            let (h, normed) = (read(wrap(h)), read(wrap(normed)));
+
+            let (act, swiglu_done) = launch::linear_swiglu::<Runtime>(
+                prim(d.x.clone()),
+                prim(d.w.clone()),
+                prim1(d.b.clone()),
+                &tuning,
+            );
+            let act = wrap(act);
+            let act = if swiglu_done {
+                act
+            } else {
+                kernels::swiglu(act.clone().narrow(1, 0, f), act.narrow(1, f, f))
+            };
+            let (h2, normed2, _) = kernels::fused::launch::linear_add_rms_norm::<Runtime>(
+                prim(act),
+                prim(wd.clone()),
+                prim1(bd.clone()),
+                prim(residual.clone()),
+                gamma.clone().into_primitive().tensor(),
+                eps,
+                false,
+                &tuning,
+            );
+            let name = format!("m {m} k {k} f {f} n {n} bias {bias} {dtype:?} {plan:?}");
+            assert_eq!(h, read(wrap(h2)), "{name}: h is not the two ops' bits");
+            assert_eq!(
+                normed,
+                read(wrap(normed2)),
+                "{name}: norm is not the two ops' bits"
+            );
+            assert_close(&format!("{name} h"), &h, &h_ref, tol);
+            assert_close(&format!("{name} norm"), &normed, &normed_ref, tol);
+
+            // The public op on rank 3 against the two public ops, plain and fused backends.
+            let two_ops = {
+                let act = kernels::linear_swiglu(d.x.clone(), d.w.clone(), d.b.clone());
+                let (h, normed) = kernels::linear_add_rms_norm(
+                    act,
+                    wd.clone(),
+                    bd.clone(),
+                    residual.clone(),
+                    gamma.clone(),
+                    eps,
+                );
+                (read(h), read(normed))
+            };
+            let (h, normed) = kernels::mlp_add_rms_norm(
+                d.x.clone().reshape([1, m, k]),
+                d.w.clone(),
+                d.b.clone(),
+                wd.clone(),
+                bd.clone(),
+                residual.clone().reshape([1, m, n]),
+                gamma.clone(),
+                eps,
+            );
+            assert_eq!(h.dims(), [1, m, n]);
+            assert_eq!(
+                (read(h), read(normed)),
+                two_ops,
+                "{name}: kernels::mlp_add_rms_norm"
+            );
+            #[cfg(feature = "fusion")]
+            {
+                type Fused = burn_fusion::Fusion<Cube>;
+                let up2 =
+                    |v: &[f32], shape: [usize; 2]| tensor::<Fused, 2>(v, shape, dtype, &device);
+                let up1 = |v: &[f32], len: usize| tensor::<Fused, 1>(v, [len], dtype, &device);
+                let (h, normed) = kernels::mlp_add_rms_norm(
+                    up2(&gu.x, [m, k]).reshape([1, m, k]),
+                    up2(&gu.w, [k, 2 * f]),
+                    gu.b.as_ref().map(|b| up1(b, 2 * f)),
+                    up2(&w_down, [f, n]),
+                    b_down.as_ref().map(|b| up1(b, n)),
+                    up2(&r, [m, n]).reshape([1, m, n]),
+                    up1(&g, n),
+                    eps,
+                );
+                assert_eq!((read(h), read(normed)), two_ops, "{name}: on Fusion");
+            }
+        }
+        assert!(
+            gate_up_split >= 4,
+            "the forced splits must reach the down projection's staging ({gate_up_split})"
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
 // The K split's partial sums added inside the RMSNorm that follows the product.
 
 /// `h = r + (x w + b)` and `h / sqrt(mean(h²) + eps) · γ` in f64, per row.

@@ -290,6 +290,33 @@ impl<B: FusedOpsBackend> Mlp<B> {
         self.down_proj.forward(self.activation(x))
     }
 
+    /// `(x + forward(input), norm(x + forward(input)))`: the MLP, the residual add and the
+    /// RMSNorm after it. With gate and up fused, one [`kernels::mlp_add_rms_norm`] (on the
+    /// plain CubeCL backend at decode time, the down projection computes SwiGLU as it stages
+    /// its input, and the norm adds its K-split partial sums); else [`Self::activation`] and
+    /// [`RmsNorm::forward_proj_add`]. The same values either way.
+    pub fn forward_add_norm(
+        &self,
+        input: Tensor<B, 3>,
+        x: Tensor<B, 3>,
+        norm: &RmsNorm<B>,
+    ) -> (Tensor<B, 3>, Tensor<B, 3>) {
+        if self.gate_up_proj.is_fused() {
+            let gate_up = &self.gate_up_proj.parts[0];
+            return kernels::mlp_add_rms_norm(
+                input,
+                gate_up.weight.val(),
+                gate_up.bias.as_ref().map(|b| b.val()),
+                self.down_proj.weight.val(),
+                self.down_proj.bias.as_ref().map(|b| b.val()),
+                x,
+                norm.weight.val(),
+                norm.eps,
+            );
+        }
+        norm.forward_proj_add(x, &self.down_proj, self.activation(input))
+    }
+
     /// [`Self::forward`] without the down projection: `silu(gate(x)) · up(x)`, `down_proj`'s
     /// input.
     pub fn activation(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
@@ -322,21 +349,20 @@ pub struct DecoderLayer<B: Backend> {
     pub mlp: Mlp<B>,
 }
 
-/// A block's MLP output not yet added to the residual stream: the input of its down
-/// projection, which runs inside the RMSNorm that follows
-/// ([`RmsNorm::forward_proj_add`]).
+/// A block's MLP not yet applied: its input, which the RMSNorm that follows runs through the
+/// MLP and adds to the residual stream ([`Mlp::forward_add_norm`]).
 #[derive(Debug, Clone)]
 pub struct PendingMlp<'a, B: Backend> {
-    /// `silu(gate(x)) · up(x)`, `[batch, seq, intermediate]`.
-    pub activation: Tensor<B, 3>,
-    /// The block's `down_proj`.
-    pub down_proj: &'a Proj<B>,
+    /// The MLP's input (the post-attention norm's output), `[batch, seq, hidden]`.
+    pub input: Tensor<B, 3>,
+    /// The block's MLP.
+    pub mlp: &'a Mlp<B>,
 }
 
 impl<B: FusedOpsBackend> PendingMlp<'_, B> {
-    /// `(x + down(activation), norm(x + down(activation)))`.
+    /// `(x + mlp(input), norm(x + mlp(input)))`.
     pub fn add_norm(self, x: Tensor<B, 3>, norm: &RmsNorm<B>) -> (Tensor<B, 3>, Tensor<B, 3>) {
-        norm.forward_proj_add(x, self.down_proj, self.activation)
+        self.mlp.forward_add_norm(self.input, x, norm)
     }
 }
 
@@ -365,8 +391,8 @@ impl<B: FlashAttentionBackend> DecoderLayer<B> {
             self.post_attention_layernorm
                 .forward_proj_add(x, &self.self_attn.o_proj, heads);
         let pending = PendingMlp {
-            activation: self.mlp.activation(normed),
-            down_proj: &self.mlp.down_proj,
+            input: normed,
+            mlp: &self.mlp,
         };
         (h, pending)
     }

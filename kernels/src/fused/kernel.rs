@@ -177,7 +177,7 @@ pub fn split_add_rms_norm_kernel<F: Float>(
 /// its splits added in the order of the product's own reduction pass (see
 /// [`split_add_rms_norm_kernel`]), every load issued before the first add.
 #[cube]
-fn split_sum<F: Float>(
+pub(crate) fn split_sum<F: Float>(
     partial: &Array<f32>,
     bias: &Array<F>,
     at: usize,
@@ -353,9 +353,18 @@ pub fn swiglu_kernel<F: Float>(
     let row = pos / cols;
     let col = pos % cols;
     let g = f32::cast_from(gate[gate_at.offset(row, col)]);
+    out[pos] = silu_mul::<F>(g, f32::cast_from(up[up_at.offset(row, col)]));
+}
+
+/// `silu(g) · u` for `g`, `u` already in `F` (given as f32), rounded to `F` after each op as
+/// Burn's tensor ops round: `sigmoid(g)`, `g · sigmoid(g)`, then the product with `u`. Shared
+/// by [`swiglu_kernel`] and the down projection that computes its input while staging it
+/// ([`crate::linear::kernel::linear_kernel`]), so both give the same bits.
+#[cube]
+pub(crate) fn silu_mul<F: Float>(g: f32, u: f32) -> F {
     let sig = F::cast_from(1.0f32 / (1.0f32 + f32::exp(-g)));
     let act = F::cast_from(g * f32::cast_from(sig));
-    out[pos] = F::cast_from(f32::cast_from(act) * f32::cast_from(up[up_at.offset(row, col)]));
+    F::cast_from(f32::cast_from(act) * u)
 }
 
 /// RoPE in the "rotate half" convention on `x: [batch, seq, heads, head_dim]` (any strides),

@@ -165,6 +165,47 @@ pub fn linear_add_rms_norm<R: CubeRuntime>(
     }
 }
 
+/// [`super::FusedOpsBackend::mlp_add_rms_norm`] on CubeCL tensors, through the SIMT skinny
+/// kernel: the fused gate/up product `x · w_gate_up (+ bias)`, then the down projection, which
+/// computes SwiGLU of that product (finished, or its K split's partial sums) while staging its
+/// input, then the residual add and the RMSNorm (adding the down projection's partial sums
+/// where it splits, as [`linear_add_rms_norm`]). Three launches where the two ops take four
+/// (the gate/up product's reduction and SwiGLU were one launch, or SwiGLU alone without a
+/// split); the same bits. Returns `(h, norm(h))`, both `[m, n]`.
+///
+/// # Panics
+/// On inputs the SIMT kernel does not take, a gate/up width that is not twice `w_down`'s rows,
+/// or a residual of another shape.
+#[allow(clippy::too_many_arguments)]
+pub fn mlp_add_rms_norm<R: CubeRuntime>(
+    x: CubeTensor<R>,
+    w_gate_up: CubeTensor<R>,
+    bias_gate_up: Option<CubeTensor<R>>,
+    w_down: CubeTensor<R>,
+    bias_down: Option<CubeTensor<R>>,
+    residual: CubeTensor<R>,
+    gamma: CubeTensor<R>,
+    eps: f64,
+    tuning: &LinearTuning,
+) -> (CubeTensor<R>, CubeTensor<R>) {
+    let [_, n2] = w_gate_up.meta.shape().dims::<2>();
+    let [f, _] = w_down.meta.shape().dims::<2>();
+    assert_eq!(
+        n2,
+        2 * f,
+        "mlp_add_rms_norm: the gate/up weight has {n2} columns for a down projection of {f} rows"
+    );
+    let gate_up = crate::linear::launch::product(x, w_gate_up, bias_gate_up, tuning);
+    let y = crate::linear::launch::product_of_swiglu(gate_up, w_down, bias_down, tuning);
+    match y {
+        Product::Split(y) => split_add_rms_norm(y, residual, gamma, eps),
+        Product::Done(y) => {
+            let (h, normed) = rms_norm(residual, Some(y), gamma, eps);
+            (h.expect("the sum of a residual add"), normed)
+        }
+    }
+}
+
 /// The compile-time shape of `y`'s partial sums for [`super::kernel::split_sum`].
 fn sum_config<R: CubeRuntime>(y: &SplitSums<R>) -> SplitSumConfig {
     SplitSumConfig {

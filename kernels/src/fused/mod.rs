@@ -80,6 +80,24 @@ pub trait FusedOpsBackend: LinearBackend {
         reference::linear_add_rms_norm_prim::<Self>(x, weight, bias, residual, gamma, eps)
     }
 
+    /// See [`mlp_add_rms_norm`]; `x: [m, k]`, `w_gate_up: [k, 2f]`, `w_down: [f, n]`,
+    /// `residual: [m, n]`; returns `(h, norm(h))`, both `[m, n]`. The default is
+    /// [`Self::linear_swiglu`] then [`Self::linear_add_rms_norm`].
+    #[allow(clippy::too_many_arguments)]
+    fn mlp_add_rms_norm(
+        x: FloatTensor<Self>,
+        w_gate_up: FloatTensor<Self>,
+        bias_gate_up: Option<FloatTensor<Self>>,
+        w_down: FloatTensor<Self>,
+        bias_down: Option<FloatTensor<Self>>,
+        residual: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        eps: f64,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        let activation = Self::linear_swiglu(x, w_gate_up, bias_gate_up);
+        Self::linear_add_rms_norm(activation, w_down, bias_down, residual, gamma, eps)
+    }
+
     /// See [`linear_rope_cache`]; `x: [batch · seq, k]` (batch-major), `weight: [k, (n_heads +
     /// 2 · n_kv) · head_dim]`, the caches `[batch, n_kv, capacity, head_dim]`; returns `(q,
     /// k_cache, v_cache)`.
@@ -290,6 +308,82 @@ pub fn linear_add_rms_norm<B: FusedOpsBackend, const D: usize>(
         x.reshape([m, k]).into_primitive().tensor(),
         weight.into_primitive().tensor(),
         bias.map(|b| b.into_primitive().tensor()),
+        residual.reshape([m, n]).into_primitive().tensor(),
+        gamma.into_primitive().tensor(),
+        eps,
+    );
+    (
+        wrap::<B, 2>(h).reshape(out_dims),
+        wrap::<B, 2>(y).reshape(out_dims),
+    )
+}
+
+/// A decoder layer's MLP added to the residual stream, and the RMSNorm after it: with
+/// `a = `[`linear_swiglu`]`(x, w_gate_up, bias_gate_up)` (gate and up fused, `[k, 2f]`), returns
+/// [`linear_add_rms_norm`]`(a, w_down, bias_down, residual, gamma, eps)`, with the same
+/// roundings.
+///
+/// On the plain CubeCL backend, where both products take the SIMT skinny kernel (a decode
+/// step's few rows), the down projection computes SwiGLU of the gate/up product (or of its
+/// K split's partial sums) while it stages its input: SwiGLU's launch, or the gate/up split's
+/// reduction pass, and one round trip of the activation disappear (three launches per MLP
+/// where there were four). Otherwise (tensor-core or Burn products, `Fusion`, CPU backends,
+/// `Autodiff`) it is the two ops.
+///
+/// # Shapes
+/// `x: [..., k]`, `w_gate_up: [k, 2f]`, `bias_gate_up: [2f]`, `w_down: [f, n]`,
+/// `bias_down: [n]`, `residual: [..., n]` (the leading dimensions of `x`), `gamma: [n]`; both
+/// outputs have the shape of `residual`.
+///
+/// # Panics
+/// On inconsistent shapes.
+#[allow(clippy::too_many_arguments)]
+pub fn mlp_add_rms_norm<B: FusedOpsBackend, const D: usize>(
+    x: Tensor<B, D>,
+    w_gate_up: Tensor<B, 2>,
+    bias_gate_up: Option<Tensor<B, 1>>,
+    w_down: Tensor<B, 2>,
+    bias_down: Option<Tensor<B, 1>>,
+    residual: Tensor<B, D>,
+    gamma: Tensor<B, 1>,
+    eps: f64,
+) -> (Tensor<B, D>, Tensor<B, D>) {
+    let dims = x.dims();
+    let (m, k, n2) = crate::linear::product_dims(
+        "mlp_add_rms_norm",
+        &dims,
+        w_gate_up.dims(),
+        bias_gate_up.as_ref(),
+    );
+    let [f, n] = w_down.dims();
+    assert_eq!(
+        n2,
+        2 * f,
+        "mlp_add_rms_norm: the gate/up weight has {n2} columns for a down projection of {f} rows"
+    );
+    if !(crate::linear::takes_skinny(x.dtype(), m, k, n2)
+        && crate::linear::takes_skinny(x.dtype(), m, f, n))
+    {
+        let activation = linear_swiglu(x, w_gate_up, bias_gate_up);
+        return linear_add_rms_norm(activation, w_down, bias_down, residual, gamma, eps);
+    }
+    let mut act_dims = dims;
+    act_dims[D - 1] = f;
+    crate::linear::product_dims("mlp_add_rms_norm", &act_dims, [f, n], bias_down.as_ref());
+    let mut out_dims = dims;
+    out_dims[D - 1] = n;
+    assert_eq!(
+        residual.dims(),
+        out_dims,
+        "mlp_add_rms_norm: the residual's shape differs from the product's"
+    );
+    check_gamma(&out_dims, &gamma.dims());
+    let (h, y) = B::mlp_add_rms_norm(
+        x.reshape([m, k]).into_primitive().tensor(),
+        w_gate_up.into_primitive().tensor(),
+        bias_gate_up.map(|b| b.into_primitive().tensor()),
+        w_down.into_primitive().tensor(),
+        bias_down.map(|b| b.into_primitive().tensor()),
         residual.reshape([m, n]).into_primitive().tensor(),
         gamma.into_primitive().tensor(),
         eps,
@@ -627,6 +721,46 @@ where
             &tuning,
         );
         (h, normed)
+    }
+
+    /// Both products on the SIMT skinny kernel, SwiGLU computed by the down projection as it
+    /// stages its input, and the norm adding the down projection's partial sums where it
+    /// splits ([`launch::mlp_add_rms_norm`]); the two ops where either product takes another
+    /// kernel.
+    fn mlp_add_rms_norm(
+        x: FloatTensor<Self>,
+        w_gate_up: FloatTensor<Self>,
+        bias_gate_up: Option<FloatTensor<Self>>,
+        w_down: FloatTensor<Self>,
+        bias_down: Option<FloatTensor<Self>>,
+        residual: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        eps: f64,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        let simt = crate::mlp_fold()
+            && fold_on(&x, &w_gate_up, bias_gate_up.as_ref(), &[&residual]) == Some(false)
+            && crate::linear::launch::supported_input(
+                x.dtype,
+                x.meta.shape()[0],
+                &w_down,
+                bias_down.as_ref(),
+            );
+        if !simt {
+            let activation = Self::linear_swiglu(x, w_gate_up, bias_gate_up);
+            return Self::linear_add_rms_norm(activation, w_down, bias_down, residual, gamma, eps);
+        }
+        let tuning = crate::linear::LinearTuning::default();
+        launch::mlp_add_rms_norm(
+            x,
+            w_gate_up,
+            bias_gate_up,
+            w_down,
+            bias_down,
+            residual,
+            gamma,
+            eps,
+            &tuning,
+        )
     }
 
     /// The skinny kernel `linear_skinny` would run, then one kernel (finishing the product's K

@@ -5,6 +5,8 @@
 
 use cubecl::prelude::*;
 
+use crate::fused::kernel::{SplitSumConfig, silu_mul, split_sum};
+
 /// Compile-time shape of one launch of [`linear_kernel`]. Chosen on the host by
 /// [`super::launch::plan`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -31,6 +33,10 @@ pub struct LinearConfig {
     pub bias: bool,
     /// Write f32 partial sums for [`split_reduce_kernel`] instead of the output (K split).
     pub partial: bool,
+    /// `x` is SwiGLU of a fused gate/up product, computed while staging (see
+    /// [`linear_kernel`]): `None` for a plain `x`; `splits == 0` when that product is finished
+    /// (`x` holds it, `[m, 2k]`), else the shape of its K split's partial sums.
+    pub swiglu_input: Option<SplitSumConfig>,
 }
 
 impl LinearConfig {
@@ -100,10 +106,20 @@ pub struct ReduceConfig {
 ///
 /// With `cfg.partial` the f32 sums go to `partial[split][r][col]` and [`split_reduce_kernel`]
 /// finishes; otherwise the bias is added and the result cast to `F`.
+///
+/// With `cfg.swiglu_input` the product's input is SwiGLU of a fused gate/up product `g | u`
+/// (`2k` columns), computed as the tile is staged: `x[r, c] = silu(g[r, c]) · u[r, c + k]`
+/// rounded as [`crate::fused::kernel::swiglu_kernel`] rounds, from the finished product (in
+/// `x`, read through its strides) or from its K split's partial sums (`x_partial`,
+/// `[splits][m][2k]`, plus `x_bias`, added in the order of that split's own reduction pass):
+/// the same bits as SwiGLU's launch, which this saves (a down projection's cubes each stage
+/// their K chunk, so every value is computed once per column tile).
 #[allow(clippy::too_many_arguments, clippy::manual_div_ceil)]
 #[cube(launch_unchecked)]
 pub fn linear_kernel<F: Float, N: Size>(
     x: &Array<F>,
+    x_partial: &Array<f32>,
+    x_bias: &Array<F>,
     w: &Array<Vector<F, N>>,
     bias: &Array<Vector<F, N>>,
     out: &mut Array<Vector<F, N>>,
@@ -115,6 +131,7 @@ pub fn linear_kernel<F: Float, N: Size>(
     k: u32,
     n_vec: u32,
     k_chunk: u32,
+    x_split_stride: u32,
     #[comptime] cfg: LinearConfig,
     #[define(F)] _dtype: StorageType,
 ) {
@@ -180,9 +197,42 @@ pub fn linear_kernel<F: Float, N: Size>(
                 let kk = e % bk;
                 let mut val = 0.0f32;
                 if row_base + r < m && kk < tile_len {
-                    val = f32::cast_from(
-                        x[(row_base + r) * x_row_stride + (tile + kk) * x_col_stride],
-                    );
+                    let row = row_base + r;
+                    let c = tile + kk;
+                    match comptime!(cfg.swiglu_input) {
+                        None => {
+                            val = f32::cast_from(x[row * x_row_stride + c * x_col_stride]);
+                        }
+                        Some(sums) => {
+                            let split_stride = x_split_stride as usize;
+                            let at = row * 2 * k + c;
+                            let g = if comptime!(sums.splits == 0) {
+                                f32::cast_from(x[row * x_row_stride + c * x_col_stride])
+                            } else {
+                                f32::cast_from(split_sum::<F>(
+                                    x_partial,
+                                    x_bias,
+                                    at,
+                                    c,
+                                    split_stride,
+                                    sums,
+                                ))
+                            };
+                            let u = if comptime!(sums.splits == 0) {
+                                f32::cast_from(x[row * x_row_stride + (c + k) * x_col_stride])
+                            } else {
+                                f32::cast_from(split_sum::<F>(
+                                    x_partial,
+                                    x_bias,
+                                    at + k,
+                                    c + k,
+                                    split_stride,
+                                    sums,
+                                ))
+                            };
+                            val = f32::cast_from(silu_mul::<F>(g, u));
+                        }
+                    }
                 }
                 x_s[kk * x_stride + r] = val;
             }

@@ -13,6 +13,7 @@ use super::cmma::{FRAG, LinearCmmaConfig, PLANE, linear_cmma_kernel};
 use super::kernel::{LinearConfig, ReduceConfig, linear_kernel, split_reduce_kernel};
 use crate::args::{array_arg, unused_arg};
 use crate::cube::launch::{cmma_supported, tensor_cores_enabled};
+use crate::fused::kernel::SplitSumConfig;
 
 /// Most rows of `x` the kernel takes (a 64-node Medusa tree). [`crate::linear`] sends larger
 /// products to Burn's matmul.
@@ -255,6 +256,7 @@ fn plan_block(
             block_k: 1,
             bias: p.bias,
             partial: false,
+            swiglu_input: None,
         };
         // Shared memory: the reduction buffer plus at least one `KG * U` step of x.
         while config.k_step() > x_rows_budget(&config, shared_limit)
@@ -350,22 +352,29 @@ pub fn supported<R: CubeRuntime>(
     w: &CubeTensor<R>,
     bias: Option<&CubeTensor<R>>,
 ) -> bool {
-    let float = |d: DType| matches!(d, DType::F32 | DType::F16 | DType::BF16);
     let xs = x.meta.shape();
+    xs.num_dims() == 2 && supported_input(x.dtype, xs[0], w, bias) && w.meta.shape()[0] == xs[1]
+}
+
+/// [`supported`] for an input of `m` rows in `dtype` that is not a tensor yet (a product the
+/// kernel computes while staging it, see [`product_of_swiglu`]).
+pub(crate) fn supported_input<R: CubeRuntime>(
+    dtype: DType,
+    m: usize,
+    w: &CubeTensor<R>,
+    bias: Option<&CubeTensor<R>>,
+) -> bool {
+    let float = |d: DType| matches!(d, DType::F32 | DType::F16 | DType::BF16);
     let ws = w.meta.shape();
-    if xs.num_dims() != 2 || ws.num_dims() != 2 {
-        return false;
-    }
-    let (m, k, n) = (xs[0], xs[1], ws[1]);
-    float(x.dtype)
-        && w.dtype == x.dtype
-        && ws[0] == k
+    ws.num_dims() == 2
+        && float(dtype)
+        && w.dtype == dtype
         && (1..=MAX_M).contains(&m)
-        && k >= 1
-        && n >= 1
+        && ws[0] >= 1
+        && ws[1] >= 1
         && w.meta.strides()[1] == 1
         && bias.is_none_or(|b| {
-            float(b.dtype) && b.meta.shape().num_dims() == 1 && b.meta.shape()[0] == n
+            float(b.dtype) && b.meta.shape().num_dims() == 1 && b.meta.shape()[0] == ws[1]
         })
 }
 
@@ -498,18 +507,101 @@ pub(crate) fn product<R: CubeRuntime>(
     bias: Option<CubeTensor<R>>,
     tuning: &LinearTuning,
 ) -> Product<R> {
-    let dtype = x.dtype;
+    product_of(Input::Plain(x), w, bias, tuning)
+}
+
+/// Launches the SIMT product `swiglu(gate_up) · w (+ bias)`, SwiGLU computed as the kernel
+/// stages its input ([`linear_kernel`]): `gate_up` is a fused gate/up projection's product
+/// (`[m, 2k]`, finished or left as its K split's partial sums), `w` is `[k, n]`. The same bits
+/// as [`finish`]ing `gate_up` with SwiGLU, then [`product`]; one launch fewer. A K split of
+/// this product is left unfinished.
+///
+/// # Panics
+/// As [`product`], or when `gate_up`'s width is not twice `w`'s rows.
+pub(crate) fn product_of_swiglu<R: CubeRuntime>(
+    gate_up: Product<R>,
+    w: CubeTensor<R>,
+    bias: Option<CubeTensor<R>>,
+    tuning: &LinearTuning,
+) -> Product<R> {
+    product_of(Input::Swiglu(gate_up), w, bias, tuning)
+}
+
+/// What a SIMT product multiplies.
+// One per launch, moved once (as `Product`): the size difference does not matter.
+#[allow(clippy::large_enum_variant)]
+enum Input<R: CubeRuntime> {
+    /// `x: [m, k]`.
+    Plain(CubeTensor<R>),
+    /// SwiGLU of the two halves of a product `[m, 2k]` ([`product_of_swiglu`]).
+    Swiglu(Product<R>),
+}
+
+fn product_of<R: CubeRuntime>(
+    input: Input<R>,
+    w: CubeTensor<R>,
+    bias: Option<CubeTensor<R>>,
+    tuning: &LinearTuning,
+) -> Product<R> {
+    // `x` is the tensor the kernel reads as `F` (the plain input, or a finished gate/up
+    // product); `sums` the partial sums of a split gate/up product, read as f32.
+    let (x, sums, swiglu_input, m, k) = match input {
+        Input::Plain(x) => {
+            let [m, k] = x.meta.shape().dims::<2>();
+            (Some(x), None, None, m, k)
+        }
+        Input::Swiglu(Product::Done(y)) => {
+            let [m, n2] = y.meta.shape().dims::<2>();
+            assert!(
+                n2.is_multiple_of(2),
+                "linear: a gate/up product of odd width {n2}"
+            );
+            let cfg = SplitSumConfig {
+                splits: 0,
+                split_lanes: 1,
+                bias: false,
+            };
+            (Some(y), None, Some(cfg), m, n2 / 2)
+        }
+        Input::Swiglu(Product::Split(s)) => {
+            assert!(
+                s.n.is_multiple_of(2),
+                "linear: a gate/up product of odd width {}",
+                s.n
+            );
+            let cfg = SplitSumConfig {
+                splits: s.splits,
+                split_lanes: s.reduce.split_lanes,
+                bias: s.bias.is_some(),
+            };
+            let (m, k) = (s.m, s.n / 2);
+            (None, Some(s), Some(cfg), m, k)
+        }
+    };
+    let dtype = w.dtype;
+    if let Some(x) = &x {
+        assert_eq!(
+            x.dtype, dtype,
+            "linear: x is {:?} but the weight is {dtype:?}",
+            x.dtype
+        );
+    }
+    if let Some(s) = &sums {
+        assert_eq!(
+            s.dtype, dtype,
+            "linear: the gate/up product is {:?} but the weight is {dtype:?}",
+            s.dtype
+        );
+    }
     assert!(
         matches!(dtype, DType::F32 | DType::F16 | DType::BF16),
         "linear: unsupported dtype {dtype:?} (the CubeCL kernel takes f32, f16 or bf16)"
     );
-    assert_eq!(
-        w.dtype, dtype,
-        "linear: x is {dtype:?} but the weight is {:?}",
-        w.dtype
-    );
-    x.assert_is_on_same_device(&w);
-    let [m, k] = x.meta.shape().dims::<2>();
+    match (&x, &sums) {
+        (Some(x), _) => x.assert_is_on_same_device(&w),
+        (_, Some(s)) => s.partial.assert_is_on_same_device(&w),
+        _ => unreachable!("an input to multiply"),
+    }
     let [wk, n] = w.meta.shape().dims::<2>();
     assert_eq!(
         wk, k,
@@ -531,10 +623,10 @@ pub(crate) fn product<R: CubeRuntime>(
     } else {
         into_contiguous(w)
     };
-    let bias = bias.map(|b| prepare_bias(&x, b, n));
+    let bias = bias.map(|b| prepare_bias(&w, b, n));
 
-    let client = x.client.clone();
-    let device = x.device.clone();
+    let client = w.client.clone();
+    let device = w.device.clone();
     let vector_size = vector_size_for(&w, bias.as_ref(), n, tuning);
     let props = client.properties();
     let hw = &props.hardware;
@@ -563,10 +655,26 @@ pub(crate) fn product<R: CubeRuntime>(
         Some(b) => array_arg(b.clone()),
         None => unused_arg(out),
     };
-    let (x_row_stride, x_col_stride) = (x.meta.strides()[0], x.meta.strides()[1]);
+    let (x_row_stride, x_col_stride) = x
+        .as_ref()
+        .map_or((0, 0), |x| (x.meta.strides()[0], x.meta.strides()[1]));
     let w_row_vectors = w.meta.strides()[0] / vector_size;
+    // Parameters a launch does not read are switched off at compile time and bound to `out`.
+    let x_split_stride = sums.as_ref().map_or(0, |s| s.m * s.n);
+    let (x_arg, partial_arg, x_bias_arg) = match (x, sums) {
+        (Some(x), _) => (array_arg(x), unused_arg(out), unused_arg(out)),
+        (None, Some(s)) => (
+            unused_arg(out),
+            array_arg(s.partial),
+            s.bias.map_or_else(|| unused_arg(out), array_arg),
+        ),
+        (None, None) => unreachable!("an input to multiply"),
+    };
 
-    let cfg = plan.config;
+    let cfg = LinearConfig {
+        swiglu_input,
+        ..plan.config
+    };
     unsafe {
         linear_kernel::launch_unchecked::<R>(
             &client,
@@ -577,7 +685,9 @@ pub(crate) fn product<R: CubeRuntime>(
             ),
             CubeDim::new_1d(cfg.threads() as u32),
             vector_size,
-            array_arg(x),
+            x_arg,
+            partial_arg,
+            x_bias_arg,
             array_arg(w),
             bias_arg(),
             target.out_arg(),
@@ -589,6 +699,7 @@ pub(crate) fn product<R: CubeRuntime>(
             k as u32,
             n_vec as u32,
             plan.k_chunk as u32,
+            u32::try_from(x_split_stride).expect("linear: gate/up partial sums exceed 32 bits"),
             cfg,
             dtype.into(),
         );
