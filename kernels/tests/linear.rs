@@ -898,6 +898,8 @@ fn mlp_folds_swiglu_into_the_down_projection() {
         (1, 8192, 64, 128, true, Some(24)),
         // Eight rows (the f16/bf16 SIMT limit), a width no multiple of the vector size.
         (8, 300, 100, 202, true, Some(2)),
+        // Halves that are not whole vectors: the two ops reduce, then run SwiGLU's launch.
+        (1, 96, 102, 64, false, Some(2)),
     ];
     for dtype in [DType::F32, DType::F16, DType::BF16] {
         if !supports(dtype) {

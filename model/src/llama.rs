@@ -367,12 +367,13 @@ impl<B: FusedOpsBackend> PendingMlp<'_, B> {
 }
 
 impl<B: FlashAttentionBackend> DecoderLayer<B> {
-    /// The block on the residual stream `x + down(pending)`, where `pending` is the previous
-    /// block's MLP not yet finished (`None` before the first block). Returns the stream after
-    /// attention and this block's MLP, again not finished: every residual add runs, with the
-    /// projection before it (`o_proj`, `down_proj`), inside the RMSNorm that follows it (on
-    /// the plain CubeCL backend one launch for the norm, the add and the projection's K-split
-    /// reduction; see [`RmsNorm::forward_proj_add`]), the last one inside the final norm.
+    /// The block on the residual stream `x + mlp(pending)`, where `pending` is the previous
+    /// block's MLP not yet applied (`None` before the first block). Returns the stream after
+    /// attention and this block's MLP, again not applied: every residual add runs, with the
+    /// projection before it (`o_proj`; the MLP, see [`Mlp::forward_add_norm`]), inside the
+    /// RMSNorm that follows it (on the plain CubeCL backend one launch for the norm, the add
+    /// and the projection's K-split reduction; see [`RmsNorm::forward_proj_add`]), the last
+    /// one inside the final norm.
     pub fn forward<'a>(
         &'a self,
         x: Tensor<B, 3>,

@@ -41,7 +41,8 @@ pub struct LaunchTuning {
     /// Force the decode (`Some(true)`) or the prefill (`Some(false)`) tile configuration.
     pub decode: Option<bool>,
     /// Query rows per cube of the portable kernel's prefill configuration (one of its
-    /// candidates: 64, 32, 16, 8, 4, 2 or 1); `None` lets [`plan`] choose.
+    /// candidates: 64, 32, 16, 8, 4, 2 or 1; another panics); `None` lets [`plan`] choose.
+    /// Ignored by the decode configuration (64 rows or fewer, unless `decode` says otherwise).
     pub block_q: Option<usize>,
     /// Tensor cores for the f16/bf16 prefill kernel: `Some(false)` never, `Some(true)` whenever
     /// the device supports them (ignoring `BURN_DECODE_CMMA`), `None` as
@@ -184,6 +185,14 @@ pub fn plan(
             (1, 4),
         ]
     };
+    if let Some(b) = tuning.block_q
+        && !decode
+    {
+        assert!(
+            candidates.iter().any(|c| c.0 == b),
+            "flash_attention: no prefill configuration has {b}-row blocks"
+        );
+    }
     // Candidates that fit the device, in order of preference.
     let fitting: Vec<_> = candidates
         .iter()
@@ -196,18 +205,27 @@ pub fn plan(
                 .then_some((bq, bk, lanes, kg, threads, bytes))
         })
         .collect();
-    // A prefill grid of big row blocks may not cover the device (the seed's single head of 256
-    // queries is 4 cubes of 64 rows): each cube then walks every key tile in turn while most
-    // multiprocessors idle. Smaller row blocks, down to `MIN_SMALL_GRID_ROWS`, cut the
-    // sequential work per cube and spread it over more of them.
-    let grid = |bq: usize| rows.div_ceil(bq) * p.batch_kv_heads;
+    // A prefill grid of big row blocks may not cover the device even with its KV split (the
+    // seed's single head of 256 queries is 4 cubes of 64 rows, too few keys to split): each
+    // cube then walks every key tile in turn while most multiprocessors idle. Smaller row
+    // blocks, down to `MIN_SMALL_GRID_ROWS`, cut the sequential work per cube and spread it over
+    // more of them. Where a split covers the device, the blocks stay big (smaller ones would
+    // read each K/V tile more often).
+    let max_splits_for = |bk: usize| {
+        p.kv_len
+            .div_ceil(MIN_KEYS_PER_SPLIT.max(bk))
+            .min(MAX_SPLITS)
+    };
+    let covers = |bq: usize, bk: usize| {
+        rows.div_ceil(bq) * p.batch_kv_heads * max_splits_for(bk) >= multiprocessors
+    };
     let chosen = if decode || tuning.block_q.is_some() {
         fitting.first().copied()
     } else {
         fitting
             .iter()
             .filter(|c| c.0 >= MIN_SMALL_GRID_ROWS)
-            .find(|c| grid(c.0) >= multiprocessors)
+            .find(|c| covers(c.0, c.1))
             .or_else(|| {
                 fitting
                     .iter()
@@ -219,7 +237,8 @@ pub fn plan(
     };
     let (bq, bk, lanes, key_groups, threads, bytes) = chosen.unwrap_or_else(|| {
         panic!(
-            "flash_attention: head_dim {} does not fit in {budget} bytes of shared memory{}",
+            "flash_attention: head_dim {} does not fit in {budget} bytes of shared memory or \
+             {max_threads} threads{}",
             p.head_dim,
             match tuning.block_q {
                 Some(b) if !decode => format!(" with {b}-row blocks"),
@@ -229,10 +248,7 @@ pub fn plan(
     });
     let row_blocks = rows.div_ceil(bq);
     let base = row_blocks * p.batch_kv_heads;
-    let max_splits = p
-        .kv_len
-        .div_ceil(MIN_KEYS_PER_SPLIT.max(bk))
-        .min(MAX_SPLITS);
+    let max_splits = max_splits_for(bk);
     let splits = match tuning.splits {
         Some(s) => s.clamp(1, p.kv_len.div_ceil(bk).max(1)),
         None => {
@@ -880,6 +896,11 @@ mod tests {
                             assert!((plan.splits - 1) * plan.chunk_len < p.kv_len);
                             assert_eq!(c.partial, plan.splits > 1);
                             assert_eq!(plan.row_blocks, rows.div_ceil(c.block_q));
+                            if let Some(b) = block_q
+                                && !decode.unwrap_or(rows <= DECODE_MAX_ROWS)
+                            {
+                                assert_eq!(c.block_q, b, "{plan:?}");
+                            }
                         }
                     }
                 }
@@ -923,6 +944,17 @@ mod tests {
             ..seed(0)
         };
         assert_eq!(plan_on(&big, 132, &tuning).0, 64);
+        // A small grid whose KV split covers the device keeps 64-row blocks: 4 blocks of a
+        // 64-node tree's 256 rows × 8 KV heads × 8 splits of a 2048-key cache.
+        let tree = Problem {
+            batch_kv_heads: 8,
+            group: 4,
+            q_len: 64,
+            kv_len: 2048,
+            tree: true,
+            ..seed(0)
+        };
+        assert_eq!(plan_on(&tree, 132, &tuning), (64, 4));
         let forced = LaunchTuning {
             block_q: Some(64),
             ..Default::default()

@@ -107,8 +107,9 @@ fn inv_rms(partial: f32, cols: usize, eps: f32, #[comptime] threads: usize) -> f
 /// Compile-time shape of the K-split partial sums a kernel finishes ([`split_sum`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct SplitSumConfig {
-    /// K splits of the product. `0` only for [`rope_cache_kernel`]: the product comes finished
-    /// (the other kernels always take partial sums).
+    /// K splits of the product. `0` when the product comes finished ([`rope_cache_kernel`],
+    /// and the SwiGLU input of `crate::linear::kernel::linear_kernel`); the other kernels
+    /// always take partial sums.
     pub splits: usize,
     /// Split lanes of the product's own reduction pass (fixes the order of the sum).
     pub split_lanes: usize,

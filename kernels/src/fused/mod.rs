@@ -20,7 +20,8 @@
 //! - `CubeBackend<R, F, I, BT>` (any CubeCL runtime) runs the kernels of [`kernel`] for f32,
 //!   f16 and bf16 (other dtypes, and [`crate::kernels_enabled`] off, take the reference);
 //! - `Fusion<B>` registers each op as a custom operation running the inner backend's kernel
-//!   (`linear_swiglu` is the two registered ops there: its saved launch is the plain backend's);
+//!   (`linear_swiglu` is the two registered ops there, `mlp_add_rms_norm` the registered
+//!   `linear_swiglu` and `linear_add_rms_norm`: their saved launches are the plain backend's);
 //! - the CPU backends (`flex`, `ndarray`) and `Autodiff<B>` use the reference (differentiable).
 
 pub mod kernel;
