@@ -121,7 +121,9 @@ fn launches_per_decode_and_tree_step() {
     // top-k ten rounds of argmax and masking; 378 without the first two, 339 with the top-k
     // kernel, 340 with its two passes over long rows, 306 with the heads' residual blocks
     // computed together (per layer 11 launches, then the heads, the candidates and the KV
-    // compaction, one gather per layer on steps that accept more than the root). Each launch a
+    // compaction, one gather per layer on steps that accept more than the root); 276.3 on
+    // 2026-12-07 with SwiGLU inside the down projection (f32 tree products are SIMT ones, so
+    // they fold too; f16/bf16 trees on CUDA take tensor cores and do not). Each launch a
     // tree step adds costs Medusa part of its speedup on launch-bound GPUs: the budget (11 per
     // layer) fails when any of those comes back.
     assert!(
