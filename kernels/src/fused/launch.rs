@@ -153,14 +153,25 @@ pub fn linear_add_rms_norm<R: CubeRuntime>(
     tuning: &LinearTuning,
 ) -> (CubeTensor<R>, CubeTensor<R>, bool) {
     let product = crate::linear::launch::product_on(tensor_cores, x, w, bias, tuning);
-    match product {
-        Product::Split(y) => {
-            let (h, normed) = split_add_rms_norm(y, residual, gamma, eps);
-            (h, normed, true)
-        }
+    let split = matches!(product, Product::Split(_));
+    let (h, normed) = add_rms_norm_of(product, residual, gamma, eps);
+    (h, normed, split)
+}
+
+/// `(h, norm(h))` with `h = residual + y` for a launched product `y`: the norm's kernel adds a
+/// K split's partial sums itself ([`split_add_rms_norm`]); a finished product goes through
+/// [`rms_norm`] with the residual.
+fn add_rms_norm_of<R: CubeRuntime>(
+    y: Product<R>,
+    residual: CubeTensor<R>,
+    gamma: CubeTensor<R>,
+    eps: f64,
+) -> (CubeTensor<R>, CubeTensor<R>) {
+    match y {
+        Product::Split(y) => split_add_rms_norm(y, residual, gamma, eps),
         Product::Done(y) => {
             let (h, normed) = rms_norm(residual, Some(y), gamma, eps);
-            (h.expect("the sum of a residual add"), normed, false)
+            (h.expect("the sum of a residual add"), normed)
         }
     }
 }
@@ -197,13 +208,7 @@ pub fn mlp_add_rms_norm<R: CubeRuntime>(
     );
     let gate_up = crate::linear::launch::product(x, w_gate_up, bias_gate_up, tuning);
     let y = crate::linear::launch::product_of_swiglu(gate_up, w_down, bias_down, tuning);
-    match y {
-        Product::Split(y) => split_add_rms_norm(y, residual, gamma, eps),
-        Product::Done(y) => {
-            let (h, normed) = rms_norm(residual, Some(y), gamma, eps);
-            (h.expect("the sum of a residual add"), normed)
-        }
-    }
+    add_rms_norm_of(y, residual, gamma, eps)
 }
 
 /// The compile-time shape of `y`'s partial sums for [`super::kernel::split_sum`].
