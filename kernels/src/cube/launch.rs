@@ -18,7 +18,8 @@ use crate::args::{array_arg, unused_arg};
 /// lavapipe); 48 KiB is the most a CUDA block gets without opting in to dynamic shared memory.
 const MAX_SHARED_BYTES: usize = 48 * 1024;
 /// At most this many rows (`q_len * group`) take the decode configuration: one row block of
-/// `next_power_of_two(rows)` rows, key groups to keep every thread busy, and a KV split.
+/// `next_power_of_two(rows)` rows, key groups to keep every thread busy, and a KV split (see
+/// [`Problem::decodes`] for the exception).
 pub const DECODE_MAX_ROWS: usize = 64;
 /// A KV split never gives a cube fewer keys than this: below it the combine costs more than the
 /// extra parallelism brings.
@@ -118,6 +119,30 @@ pub struct Problem {
     pub tree: bool,
 }
 
+impl Problem {
+    /// Whether the portable kernel takes its decode configuration unless told otherwise: at
+    /// most [`DECODE_MAX_ROWS`] query rows, except where the rows would fill several
+    /// [`MIN_SMALL_GRID_ROWS`]-row prefill blocks while the keys are too few for a KV split to
+    /// cover the device's `multiprocessors`. The one decode cube would then walk every key
+    /// alone where the prefill plan's small row blocks run side by side (the seed
+    /// size, one head of 64 queries and keys: four 16-row blocks took 0.0385 ms on an H100,
+    /// one 64-row decode block 0.0447).
+    pub fn decodes(&self, multiprocessors: usize) -> bool {
+        let rows = self.group * self.q_len;
+        rows <= DECODE_MAX_ROWS
+            && (rows <= MIN_SMALL_GRID_ROWS
+                || self.batch_kv_heads * max_splits(self.kv_len, 1) >= multiprocessors)
+    }
+}
+
+/// The most KV splits a cache of `kv_len` keys takes with `block_k`-key tiles: chunks of at
+/// least [`MIN_KEYS_PER_SPLIT`] keys, at most [`MAX_SPLITS`] of them.
+fn max_splits(kv_len: usize, block_k: usize) -> usize {
+    kv_len
+        .div_ceil(MIN_KEYS_PER_SPLIT.max(block_k))
+        .min(MAX_SPLITS)
+}
+
 fn shared_bytes(p: &Problem, bq: usize, bk: usize, kg: usize, threads: usize, cpt: usize) -> usize {
     let d = p.head_dim;
     let staged = p.elem_size * (bq * d + bk * (d + p.vector_size) + bk * d);
@@ -153,7 +178,7 @@ pub fn plan(
 ) -> LaunchPlan {
     let rows = p.group * p.q_len;
     let nv = p.head_dim / p.vector_size;
-    let decode = tuning.decode.unwrap_or(rows <= DECODE_MAX_ROWS);
+    let decode = tuning.decode.unwrap_or_else(|| p.decodes(multiprocessors));
     let budget = shared_limit.min(MAX_SHARED_BYTES);
 
     // Preferred first. Prefill: big query blocks amortise each K/V tile over more rows; 32-key
@@ -211,11 +236,7 @@ pub fn plan(
     // blocks, down to `MIN_SMALL_GRID_ROWS`, cut the sequential work per cube and spread it over
     // more of them. Where a split covers the device, the blocks stay big (smaller ones would
     // read each K/V tile more often).
-    let max_splits_for = |bk: usize| {
-        p.kv_len
-            .div_ceil(MIN_KEYS_PER_SPLIT.max(bk))
-            .min(MAX_SPLITS)
-    };
+    let max_splits_for = |bk: usize| max_splits(p.kv_len, bk);
     let covers = |bq: usize, bk: usize| {
         rows.div_ceil(bq) * p.batch_kv_heads * max_splits_for(bk) >= multiprocessors
     };
@@ -248,7 +269,7 @@ pub fn plan(
     });
     let row_blocks = rows.div_ceil(bq);
     let base = row_blocks * p.batch_kv_heads;
-    let max_splits = max_splits_for(bk);
+    let split_cap = max_splits_for(bk);
     let splits = match tuning.splits {
         Some(s) => s.clamp(1, p.kv_len.div_ceil(bk).max(1)),
         None => {
@@ -260,7 +281,7 @@ pub fn plan(
             if base >= target {
                 1
             } else {
-                target.div_ceil(base).min(max_splits).max(1)
+                target.div_ceil(base).min(split_cap).max(1)
             }
         }
     };
@@ -343,10 +364,7 @@ pub fn plan_cmma(
     let block_q = FRAG * warps;
     let row_blocks = rows.div_ceil(block_q);
     let base = row_blocks * p.batch_kv_heads;
-    let max_splits = p
-        .kv_len
-        .div_ceil(MIN_KEYS_PER_SPLIT.max(block_k))
-        .min(MAX_SPLITS);
+    let split_cap = max_splits(p.kv_len, block_k);
     let splits = match tuning.splits {
         Some(s) => s.clamp(1, p.kv_len.div_ceil(block_k).max(1)),
         // Same rule as the SIMT plan: split only when the grid cannot fill the device.
@@ -355,7 +373,7 @@ pub fn plan_cmma(
             if base >= target {
                 1
             } else {
-                target.div_ceil(base).min(max_splits).max(1)
+                target.div_ceil(base).min(split_cap).max(1)
             }
         }
     };
@@ -897,7 +915,7 @@ mod tests {
                             assert_eq!(c.partial, plan.splits > 1);
                             assert_eq!(plan.row_blocks, rows.div_ceil(c.block_q));
                             if let Some(b) = block_q
-                                && !decode.unwrap_or(rows <= DECODE_MAX_ROWS)
+                                && !decode.unwrap_or_else(|| p.decodes(132))
                             {
                                 assert_eq!(c.block_q, b, "{plan:?}");
                             }
@@ -930,8 +948,23 @@ mod tests {
             (plan.config.block_q, plan.row_blocks)
         };
         assert_eq!(plan_on(&seed(256), 132, &tuning), (16, 16));
-        // 64 rows or fewer take the decode configuration (one block of every row), as before.
-        assert_eq!(plan_on(&seed(64), 132, &tuning), (64, 1));
+        // 64 rows and keys: too few keys to split, so not one decode block of every row but
+        // the prefill plan's 16-row blocks.
+        assert!(!seed(64).decodes(132));
+        assert_eq!(plan_on(&seed(64), 132, &tuning), (16, 4));
+        // Few rows, or enough keys for a split that covers the device: the decode
+        // configuration (one block of every row).
+        assert!(seed(16).decodes(132));
+        assert_eq!(plan_on(&seed(16), 132, &tuning), (16, 1));
+        let long = Problem {
+            batch_kv_heads: 32,
+            kv_len: 2048,
+            ..seed(64)
+        };
+        assert!(long.decodes(132));
+        assert_eq!(plan_on(&long, 132, &tuning), (64, 1));
+        // On four multiprocessors one KV head's 64 keys do not cover them either.
+        assert!(!seed(64).decodes(4));
         // Few multiprocessors (lavapipe on a small CPU): 64-row blocks already cover them.
         assert_eq!(plan_on(&seed(256), 4, &tuning), (64, 4));
         // Between: the largest block whose grid covers the device.
