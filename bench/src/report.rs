@@ -361,6 +361,12 @@ impl Report {
                 sc.decode_step.median_ms,
                 sc.tree_vs_decode
             );
+            let _ = writeln!(
+                s,
+                "\nWith SwiGLU in its own launch before each down projection (`BURN_DECODE_MLP_FOLD=0`), the verification step takes {:.2} ms ({:.3}× the step above).",
+                sc.tree_step_swiglu_apart.median_ms,
+                sc.tree_step_swiglu_apart.median_ms / sc.tree_step.median_ms
+            );
             if let Some(e) = &self.e2e {
                 let acc = e.overall.mean_accepted_length;
                 let _ = writeln!(

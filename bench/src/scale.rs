@@ -61,6 +61,9 @@ pub struct ScaleResult {
     /// kernel launch costs through Burn and CubeCL on this machine.
     pub launch: Timing,
     pub tree_step: Timing,
+    /// `tree_step` with SwiGLU in its own launch (or the gate/up reduction's) before the down
+    /// projection ([`kernels::set_mlp_fold`] off): what the fold saves a tree step.
+    pub tree_step_swiglu_apart: Timing,
     /// One tree forward (hidden states of every node, no LM head, no read-back): `host_ms`
     /// against `median_ms`, as for `decode_forward`.
     pub tree_forward: Timing,
@@ -330,14 +333,21 @@ pub fn run<B: FlashAttentionBackend>(
         ),
         device,
     );
-    let tree_step = time_device::<B>(device, 3, 15, 0.0, || {
-        let hidden = model
-            .forward_hidden(nodes.clone(), &mut cache, Some(&tree_input))
-            .expect("tree step");
-        let argmax = model.logits(hidden).argmax(2);
-        let _ = model::generate::read_ints(argmax);
-        cache.truncate(len);
-    });
+    let mut time_tree_step = || {
+        time_device::<B>(device, 3, 15, 0.0, || {
+            let hidden = model
+                .forward_hidden(nodes.clone(), &mut cache, Some(&tree_input))
+                .expect("tree step");
+            let argmax = model.logits(hidden).argmax(2);
+            let _ = model::generate::read_ints(argmax);
+            cache.truncate(len);
+        })
+    };
+    let tree_step = time_tree_step();
+    let fold = kernels::mlp_fold();
+    kernels::set_mlp_fold(false);
+    let tree_step_swiglu_apart = time_tree_step();
+    kernels::set_mlp_fold(fold);
     let tree_forward = time_device::<B>(device, 3, 15, 0.0, || {
         let _ = model
             .forward_hidden(nodes.clone(), &mut cache, Some(&tree_input))
@@ -377,6 +387,7 @@ pub fn run<B: FlashAttentionBackend>(
         decode_forward,
         launch,
         tree_step,
+        tree_step_swiglu_apart,
         tree_forward,
         tree_nodes: n,
         medusa_heads: num_heads,

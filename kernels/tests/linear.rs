@@ -21,7 +21,7 @@ use burn_cubecl::CubeBackend;
 use cubecl::Runtime as _;
 use kernels::{
     LinearBackend,
-    linear::{LinearTuning, MAX_M, cmma_usable, launch, plan_for},
+    linear::{LinearTuning, MAX_M, cmma_usable, launch, plan_cmma_for, plan_for},
 };
 use rand::{SeedableRng, rngs::StdRng};
 
@@ -884,9 +884,6 @@ fn tensor_cores_swiglu_in_the_reduction() {
 /// public ops on the plain and the fusion backend.
 #[test]
 fn mlp_folds_swiglu_into_the_down_projection() {
-    let device = Device::default();
-    let client = Runtime::client(&device);
-    let eps = 1e-5;
     // (rows, hidden k, intermediate f, output n, bias, forced K splits of both products)
     let cases = [
         (1, 576, 1536, 576, false, Some(4)),
@@ -901,13 +898,43 @@ fn mlp_folds_swiglu_into_the_down_projection() {
         // Halves that are not whole vectors: the two ops reduce, then run SwiGLU's launch.
         (1, 96, 102, 64, false, Some(2)),
     ];
-    for dtype in [DType::F32, DType::F16, DType::BF16] {
+    check_mlp_fold(false, &cases);
+}
+
+/// [`mlp_folds_swiglu_into_the_down_projection`] on the tensor-core kernel (CUDA only): a
+/// Medusa tree step's rows (9 to 64) of f16/bf16, SmolLM2's MLP with the gate/up product split
+/// along K (forced, and as planned) or finished, with and without biases.
+#[test]
+fn tensor_cores_mlp_fold() {
+    let cases = [
+        (64, 576, 1536, 576, false, Some(4)),
+        (64, 576, 1536, 576, false, None),
+        (64, 576, 1536, 576, true, Some(1)),
+        (9, 256, 512, 128, true, Some(3)),
+        (33, 1024, 256, 512, false, Some(8)),
+    ];
+    check_mlp_fold(true, &cases);
+}
+
+/// `kernels::fused::launch::mlp_add_rms_norm` on the SIMT or the tensor-core kernel against
+/// the two ops on the same kernel (bits) and the f64 reference, and the public op against the
+/// two public ops, for `(rows, k, f, n, bias, forced splits)` cases.
+fn check_mlp_fold(tensor_cores: bool, cases: &[(usize, usize, usize, usize, bool, Option<usize>)]) {
+    let device = Device::default();
+    let client = Runtime::client(&device);
+    let eps = 1e-5;
+    let dtypes: &[DType] = if tensor_cores {
+        &[DType::F16, DType::BF16]
+    } else {
+        &[DType::F32, DType::F16, DType::BF16]
+    };
+    for &dtype in dtypes {
         if !supports(dtype) {
             continue;
         }
         let (round, tol) = rounding(dtype);
         let mut gate_up_split = 0;
-        for (m, k, f, n, bias, splits) in cases {
+        for &(m, k, f, n, bias, splits) in cases {
             let gu_case = Case::new(m, k, 2 * f, bias);
             let gu = make_inputs(&gu_case, round);
             let mut rng = StdRng::seed_from_u64(gu_case.seed() + 7);
@@ -938,9 +965,26 @@ fn mlp_folds_swiglu_into_the_down_projection() {
                 splits,
                 ..Default::default()
             };
-            let plan = plan_for(&client, dtype, m, k, 2 * f, bias, &tuning);
-            gate_up_split += usize::from(plan.splits > 1);
             let d = upload::<Cube>(&gu_case, &gu, dtype, Layout::Contiguous, &device);
+            if tensor_cores {
+                let (x, w, b) = (
+                    d.x.clone().into_primitive().tensor(),
+                    d.w.clone().into_primitive().tensor(),
+                    d.b.clone().map(|b| b.into_primitive().tensor()),
+                );
+                if !cmma_usable(&x, &w, b.as_ref()) {
+                    println!("{dtype:?}: no tensor-core kernel on {}", runtime::NAME);
+                    return;
+                }
+            }
+            let plan_splits = if tensor_cores {
+                plan_cmma_for(&client, dtype, m, k, 2 * f, bias, &tuning)
+                    .expect("a tensor-core plan")
+                    .splits
+            } else {
+                plan_for(&client, dtype, m, k, 2 * f, bias, &tuning).splits
+            };
+            gate_up_split += usize::from(plan_splits > 1);
             let wd = tensor::<Cube, 2>(&w_down, [f, n], dtype, &device);
             let bd = b_down
                 .as_ref()
@@ -960,11 +1004,17 @@ fn mlp_folds_swiglu_into_the_down_projection() {
                 prim(residual.clone()),
                 gamma.clone().into_primitive().tensor(),
                 eps,
+                tensor_cores,
                 &tuning,
             );
             let (h, normed) = (read(wrap(h)), read(wrap(normed)));
 
-            let (act, swiglu_done) = launch::linear_swiglu::<Runtime>(
+            let two_op_swiglu = if tensor_cores {
+                launch::linear_cmma_swiglu::<Runtime>
+            } else {
+                launch::linear_swiglu::<Runtime>
+            };
+            let (act, swiglu_done) = two_op_swiglu(
                 prim(d.x.clone()),
                 prim(d.w.clone()),
                 prim1(d.b.clone()),
@@ -983,10 +1033,13 @@ fn mlp_folds_swiglu_into_the_down_projection() {
                 prim(residual.clone()),
                 gamma.clone().into_primitive().tensor(),
                 eps,
-                false,
+                tensor_cores,
                 &tuning,
             );
-            let name = format!("m {m} k {k} f {f} n {n} bias {bias} {dtype:?} {plan:?}");
+            let name = format!(
+                "m {m} k {k} f {f} n {n} bias {bias} {dtype:?} tensor cores {tensor_cores}, \
+                 gate/up splits {plan_splits}"
+            );
             assert_eq!(h, read(wrap(h2)), "{name}: h is not the two ops' bits");
             assert_eq!(
                 normed,

@@ -177,16 +177,17 @@ fn add_rms_norm_of<R: CubeRuntime>(
 }
 
 /// [`super::FusedOpsBackend::mlp_add_rms_norm`] on CubeCL tensors, through the SIMT skinny
-/// kernel: the fused gate/up product `x · w_gate_up (+ bias)`, then the down projection, which
-/// computes SwiGLU of that product (finished, or its K split's partial sums) while staging its
-/// input, then the residual add and the RMSNorm (adding the down projection's partial sums
-/// where it splits, as [`linear_add_rms_norm`]). Three launches where the two ops take four
-/// (the gate/up product's reduction and SwiGLU were one launch, or SwiGLU alone without a
-/// split); the same bits. Returns `(h, norm(h))`, both `[m, n]`.
+/// kernel or with `tensor_cores` the tensor-core one: the fused gate/up product
+/// `x · w_gate_up (+ bias)`, then the down projection, which computes SwiGLU of that product
+/// (finished, or its K split's partial sums) while staging its input, then the residual add
+/// and the RMSNorm (adding the down projection's partial sums where it splits, as
+/// [`linear_add_rms_norm`]). Three launches where the two ops take four (the gate/up
+/// product's reduction and SwiGLU were one launch, or SwiGLU alone without a split); the same
+/// bits. Returns `(h, norm(h))`, both `[m, n]`.
 ///
 /// # Panics
-/// On inputs the SIMT kernel does not take, a gate/up width that is not twice `w_down`'s rows,
-/// or a residual of another shape.
+/// On inputs the chosen kernel does not take, a gate/up width that is not twice `w_down`'s
+/// rows, or a residual of another shape.
 #[allow(clippy::too_many_arguments)]
 pub fn mlp_add_rms_norm<R: CubeRuntime>(
     x: CubeTensor<R>,
@@ -197,6 +198,7 @@ pub fn mlp_add_rms_norm<R: CubeRuntime>(
     residual: CubeTensor<R>,
     gamma: CubeTensor<R>,
     eps: f64,
+    tensor_cores: bool,
     tuning: &LinearTuning,
 ) -> (CubeTensor<R>, CubeTensor<R>) {
     let [_, n2] = w_gate_up.meta.shape().dims::<2>();
@@ -206,8 +208,9 @@ pub fn mlp_add_rms_norm<R: CubeRuntime>(
         2 * f,
         "mlp_add_rms_norm: the gate/up weight has {n2} columns for a down projection of {f} rows"
     );
-    let gate_up = crate::linear::launch::product(x, w_gate_up, bias_gate_up, tuning);
-    let y = crate::linear::launch::product_of_swiglu(gate_up, w_down, bias_down, tuning);
+    use crate::linear::launch::{product_of_swiglu_on, product_on};
+    let gate_up = product_on(tensor_cores, x, w_gate_up, bias_gate_up, tuning);
+    let y = product_of_swiglu_on(tensor_cores, gate_up, w_down, bias_down, tuning);
     add_rms_norm_of(y, residual, gamma, eps)
 }
 

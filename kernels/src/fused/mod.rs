@@ -324,12 +324,12 @@ pub fn linear_add_rms_norm<B: FusedOpsBackend, const D: usize>(
 /// [`linear_add_rms_norm`]`(a, w_down, bias_down, residual, gamma, eps)`, with the same
 /// roundings.
 ///
-/// On the plain CubeCL backend, where both products take the SIMT skinny kernel (a decode
-/// step's few rows), the down projection computes SwiGLU of the gate/up product (or of its
-/// K split's partial sums) while it stages its input: SwiGLU's launch, or the gate/up split's
-/// reduction pass, and one round trip of the activation disappear (three launches per MLP
-/// where there were four). Otherwise (tensor-core or Burn products, `Fusion`, CPU backends,
-/// `Autodiff`) it is the two ops.
+/// On the plain CubeCL backend, where both products take one skinny kernel (the SIMT one for
+/// a decode step's few rows, the tensor-core one for a Medusa tree step's), the down
+/// projection computes SwiGLU of the gate/up product (or of its K split's partial sums) while
+/// it stages its input: SwiGLU's launch, or the gate/up split's reduction pass, and one round
+/// trip of the activation disappear (three launches per MLP where there were four). Otherwise
+/// (Burn products, `Fusion`, CPU backends, `Autodiff`) it is the two ops.
 ///
 /// # Shapes
 /// `x: [..., k]`, `w_gate_up: [k, 2f]`, `bias_gate_up: [2f]`, `w_down: [f, n]`,
@@ -724,10 +724,10 @@ where
         (h, normed)
     }
 
-    /// Both products on the SIMT skinny kernel, SwiGLU computed by the down projection as it
-    /// stages its input, and the norm adding the down projection's partial sums where it
-    /// splits ([`launch::mlp_add_rms_norm`]); the two ops where either product takes another
-    /// kernel.
+    /// Both products on one skinny kernel (SIMT, or tensor cores for a tree step's rows),
+    /// SwiGLU computed by the down projection as it stages its input, and the norm adding the
+    /// down projection's partial sums where it splits ([`launch::mlp_add_rms_norm`]); the two
+    /// ops where the products would take different kernels or none.
     fn mlp_add_rms_norm(
         x: FloatTensor<Self>,
         w_gate_up: FloatTensor<Self>,
@@ -738,18 +738,18 @@ where
         gamma: FloatTensor<Self>,
         eps: f64,
     ) -> (FloatTensor<Self>, FloatTensor<Self>) {
-        let simt = crate::mlp_fold()
-            && fold_on(&x, &w_gate_up, bias_gate_up.as_ref(), &[&residual]) == Some(false)
-            && crate::linear::launch::supported_input(
-                x.dtype,
-                x.meta.shape()[0],
-                &w_down,
-                bias_down.as_ref(),
-            );
-        if !simt {
+        use crate::linear::launch::{cmma_usable_input, supported_input};
+        // The down projection's kernel is the one its input, `[m, f]` in x's dtype, would take.
+        let (dtype, m) = (x.dtype, x.meta.shape()[0]);
+        let fold = match fold_on(&x, &w_gate_up, bias_gate_up.as_ref(), &[&residual]) {
+            Some(false) => supported_input(dtype, m, &w_down, bias_down.as_ref()).then_some(false),
+            Some(true) => cmma_usable_input(dtype, m, &w_down, bias_down.as_ref()).then_some(true),
+            None => None,
+        };
+        let Some(tensor_cores) = fold.filter(|_| crate::mlp_fold()) else {
             let activation = Self::linear_swiglu(x, w_gate_up, bias_gate_up);
             return Self::linear_add_rms_norm(activation, w_down, bias_down, residual, gamma, eps);
-        }
+        };
         let tuning = crate::linear::LinearTuning::default();
         launch::mlp_add_rms_norm(
             x,
@@ -760,6 +760,7 @@ where
             residual,
             gamma,
             eps,
+            tensor_cores,
             &tuning,
         )
     }

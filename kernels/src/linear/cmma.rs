@@ -25,6 +25,10 @@
 //! 4. each plane multiplies its fragments: per 16 K-rows, `row_frags` `x` fragments and
 //!    `col_frags` weight fragments from shared memory into the accumulators.
 //!
+//! With `swiglu_input` the product's input is SwiGLU of a fused gate/up product, computed as
+//! each unit loads its share of a stage (step 1) with the same rounding as the SwiGLU pass it
+//! replaces ([`crate::linear::kernel::linear_kernel`] does the same for the SIMT kernel).
+//!
 //! At the end each accumulator goes through a per-plane 16×16 f32 buffer in shared memory to
 //! global memory (rows past `m` are dropped; with a K split as f32 partial sums, otherwise with
 //! the bias added, cast to the input dtype).
@@ -39,6 +43,8 @@
 //! a row, a stage or a K split.
 
 use cubecl::{cmma, prelude::*};
+
+use crate::fused::kernel::{SplitSumConfig, silu_mul, split_sum};
 
 // Fragment size (16×16×16) and plane width: those of the attention kernel's `cmma` path.
 pub(crate) use crate::cube::cmma::{FRAG, PLANE};
@@ -65,6 +71,10 @@ pub struct LinearCmmaConfig {
     pub bias: bool,
     /// Write f32 partial sums for the reduction kernel instead of the output (K split).
     pub partial: bool,
+    /// The input is SwiGLU of a fused gate/up product `g | u` (`2k` columns): finished
+    /// (`splits == 0`, read from `x`) or as its K split's f32 partial sums (`x_partial`), see
+    /// [`linear_cmma_kernel`].
+    pub swiglu_input: Option<SplitSumConfig>,
 }
 
 impl LinearCmmaConfig {
@@ -107,10 +117,18 @@ impl LinearCmmaConfig {
 /// `[split * k_chunk, min((split + 1) * k_chunk, k))`, on the matrix units. See [`self`] for
 /// the layout. `n`, `k`, `k_chunk`, `x_row` and `w_row` are multiples of 16 (the last two in
 /// elements; both arrays start 32-byte aligned).
+///
+/// With `cfg.swiglu_input` the input is `x[r, c] = silu(g[r, c]) · u[r, c + k]` of a gate/up
+/// product with `2k` columns: read from `x` (row stride `x_row`) when it is finished, else
+/// added up from its partial sums `x_partial[split][r][·]` (split stride `x_split_stride`,
+/// plus `x_bias`) in the order of its reduction pass, each rounded to `F` first -- the bits
+/// of the SwiGLU launch this replaces.
 #[allow(clippy::too_many_arguments)]
 #[cube(launch_unchecked)]
 pub fn linear_cmma_kernel<F: Float, N: Size>(
     x: &Array<Vector<F, N>>,
+    x_partial: &Array<f32>,
+    x_bias: &Array<F>,
     w: &Array<Vector<F, N>>,
     bias: &Array<F>,
     out: &mut Array<F>,
@@ -121,6 +139,7 @@ pub fn linear_cmma_kernel<F: Float, N: Size>(
     k: u32,
     n_cols: u32,
     k_chunk: u32,
+    x_split_stride: u32,
     #[comptime] cfg: LinearCmmaConfig,
     #[define(F)] _dtype: StorageType,
 ) {
@@ -219,8 +238,24 @@ pub fn linear_cmma_kernel<F: Float, N: Size>(
         let ahead = k_start + d * bk;
         if ahead < k_end {
             load_stage::<F, N>(
-                x, w, &mut x_reg, &mut w_reg, ahead, k_end, t, m, n_v, x_row_v, w_row_v,
-                tile_col_v, cfg, d,
+                x,
+                x_partial,
+                x_bias,
+                w,
+                &mut x_reg,
+                &mut w_reg,
+                ahead,
+                k_end,
+                t,
+                m,
+                k,
+                n_v,
+                x_row_v,
+                x_split_stride as usize,
+                w_row_v,
+                tile_col_v,
+                cfg,
+                d,
             );
         }
     }
@@ -262,8 +297,24 @@ pub fn linear_cmma_kernel<F: Float, N: Size>(
                 let ahead = stage + comptime!(cfg.depth * cfg.block_k);
                 if ahead < k_end {
                     load_stage::<F, N>(
-                        x, w, &mut x_reg, &mut w_reg, ahead, k_end, t, m, n_v, x_row_v, w_row_v,
-                        tile_col_v, cfg, d,
+                        x,
+                        x_partial,
+                        x_bias,
+                        w,
+                        &mut x_reg,
+                        &mut w_reg,
+                        ahead,
+                        k_end,
+                        t,
+                        m,
+                        k,
+                        n_v,
+                        x_row_v,
+                        x_split_stride as usize,
+                        w_row_v,
+                        tile_col_v,
+                        cfg,
+                        d,
                     );
                 }
 
@@ -344,6 +395,8 @@ pub fn linear_cmma_kernel<F: Float, N: Size>(
 #[cube]
 fn load_stage<F: Float, N: Size>(
     x: &Array<Vector<F, N>>,
+    x_partial: &Array<f32>,
+    x_bias: &Array<F>,
     w: &Array<Vector<F, N>>,
     x_reg: &mut Array<Vector<F, N>>,
     w_reg: &mut Array<Vector<F, N>>,
@@ -351,8 +404,10 @@ fn load_stage<F: Float, N: Size>(
     k_end: usize,
     t: usize,
     m: usize,
+    k: usize,
     n_v: usize,
     x_row_v: usize,
+    x_split_stride: usize,
     w_row_v: usize,
     tile_col_v: usize,
     #[comptime] cfg: LinearCmmaConfig,
@@ -380,7 +435,46 @@ fn load_stage<F: Float, N: Size>(
         let kv = i % bk_v;
         let mut val = Vector::<F, N>::new(F::new(0.0));
         if r < m && stage + kv * v < k_end {
-            val = x[r * x_row_v + stage / v + kv];
+            match comptime!(cfg.swiglu_input) {
+                None => {
+                    val = x[r * x_row_v + stage / v + kv];
+                }
+                Some(sums) => {
+                    // `x` as SwiGLU of the gate/up product's columns `c..c + v` and
+                    // `c + k..c + k + v` (`k` is a multiple of 16: whole vectors).
+                    let c = stage + kv * v;
+                    if comptime!(sums.splits == 0) {
+                        let g = x[r * x_row_v + c / v];
+                        let u = x[r * x_row_v + (c + k) / v];
+                        #[unroll]
+                        for j in 0..v {
+                            val[j] = silu_mul::<F>(f32::cast_from(g[j]), f32::cast_from(u[j]));
+                        }
+                    } else {
+                        let at = r * 2 * k + c;
+                        #[unroll]
+                        for j in 0..v {
+                            let g = split_sum::<F>(
+                                x_partial,
+                                x_bias,
+                                at + j,
+                                c + j,
+                                x_split_stride,
+                                sums,
+                            );
+                            let u = split_sum::<F>(
+                                x_partial,
+                                x_bias,
+                                at + k + j,
+                                c + k + j,
+                                x_split_stride,
+                                sums,
+                            );
+                            val[j] = silu_mul::<F>(f32::cast_from(g), f32::cast_from(u));
+                        }
+                    }
+                }
+            }
         }
         x_reg[comptime!(slot * cfg.x_loads() + e)] = val;
     }

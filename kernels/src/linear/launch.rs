@@ -537,71 +537,130 @@ enum Input<R: CubeRuntime> {
     Swiglu(Product<R>),
 }
 
+/// What a product kernel reads for an [`Input`].
+struct Staged<R: CubeRuntime> {
+    /// The tensor read as `F`: the plain input, or a finished gate/up product.
+    x: Option<CubeTensor<R>>,
+    /// The partial sums of a split gate/up product, read as f32.
+    sums: Option<SplitSums<R>>,
+    /// How the kernel computes SwiGLU while staging (`None`: a plain input).
+    swiglu: Option<SplitSumConfig>,
+    /// The input's `[m, k]` (`k` is half the gate/up product's width).
+    m: usize,
+    k: usize,
+}
+
+impl<R: CubeRuntime> Input<R> {
+    fn staged(self) -> Staged<R> {
+        match self {
+            Input::Plain(x) => {
+                let [m, k] = x.meta.shape().dims::<2>();
+                Staged {
+                    x: Some(x),
+                    sums: None,
+                    swiglu: None,
+                    m,
+                    k,
+                }
+            }
+            Input::Swiglu(Product::Done(y)) => {
+                let [m, n2] = y.meta.shape().dims::<2>();
+                assert!(
+                    n2.is_multiple_of(2),
+                    "linear: a gate/up product of odd width {n2}"
+                );
+                let swiglu = SplitSumConfig {
+                    splits: 0,
+                    split_lanes: 1,
+                    bias: false,
+                };
+                Staged {
+                    x: Some(y),
+                    sums: None,
+                    swiglu: Some(swiglu),
+                    m,
+                    k: n2 / 2,
+                }
+            }
+            Input::Swiglu(Product::Split(s)) => {
+                assert!(
+                    s.n.is_multiple_of(2),
+                    "linear: a gate/up product of odd width {}",
+                    s.n
+                );
+                let swiglu = SplitSumConfig {
+                    splits: s.splits,
+                    split_lanes: s.reduce.split_lanes,
+                    bias: s.bias.is_some(),
+                };
+                Staged {
+                    m: s.m,
+                    k: s.n / 2,
+                    x: None,
+                    sums: Some(s),
+                    swiglu: Some(swiglu),
+                }
+            }
+        }
+    }
+}
+
+impl<R: CubeRuntime> Staged<R> {
+    /// Checks the input against the weight's dtype and device.
+    fn check(&self, w: &CubeTensor<R>) {
+        let dtype = w.dtype;
+        if let Some(x) = &self.x {
+            assert_eq!(
+                x.dtype, dtype,
+                "linear: x is {:?} but the weight is {dtype:?}",
+                x.dtype
+            );
+            x.assert_is_on_same_device(w);
+        }
+        if let Some(s) = &self.sums {
+            assert_eq!(
+                s.dtype, dtype,
+                "linear: the gate/up product is {:?} but the weight is {dtype:?}",
+                s.dtype
+            );
+            s.partial.assert_is_on_same_device(w);
+        }
+    }
+
+    /// The kernel's `x`, `x_partial` and `x_bias` arguments and the partial sums' split
+    /// stride; parameters a launch does not read are bound to `out` (they are switched off at
+    /// compile time).
+    fn args(self, out: &CubeTensor<R>) -> (ArrayArg<R>, ArrayArg<R>, ArrayArg<R>, u32) {
+        let split_stride = self.sums.as_ref().map_or(0, |s| s.m * s.n);
+        let split_stride =
+            u32::try_from(split_stride).expect("linear: gate/up partial sums exceed 32 bits");
+        match (self.x, self.sums) {
+            (Some(x), _) => (array_arg(x), unused_arg(out), unused_arg(out), split_stride),
+            (None, Some(s)) => (
+                unused_arg(out),
+                array_arg(s.partial),
+                s.bias.map_or_else(|| unused_arg(out), array_arg),
+                split_stride,
+            ),
+            (None, None) => unreachable!("an input to multiply"),
+        }
+    }
+}
+
 fn product_of<R: CubeRuntime>(
     input: Input<R>,
     w: CubeTensor<R>,
     bias: Option<CubeTensor<R>>,
     tuning: &LinearTuning,
 ) -> Product<R> {
-    // `x` is the tensor the kernel reads as `F` (the plain input, or a finished gate/up
-    // product); `sums` the partial sums of a split gate/up product, read as f32.
-    let (x, sums, swiglu_input, m, k) = match input {
-        Input::Plain(x) => {
-            let [m, k] = x.meta.shape().dims::<2>();
-            (Some(x), None, None, m, k)
-        }
-        Input::Swiglu(Product::Done(y)) => {
-            let [m, n2] = y.meta.shape().dims::<2>();
-            assert!(
-                n2.is_multiple_of(2),
-                "linear: a gate/up product of odd width {n2}"
-            );
-            let cfg = SplitSumConfig {
-                splits: 0,
-                split_lanes: 1,
-                bias: false,
-            };
-            (Some(y), None, Some(cfg), m, n2 / 2)
-        }
-        Input::Swiglu(Product::Split(s)) => {
-            assert!(
-                s.n.is_multiple_of(2),
-                "linear: a gate/up product of odd width {}",
-                s.n
-            );
-            let cfg = SplitSumConfig {
-                splits: s.splits,
-                split_lanes: s.reduce.split_lanes,
-                bias: s.bias.is_some(),
-            };
-            let (m, k) = (s.m, s.n / 2);
-            (None, Some(s), Some(cfg), m, k)
-        }
-    };
+    let staged = input.staged();
+    let (m, k, swiglu_input) = (staged.m, staged.k, staged.swiglu);
     let dtype = w.dtype;
-    if let Some(x) = &x {
-        assert_eq!(
-            x.dtype, dtype,
-            "linear: x is {:?} but the weight is {dtype:?}",
-            x.dtype
-        );
-    }
-    if let Some(s) = &sums {
-        assert_eq!(
-            s.dtype, dtype,
-            "linear: the gate/up product is {:?} but the weight is {dtype:?}",
-            s.dtype
-        );
-    }
+    staged.check(&w);
     assert!(
         matches!(dtype, DType::F32 | DType::F16 | DType::BF16),
         "linear: unsupported dtype {dtype:?} (the CubeCL kernel takes f32, f16 or bf16)"
     );
-    match (&x, &sums) {
-        (Some(x), _) => x.assert_is_on_same_device(&w),
-        (_, Some(s)) => s.partial.assert_is_on_same_device(&w),
-        _ => unreachable!("an input to multiply"),
-    }
     let [wk, n] = w.meta.shape().dims::<2>();
     assert_eq!(
         wk, k,
@@ -655,21 +714,12 @@ fn product_of<R: CubeRuntime>(
         Some(b) => array_arg(b.clone()),
         None => unused_arg(out),
     };
-    let (x_row_stride, x_col_stride) = x
+    let (x_row_stride, x_col_stride) = staged
+        .x
         .as_ref()
         .map_or((0, 0), |x| (x.meta.strides()[0], x.meta.strides()[1]));
     let w_row_vectors = w.meta.strides()[0] / vector_size;
-    // Parameters a launch does not read are switched off at compile time and bound to `out`.
-    let x_split_stride = sums.as_ref().map_or(0, |s| s.m * s.n);
-    let (x_arg, partial_arg, x_bias_arg) = match (x, sums) {
-        (Some(x), _) => (array_arg(x), unused_arg(out), unused_arg(out)),
-        (None, Some(s)) => (
-            unused_arg(out),
-            array_arg(s.partial),
-            s.bias.map_or_else(|| unused_arg(out), array_arg),
-        ),
-        (None, None) => unreachable!("an input to multiply"),
-    };
+    let (x_arg, partial_arg, x_bias_arg, x_split_stride) = staged.args(out);
 
     let cfg = LinearConfig {
         swiglu_input,
@@ -699,7 +749,7 @@ fn product_of<R: CubeRuntime>(
             k as u32,
             n_vec as u32,
             plan.k_chunk as u32,
-            u32::try_from(x_split_stride).expect("linear: gate/up partial sums exceed 32 bits"),
+            x_split_stride,
             cfg,
             dtype.into(),
         );
@@ -926,6 +976,7 @@ pub fn plan_cmma(
         depth: tuning.stages.unwrap_or(CMMA_DEPTH).clamp(1, 8),
         bias: p.bias,
         partial: false,
+        swiglu_input: None,
     };
     while config.shared_bytes(p.elem_size) + 384 > shared_limit && config.block_k > FRAG {
         config.block_k = (config.block_k / 2).next_multiple_of(FRAG);
@@ -986,7 +1037,18 @@ pub fn cmma_usable<R: CubeRuntime>(
     w: &CubeTensor<R>,
     bias: Option<&CubeTensor<R>>,
 ) -> bool {
-    if !supported(x, w, bias) || !matches!(x.dtype, DType::F16 | DType::BF16) {
+    supported(x, w, bias) && cmma_usable_input(x.dtype, x.meta.shape()[0], w, bias)
+}
+
+/// [`cmma_usable`] for an input of `m` rows in `dtype` that is not a tensor yet (see
+/// [`supported_input`]).
+pub(crate) fn cmma_usable_input<R: CubeRuntime>(
+    dtype: DType,
+    m: usize,
+    w: &CubeTensor<R>,
+    bias: Option<&CubeTensor<R>>,
+) -> bool {
+    if !supported_input(dtype, m, w, bias) || !matches!(dtype, DType::F16 | DType::BF16) {
         return false;
     }
     let [k, n] = w.meta.shape().dims::<2>();
@@ -994,7 +1056,7 @@ pub fn cmma_usable<R: CubeRuntime>(
         && k.is_multiple_of(FRAG)
         && cmma_rows_aligned(w)
         && tensor_cores_enabled()
-        && cmma_supported(&x.client, x.dtype)
+        && cmma_supported(&w.client, dtype)
 }
 
 /// `x · w (+ bias)` on the tensor cores, for inputs [`cmma_usable`] accepts (the contract of
@@ -1036,6 +1098,22 @@ pub(crate) fn product_on<R: CubeRuntime>(
     }
 }
 
+/// [`product_of_swiglu`] with `tensor_cores` (on [`product_cmma_of`]'s kernel), else
+/// [`product_of_swiglu`].
+pub(crate) fn product_of_swiglu_on<R: CubeRuntime>(
+    tensor_cores: bool,
+    gate_up: Product<R>,
+    w: CubeTensor<R>,
+    bias: Option<CubeTensor<R>>,
+    tuning: &LinearTuning,
+) -> Product<R> {
+    if tensor_cores {
+        product_cmma_of(Input::Swiglu(gate_up), w, bias, tuning)
+    } else {
+        product_of_swiglu(gate_up, w, bias, tuning)
+    }
+}
+
 /// Launches the tensor-core product of [`linear_cmma`]; a K split is left unfinished.
 pub(crate) fn product_cmma<R: CubeRuntime>(
     x: CubeTensor<R>,
@@ -1047,22 +1125,44 @@ pub(crate) fn product_cmma<R: CubeRuntime>(
         cmma_usable(&x, &w, bias.as_ref()),
         "linear_cmma: inputs the tensor-core kernel does not take (see cmma_usable)"
     );
-    let dtype = x.dtype;
-    let [m, k] = x.meta.shape().dims::<2>();
+    product_cmma_of(Input::Plain(x), w, bias, tuning)
+}
+
+/// [`product_cmma`] of an [`Input`]: with SwiGLU of a gate/up product, computed as the kernel
+/// loads its stages ([`linear_cmma_kernel`]'s `swiglu_input`).
+fn product_cmma_of<R: CubeRuntime>(
+    input: Input<R>,
+    w: CubeTensor<R>,
+    bias: Option<CubeTensor<R>>,
+    tuning: &LinearTuning,
+) -> Product<R> {
+    let mut staged = input.staged();
+    let (m, k, swiglu_input) = (staged.m, staged.k, staged.swiglu);
+    let dtype = w.dtype;
+    staged.check(&w);
+    assert!(
+        cmma_usable_input(dtype, m, &w, bias.as_ref()) && w.meta.shape()[0] == k,
+        "linear_cmma: inputs the tensor-core kernel does not take (see cmma_usable)"
+    );
     let n = w.meta.shape()[1];
     assert!(
         (k as u64) * (w.meta.strides()[0] as u64) < u32::MAX as u64
             && ((MAX_SPLITS * MAX_M * n) as u64) < u32::MAX as u64,
         "linear: weight too large for 32-bit indexing"
     );
-    let bias = bias.map(|b| prepare_bias(&x, b, n));
-    let x = if cmma_rows_aligned(&x) {
-        x
-    } else {
-        into_contiguous(x)
-    };
-    let client = x.client.clone();
-    let device = x.device.clone();
+    let bias = bias.map(|b| prepare_bias(&w, b, n));
+    // The kernel reads `x` (a finished gate/up product too) in 16-byte vectors from 32-byte
+    // aligned rows.
+    staged.x = staged.x.map(|x| {
+        if cmma_rows_aligned(&x) {
+            x
+        } else {
+            into_contiguous(x)
+        }
+    });
+    let x_row = staged.x.as_ref().map_or(0, |x| x.meta.strides()[0]);
+    let client = w.client.clone();
+    let device = w.device.clone();
     let vector_size = vector_size_for(&w, bias.as_ref(), n, tuning);
     let hw = &client.properties().hardware;
     let multiprocessors = hw.num_streaming_multiprocessors.unwrap_or(16) as usize;
@@ -1081,14 +1181,20 @@ pub(crate) fn product_cmma<R: CubeRuntime>(
     let plan = plan_cmma(&problem, multiprocessors, shared_limit, tuning)
         .expect("linear_cmma: no tensor-core plan fits this device");
     let target = Target::new(&client, &device, plan.splits, m, n, dtype);
-    let cfg = plan.config;
+    let cfg = LinearCmmaConfig {
+        swiglu_input,
+        ..plan.config
+    };
+    let (x_arg, partial_arg, x_bias_arg, x_split_stride) = staged.args(target.buffer());
     unsafe {
         linear_cmma_kernel::launch_unchecked::<R>(
             &client,
             CubeCount::Static(plan.col_tiles as u32, plan.splits as u32, 1),
             CubeDim::new_2d(PLANE as u32, cfg.warps as u32),
             cfg.vector_size,
-            array_arg(x.clone()),
+            x_arg,
+            partial_arg,
+            x_bias_arg,
             array_arg(w.clone()),
             match &bias {
                 Some(b) if cfg.bias => array_arg(b.clone()),
@@ -1096,17 +1202,46 @@ pub(crate) fn product_cmma<R: CubeRuntime>(
             },
             target.out_arg(),
             target.partial_arg(),
-            u32::try_from(x.meta.strides()[0]).expect("linear: x stride exceeds 32 bits"),
+            u32::try_from(x_row).expect("linear: x stride exceeds 32 bits"),
             w.meta.strides()[0] as u32,
             m as u32,
             k as u32,
             n as u32,
             plan.k_chunk as u32,
+            x_split_stride,
             cfg,
             dtype.into(),
         );
     }
     target.into_product(plan.reduce, bias, vector_size)
+}
+
+/// The plan [`linear_cmma`] would use for these shapes on `client`'s device (for tests and
+/// benchmarks), `None` where [`plan_cmma`] refuses them.
+pub fn plan_cmma_for<R: CubeRuntime>(
+    client: &ComputeClient<R>,
+    dtype: DType,
+    m: usize,
+    k: usize,
+    n: usize,
+    bias: bool,
+    tuning: &LinearTuning,
+) -> Option<LinearCmmaPlan> {
+    let hw = &client.properties().hardware;
+    let shared_limit = tuning
+        .shared_memory
+        .unwrap_or(usize::MAX)
+        .min(hw.max_shared_memory_size);
+    let problem = LinearProblem {
+        m,
+        k,
+        n,
+        elem_size: dtype.size(),
+        vector_size: MAX_VECTOR_BYTES / dtype.size(),
+        bias,
+    };
+    let multiprocessors = hw.num_streaming_multiprocessors.unwrap_or(16) as usize;
+    plan_cmma(&problem, multiprocessors, shared_limit, tuning)
 }
 
 /// The plan [`linear`] would use for these shapes on `client`'s device (for tests and

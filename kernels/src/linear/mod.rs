@@ -72,7 +72,7 @@ pub use cmma::LinearCmmaConfig;
 pub use kernel::{LinearConfig, ReduceConfig};
 pub use launch::{
     LinearCmmaPlan, LinearPlan, LinearProblem, LinearTuning, MAX_M, cmma_usable, plan, plan_cmma,
-    plan_for, supported,
+    plan_cmma_for, plan_for, supported,
 };
 
 use std::sync::atomic::{AtomicUsize, Ordering};
