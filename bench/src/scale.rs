@@ -364,11 +364,13 @@ pub fn run<B: FlashAttentionBackend>(
         },
         &model.module.lm_head,
     );
+    // As Medusa's decoding runs them: the residual blocks of all heads stacked.
+    let stacked = heads
+        .stack_blocks()
+        .expect("heads of one depth with biases");
     let h = random([1, 1, config.hidden_size], dtype, device);
     let medusa_heads_step = time_device::<B>(device, 3, 15, 0.0, || {
-        let logits = heads
-            .forward(h.clone(), &model.module.lm_head)
-            .reshape([num_heads, config.vocab_size]);
+        let logits = heads.forward_stacked(&stacked, h.clone(), &model.module.lm_head);
         let idx = medusa::decode::top_k_indices(logits, medusa::tree::TOPK);
         let _ = model::generate::read_ints(idx);
     });

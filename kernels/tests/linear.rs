@@ -916,10 +916,14 @@ fn tensor_cores_mlp_fold() {
     check_mlp_fold(true, &cases);
 }
 
+/// An MLP fold case: rows, hidden `k`, intermediate `f`, output `n`, biases, forced K splits of
+/// both products.
+type MlpCase = (usize, usize, usize, usize, bool, Option<usize>);
+
 /// `kernels::fused::launch::mlp_add_rms_norm` on the SIMT or the tensor-core kernel against
 /// the two ops on the same kernel (bits) and the f64 reference, and the public op against the
 /// two public ops, for `(rows, k, f, n, bias, forced splits)` cases.
-fn check_mlp_fold(tensor_cores: bool, cases: &[(usize, usize, usize, usize, bool, Option<usize>)]) {
+fn check_mlp_fold(tensor_cores: bool, cases: &[MlpCase]) {
     let device = Device::default();
     let client = Runtime::client(&device);
     let eps = 1e-5;

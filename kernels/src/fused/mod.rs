@@ -328,7 +328,9 @@ pub fn linear_add_rms_norm<B: FusedOpsBackend, const D: usize>(
 /// a decode step's few rows, the tensor-core one for a Medusa tree step's), the down
 /// projection computes SwiGLU of the gate/up product (or of its K split's partial sums) while
 /// it stages its input: SwiGLU's launch, or the gate/up split's reduction pass, and one round
-/// trip of the activation disappear (three launches per MLP where there were four). Otherwise
+/// trip of the activation disappear (three launches per MLP where there were four). On tensor
+/// cores only small down projections (SmolLM2's) do so: every column tile computes the
+/// activation again, which costs a large one (Llama-3-8B's) more than the launch. Otherwise
 /// (Burn products, `Fusion`, CPU backends, `Autodiff`) it is the two ops.
 ///
 /// # Shapes
@@ -724,10 +726,11 @@ where
         (h, normed)
     }
 
-    /// Both products on one skinny kernel (SIMT, or tensor cores for a tree step's rows),
-    /// SwiGLU computed by the down projection as it stages its input, and the norm adding the
-    /// down projection's partial sums where it splits ([`launch::mlp_add_rms_norm`]); the two
-    /// ops where the products would take different kernels or none.
+    /// Both products on one skinny kernel (SIMT, or tensor cores for a tree step's rows where
+    /// the down projection is small), SwiGLU computed by the down projection as it stages its
+    /// input, and the norm adding the down projection's partial sums where it splits
+    /// ([`launch::mlp_add_rms_norm`]); the two ops where the products would take different
+    /// kernels or none, or large products on tensor cores.
     fn mlp_add_rms_norm(
         x: FloatTensor<Self>,
         w_gate_up: FloatTensor<Self>,
@@ -738,12 +741,13 @@ where
         gamma: FloatTensor<Self>,
         eps: f64,
     ) -> (FloatTensor<Self>, FloatTensor<Self>) {
-        use crate::linear::launch::{cmma_usable_input, supported_input};
-        // The down projection's kernel is the one its input, `[m, f]` in x's dtype, would take.
+        use crate::linear::launch::{cmma_folds_swiglu, supported_input};
+        // The down projection's kernel is the one its input, `[m, f]` in x's dtype, would take;
+        // on tensor cores only small products fold (see `cmma_folds_swiglu`).
         let (dtype, m) = (x.dtype, x.meta.shape()[0]);
         let fold = match fold_on(&x, &w_gate_up, bias_gate_up.as_ref(), &[&residual]) {
             Some(false) => supported_input(dtype, m, &w_down, bias_down.as_ref()).then_some(false),
-            Some(true) => cmma_usable_input(dtype, m, &w_down, bias_down.as_ref()).then_some(true),
+            Some(true) => cmma_folds_swiglu(dtype, m, &w_down, bias_down.as_ref()).then_some(true),
             None => None,
         };
         let Some(tensor_cores) = fold.filter(|_| crate::mlp_fold()) else {
