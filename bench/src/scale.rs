@@ -69,6 +69,8 @@ pub struct ScaleResult {
     pub tree_forward: Timing,
     pub tree_nodes: usize,
     pub medusa_heads: usize,
+    /// The heads' forward for one position (residual blocks stacked, as Medusa's decoding runs
+    /// them; per head in reports before 2026-12-07), top-k and read-back.
     pub medusa_heads_step: Timing,
     /// The projections alone, per shape.
     pub linear: Vec<LinearSpeed>,
@@ -365,12 +367,16 @@ pub fn run<B: FlashAttentionBackend>(
         &model.module.lm_head,
     );
     // As Medusa's decoding runs them: the residual blocks of all heads stacked.
-    let stacked = heads
-        .stack_blocks()
-        .expect("heads of one depth with biases");
+    let stacked = heads.stack_blocks();
     let h = random([1, 1, config.hidden_size], dtype, device);
     let medusa_heads_step = time_device::<B>(device, 3, 15, 0.0, || {
-        let logits = heads.forward_stacked(&stacked, h.clone(), &model.module.lm_head);
+        let base = &model.module.lm_head;
+        let logits = match &stacked {
+            Some(stacked) => heads.forward_stacked(stacked, h.clone(), base),
+            None => heads
+                .forward(h.clone(), base)
+                .reshape([num_heads, config.vocab_size]),
+        };
         let idx = medusa::decode::top_k_indices(logits, medusa::tree::TOPK);
         let _ = model::generate::read_ints(idx);
     });

@@ -134,7 +134,8 @@ pub fn set_fold_reductions(on: bool) {
 }
 
 /// Whether CubeCL backends run [`mlp_add_rms_norm`] with SwiGLU computed by the down projection
-/// as it stages its input (default, where both products take one skinny kernel and
+/// as it stages its input (default, where both products take one skinny kernel -- on tensor
+/// cores only for small down projections -- and
 /// [`fold_reductions`] is on) or as [`linear_swiglu`] then [`linear_add_rms_norm`] (one launch
 /// more per MLP, same values): the benchmark's measure of that launch. Initialised from
 /// `BURN_DECODE_MLP_FOLD=0` (off).

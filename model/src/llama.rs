@@ -292,8 +292,9 @@ impl<B: FusedOpsBackend> Mlp<B> {
 
     /// `(x + forward(input), norm(x + forward(input)))`: the MLP, the residual add and the
     /// RMSNorm after it. With gate and up fused, one [`kernels::mlp_add_rms_norm`] (on the
-    /// plain CubeCL backend at decode and tree steps, the down projection computes SwiGLU as it
-    /// stages its input, and the norm adds its K-split partial sums); else [`Self::activation`] and
+    /// plain CubeCL backend at decode steps, and tree steps of small models, the down projection
+    /// computes SwiGLU as it stages its input, and the norm adds its K-split partial sums); else
+    /// [`Self::activation`] and
     /// [`RmsNorm::forward_proj_add`]. The same values either way.
     pub fn forward_add_norm(
         &self,

@@ -43,11 +43,13 @@ pub struct LaunchTuning {
     pub decode: Option<bool>,
     /// Query rows per cube of the portable kernel's prefill configuration (one of its
     /// candidates: 64, 32, 16, 8, 4, 2 or 1; another panics); `None` lets [`plan`] choose.
-    /// Ignored by the decode configuration (64 rows or fewer, unless `decode` says otherwise).
+    /// Ignored by the decode configuration ([`Problem::decodes`], unless `decode` says
+    /// otherwise).
     pub block_q: Option<usize>,
     /// Tensor cores for the f16/bf16 prefill kernel: `Some(false)` never, `Some(true)` whenever
     /// the device supports them (ignoring `BURN_DECODE_CMMA`), `None` as
-    /// [`tensor_cores_enabled`] says. Decode configurations and f32 never use them.
+    /// [`tensor_cores_enabled`] says. Problems of at most [`DECODE_MAX_ROWS`] rows (unless
+    /// `decode` is `Some(false)`) and f32 never use them.
     pub tensor_cores: Option<bool>,
     /// Among tensor-core launches, the register-level `mma.sync` kernel where it applies
     /// ([`plan_mma`]: `head_dim` a multiple of 32 up to 128): `Some(false)` never
@@ -122,16 +124,15 @@ pub struct Problem {
 impl Problem {
     /// Whether the portable kernel takes its decode configuration unless told otherwise: at
     /// most [`DECODE_MAX_ROWS`] query rows, except where the rows would fill several
-    /// [`MIN_SMALL_GRID_ROWS`]-row prefill blocks while the keys are too few for a KV split to
-    /// cover the device's `multiprocessors`. The one decode cube would then walk every key
-    /// alone where the prefill plan's small row blocks run side by side (the seed
-    /// size, one head of 64 queries and keys: four 16-row blocks took 0.0385 ms on an H100,
-    /// one 64-row decode block 0.0447).
-    pub fn decodes(&self, multiprocessors: usize) -> bool {
+    /// [`MIN_SMALL_GRID_ROWS`]-row prefill blocks while the keys are too few to split at all.
+    /// The one decode cube per KV head would then walk every key alone where the prefill
+    /// plan's small row blocks run side by side (the seed size, one head of 64 queries
+    /// and keys: four 16-row blocks took 0.0385 ms on an H100, one 64-row decode block
+    /// 0.0447). Where a split is possible the decode configuration stays, even if its grid is
+    /// small: smaller row blocks would read every K/V tile several times (not measured).
+    pub fn decodes(&self) -> bool {
         let rows = self.group * self.q_len;
-        rows <= DECODE_MAX_ROWS
-            && (rows <= MIN_SMALL_GRID_ROWS
-                || self.batch_kv_heads * max_splits(self.kv_len, 1) >= multiprocessors)
+        rows <= DECODE_MAX_ROWS && (rows <= MIN_SMALL_GRID_ROWS || max_splits(self.kv_len, 1) > 1)
     }
 }
 
@@ -178,7 +179,7 @@ pub fn plan(
 ) -> LaunchPlan {
     let rows = p.group * p.q_len;
     let nv = p.head_dim / p.vector_size;
-    let decode = tuning.decode.unwrap_or_else(|| p.decodes(multiprocessors));
+    let decode = tuning.decode.unwrap_or_else(|| p.decodes());
     let budget = shared_limit.min(MAX_SHARED_BYTES);
 
     // Preferred first. Prefill: big query blocks amortise each K/V tile over more rows; 32-key
@@ -325,8 +326,8 @@ pub struct CmmaPlan {
 }
 
 /// Chooses the tensor-core configuration for a problem, or `None` where the SIMT kernel runs:
-/// decode configurations (few rows), `head_dim` not a multiple of 16 or above 256, or no tile
-/// that fits `shared_limit`. Whether the device and dtype allow tensor cores at all is
+/// at most [`DECODE_MAX_ROWS`] rows (unless `tuning.decode` is `Some(false)`), `head_dim` not a
+/// multiple of 16 or above 256, or no tile that fits `shared_limit`. Whether the device and dtype allow tensor cores at all is
 /// [`cmma_supported`]'s business, checked before this.
 pub fn plan_cmma(
     p: &Problem,
@@ -335,6 +336,8 @@ pub fn plan_cmma(
     tuning: &LaunchTuning,
 ) -> Option<CmmaPlan> {
     let rows = p.group * p.q_len;
+    // By rows alone, not `Problem::decodes`: the few-row problems that skip the SIMT decode
+    // configuration (64 queries and keys) would be one 64-row block here, no better.
     let decode = tuning.decode.unwrap_or(rows <= DECODE_MAX_ROWS);
     if decode
         || p.head_dim == 0
@@ -915,7 +918,7 @@ mod tests {
                             assert_eq!(c.partial, plan.splits > 1);
                             assert_eq!(plan.row_blocks, rows.div_ceil(c.block_q));
                             if let Some(b) = block_q
-                                && !decode.unwrap_or_else(|| p.decodes(132))
+                                && !decode.unwrap_or_else(|| p.decodes())
                             {
                                 assert_eq!(c.block_q, b, "{plan:?}");
                             }
@@ -950,21 +953,21 @@ mod tests {
         assert_eq!(plan_on(&seed(256), 132, &tuning), (16, 16));
         // 64 rows and keys: too few keys to split, so not one decode block of every row but
         // the prefill plan's 16-row blocks.
-        assert!(!seed(64).decodes(132));
+        assert!(!seed(64).decodes());
         assert_eq!(plan_on(&seed(64), 132, &tuning), (16, 4));
-        // Few rows, or enough keys for a split that covers the device: the decode
+        // Few rows, or keys enough for a split (even one that leaves SMs idle): the decode
         // configuration (one block of every row).
-        assert!(seed(16).decodes(132));
+        assert!(seed(16).decodes());
         assert_eq!(plan_on(&seed(16), 132, &tuning), (16, 1));
-        let long = Problem {
-            batch_kv_heads: 32,
-            kv_len: 2048,
-            ..seed(64)
-        };
-        assert!(long.decodes(132));
-        assert_eq!(plan_on(&long, 132, &tuning), (64, 1));
-        // On four multiprocessors one KV head's 64 keys do not cover them either.
-        assert!(!seed(64).decodes(4));
+        for (kv_heads, kv_len) in [(32, 2048), (1, 300)] {
+            let long = Problem {
+                batch_kv_heads: kv_heads,
+                kv_len,
+                ..seed(64)
+            };
+            assert!(long.decodes(), "{long:?}");
+            assert_eq!(plan_on(&long, 132, &tuning), (64, 1));
+        }
         // Few multiprocessors (lavapipe on a small CPU): 64-row blocks already cover them.
         assert_eq!(plan_on(&seed(256), 4, &tuning), (64, 4));
         // Between: the largest block whose grid covers the device.

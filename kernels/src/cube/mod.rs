@@ -30,8 +30,8 @@
 //! but no chunk is shorter than 256 keys; each cube writes its unnormalised accumulator and
 //! `(m, l)` in f32, and [`kernel::combine_kernel`] merges them with the usual log-sum-exp
 //! rescaling. The same split is used by the prefill configuration when its grid is too small.
-//! Rows too many for one small block whose keys are too few to split over the device (the
-//! seed's 64 queries of one head) take the prefill configuration's small row blocks instead
+//! Rows too many for one small block whose keys are too few to split at all (the seed's 64
+//! queries of one head) take the prefill configuration's small row blocks instead
 //! ([`launch::Problem::decodes`]).
 //! In the decode configuration, threads beyond `rows × head_dim/4` are put to work as *key
 //! groups* that each accumulate a subset of the tile's keys, merged once at the end.

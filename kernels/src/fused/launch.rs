@@ -208,9 +208,15 @@ pub fn mlp_add_rms_norm<R: CubeRuntime>(
         2 * f,
         "mlp_add_rms_norm: the gate/up weight has {n2} columns for a down projection of {f} rows"
     );
-    use crate::linear::launch::{product_of_swiglu_on, product_on};
-    let gate_up = product_on(tensor_cores, x, w_gate_up, bias_gate_up, tuning);
-    let y = product_of_swiglu_on(tensor_cores, gate_up, w_down, bias_down, tuning);
+    let gate_up =
+        crate::linear::launch::product_on(tensor_cores, x, w_gate_up, bias_gate_up, tuning);
+    let y = crate::linear::launch::product_of_swiglu_on(
+        tensor_cores,
+        gate_up,
+        w_down,
+        bias_down,
+        tuning,
+    );
     add_rms_norm_of(y, residual, gamma, eps)
 }
 

@@ -527,7 +527,7 @@ pub(crate) fn product_of_swiglu<R: CubeRuntime>(
     product_of(Input::Swiglu(gate_up), w, bias, tuning)
 }
 
-/// What a SIMT product multiplies.
+/// What a product multiplies (either kernel).
 // One per launch, moved once (as `Product`): the size difference does not matter.
 #[allow(clippy::large_enum_variant)]
 enum Input<R: CubeRuntime> {
