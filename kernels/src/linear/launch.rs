@@ -694,10 +694,7 @@ fn product_of<R: CubeRuntime>(
         .or(hw.num_cpu_cores)
         .unwrap_or(16) as usize;
     let max_threads = hw.max_units_per_cube as usize;
-    let shared_limit = tuning
-        .shared_memory
-        .unwrap_or(usize::MAX)
-        .min(hw.max_shared_memory_size);
+    let shared_limit = shared_limit(hw, tuning);
     let problem = LinearProblem {
         m,
         k,
@@ -1181,22 +1178,9 @@ fn product_cmma_of<R: CubeRuntime>(
     let x_row = staged.x.as_ref().map_or(0, |x| x.meta.strides()[0]);
     let client = w.client.clone();
     let device = w.device.clone();
+    // The width the reduction pass of a K split reads the partial sums in.
     let vector_size = vector_size_for(&w, bias.as_ref(), n, tuning);
-    let hw = &client.properties().hardware;
-    let multiprocessors = hw.num_streaming_multiprocessors.unwrap_or(16) as usize;
-    let shared_limit = tuning
-        .shared_memory
-        .unwrap_or(usize::MAX)
-        .min(hw.max_shared_memory_size);
-    let problem = LinearProblem {
-        m,
-        k,
-        n,
-        elem_size: dtype.size(),
-        vector_size,
-        bias: bias.is_some(),
-    };
-    let plan = plan_cmma(&problem, multiprocessors, shared_limit, tuning)
+    let plan = plan_cmma_for(&client, dtype, m, k, n, bias.is_some(), tuning)
         .expect("linear_cmma: no tensor-core plan fits this device");
     let target = Target::new(&client, &device, plan.splits, m, n, dtype);
     let cfg = LinearCmmaConfig {
@@ -1234,6 +1218,14 @@ fn product_cmma_of<R: CubeRuntime>(
     target.into_product(plan.reduce, bias, vector_size)
 }
 
+/// Shared memory a launch may use: the device's, or less where `tuning` says so.
+fn shared_limit(hw: &cubecl::ir::HardwareProperties, tuning: &LinearTuning) -> usize {
+    tuning
+        .shared_memory
+        .unwrap_or(usize::MAX)
+        .min(hw.max_shared_memory_size)
+}
+
 /// The plan [`linear_cmma`] would use for these shapes on `client`'s device (for tests and
 /// benchmarks), `None` where [`plan_cmma`] refuses them.
 pub fn plan_cmma_for<R: CubeRuntime>(
@@ -1246,10 +1238,7 @@ pub fn plan_cmma_for<R: CubeRuntime>(
     tuning: &LinearTuning,
 ) -> Option<LinearCmmaPlan> {
     let hw = &client.properties().hardware;
-    let shared_limit = tuning
-        .shared_memory
-        .unwrap_or(usize::MAX)
-        .min(hw.max_shared_memory_size);
+    let shared_limit = shared_limit(hw, tuning);
     let problem = LinearProblem {
         m,
         k,
@@ -1286,10 +1275,7 @@ pub fn plan_for<R: CubeRuntime>(
         .num_streaming_multiprocessors
         .or(hw.num_cpu_cores)
         .unwrap_or(16) as usize;
-    let shared_limit = tuning
-        .shared_memory
-        .unwrap_or(usize::MAX)
-        .min(hw.max_shared_memory_size);
+    let shared_limit = shared_limit(hw, tuning);
     plan(
         &LinearProblem {
             m,
