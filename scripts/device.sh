@@ -41,6 +41,12 @@
 # plus train (12 MiB) plus the distillation cache and prompts went over 64 MiB: carry the
 # chunks with one binary each, the data with the last chunk. Two trainings on one H200 at once
 # each took 2.1x as long as alone (the GPU, not the host, is the limit at batch 16).
+#
+# Seventeenth session (2026-12-07): CubeCL 0.10 keys its PTX cache by the kernel's type name and
+# launch configuration (`KernelId::stable_hash`), not by its source: a cache carried from a build
+# whose `#[cube]` code differs hands the new binary the old kernels. Carry a cache only from a
+# build with the same kernel code (`git diff OLD NEW -- kernels/src` touching no `#[cube]` fn),
+# else start without one.
 set -uo pipefail
 step=${1:?step}
 shift
@@ -59,11 +65,24 @@ limit() { timeout -k 5 "${LIMIT:-560}" "$@"; }
 # CubeCL keeps compiled PTX and autotune results on disk when cubecl.toml (searched from the
 # working directory up) names a cache; the folder travels back as $OUT/cubecl-cache.tgz and, put
 # into .device/ and carried, spares the next machine the minutes of first-use compilation.
+# The cache is stamped with the kernel sources it was compiled from (see the seventeenth
+# session's note above): a carried cache of other sources is left unpacked; one without a stamp
+# (older than the stamp) is used with a warning.
 cache=/root/cubecl-cache
 mkdir -p $cache
+stamp=$(find kernels/src -type f -name '*.rs' | sort | xargs cat | sha256sum | cut -c1-16)
 if [ -z "$(ls -A $cache)" ] && [ -e .device/cubecl-cache.tgz ]; then
-  tar xzf .device/cubecl-cache.tgz -C $cache
+  carried=$(tar xzf .device/cubecl-cache.tgz -O ./kernels.stamp 2>/dev/null)
+  if [ -z "$carried" ]; then
+    echo "warning: the carried CubeCL cache has no kernel stamp; using it" >&2
+    tar xzf .device/cubecl-cache.tgz -C $cache
+  elif [ "$carried" = "$stamp" ]; then
+    tar xzf .device/cubecl-cache.tgz -C $cache
+  else
+    echo "the carried CubeCL cache was compiled from other kernel sources ($carried, now $stamp): not used" >&2
+  fi
 fi
+echo "$stamp" > $cache/kernels.stamp
 # PROFILE=minimal|basic|medium|full also logs every kernel launch (with device time from
 # "basic" on) to $OUT/cubecl-profile.log: launches per decode step, and kernel time against
 # wall time. Keep such runs short (e.g. `bench e2e --model random:llama3-8b --max-new-tokens 4`).
