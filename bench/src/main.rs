@@ -38,7 +38,7 @@ struct Args {
     #[command(subcommand)]
     command: Option<Command>,
     /// Model: "default" (SmolLM2-135M-Instruct), a folder, a hub id, a .gguf file, or
-    /// random:<preset> (llama3-8b, llama3.2-1b, smollm2-135m) for timing only.
+    /// `random:<preset>` (llama3-8b, llama3.2-1b, smollm2-135m) for timing only.
     #[arg(long, global = true, default_value = "default")]
     model: String,
     /// auto: CUDA when a GPU is present (the plain CubeCL backend, cuda-unfused), else the CPU.
@@ -111,7 +111,7 @@ enum Command {
     All,
     /// Attention microbenchmark only.
     Kernel,
-    /// End-to-end decoding only (with --model random:<preset>: only the random-weight timing of
+    /// End-to-end decoding only (with --model `random:<preset>`: only the random-weight timing of
     /// that preset's config).
     E2e,
     /// The model on this backend (f32 and bf16) against transformers' outputs.
@@ -431,20 +431,7 @@ fn run_e2e<B: FlashAttentionBackend>(
             )
         }
     };
-    let (tree, tree_name) = match (&args.tree, saved.medusa_choices) {
-        (Some(spec), _) => (
-            MedusaTree::from_spec(spec, heads.num_heads(), saved.medusa_accuracy.as_deref())?,
-            spec.clone(),
-        ),
-        (None, Some(paths)) => (
-            MedusaTree::new(&paths, heads.num_heads())?,
-            "saved with the heads".into(),
-        ),
-        (None, None) => (
-            MedusaTree::named_or_json("mc_sim_7b_63", heads.num_heads())?,
-            "mc_sim_7b_63".into(),
-        ),
-    };
+    let (tree, tree_name) = MedusaTree::for_heads(args.tree.as_deref(), heads.num_heads(), &saved)?;
     let all = prompts::load(args.prompts.as_deref())?;
     let chosen = prompts::per_category(&all, per_category);
     let bar = Progress::new(Some(chosen.len() as u64));

@@ -1,3 +1,4 @@
+#![warn(missing_docs)]
 //! Attention for LLM decoding, written in CubeCL and exposed to Burn as a backend extension.
 //!
 //! The one entry point is [`flash_attention`]: `softmax(Q Kᵀ · scale + mask) V` for `q_len` new
@@ -18,7 +19,7 @@
 //!   with Burn tensor ops. The kernels have no backward pass, so autodiff always takes the
 //!   reference path and gets exact gradients.
 //!
-//! Beside attention: [`linear`] (a skinny matrix product for decode steps and Medusa trees, with
+//! Beside attention: [`mod@linear`] (a skinny matrix product for decode steps and Medusa trees, with
 //! a tensor-core variant for f16/bf16 trees on CUDA) and
 //! the fused decoder ops of [`fused`] (RMSNorm with the residual add, SwiGLU, RoPE, the KV-cache
 //! append), each one kernel launch, because a batch-1 decode step is dominated by launches.
@@ -193,6 +194,29 @@ pub trait FlashAttentionBackend: FusedOpsBackend {
 ///
 /// Query head `h` reads key/value head `h / (n_heads / n_kv_heads)`, as in Hugging Face's
 /// `repeat_kv`. The new queries sit at absolute positions `kv_len - q_len .. kv_len`.
+///
+/// # Example
+/// A three-node Medusa tree (a root and two children) verified against a 5-token prefix in a
+/// cache preallocated for 16 rows, with 4 query heads sharing 2 KV heads. Any backend works:
+/// `Flex` runs the reference path, `CubeBackend`/`Cuda`/`Wgpu` the kernels.
+/// ```
+/// use burn::backend::Flex;
+/// use burn::tensor::{Bool, Distribution, Tensor, TensorData};
+/// use kernels::{AttentionMask, FlashAttentionOptions, flash_attention};
+///
+/// let device = Default::default();
+/// let (prefix, nodes, head_dim) = (5, 3, 64);
+/// let q = Tensor::<Flex, 4>::random([1, 4, nodes, head_dim], Distribution::Default, &device);
+/// // K/V rows: the prefix, then the tree's nodes, then unused capacity.
+/// let k = Tensor::<Flex, 4>::random([1, 2, 16, head_dim], Distribution::Default, &device);
+/// let v = Tensor::<Flex, 4>::random([1, 2, 16, head_dim], Distribution::Default, &device);
+/// // Node i sees node j when j is i or one of its ancestors (both children hang off the root).
+/// let tree = [[true, false, false], [true, true, false], [true, false, true]];
+/// let mask = Tensor::<Flex, 2, Bool>::from_data(TensorData::from(tree), &device);
+/// let options = FlashAttentionOptions::new(head_dim, prefix + nodes);
+/// let out = flash_attention(q, k, v, AttentionMask::Tree(mask), options);
+/// assert_eq!(out.dims(), [1, 4, nodes, head_dim]);
+/// ```
 ///
 /// # Panics
 /// On inconsistent shapes (these are programming errors, not data errors).

@@ -29,9 +29,13 @@ pub enum AcceptMode {
     /// model at `temperature` exceeds `min(posterior_threshold, posterior_alpha · exp(−H))`; the
     /// root token is sampled from the same truncated ("typical") distribution.
     Typical {
+        /// Softmax temperature applied to the base model's logits (must be > 0).
         temperature: f32,
+        /// ε: upper bound of the acceptance threshold (paper default 0.09).
         posterior_threshold: f32,
+        /// α: scale of the entropy-dependent threshold `α · exp(−H)` (paper default 0.3).
         posterior_alpha: f32,
+        /// Seed of the random generator that samples the root token.
         seed: u64,
     },
 }
@@ -51,15 +55,20 @@ impl AcceptMode {
 /// What to generate.
 #[derive(Debug, Clone)]
 pub struct DecodeConfig {
+    /// Maximum number of tokens to generate after the prompt.
     pub max_new_tokens: usize,
+    /// Token ids that end generation; the stop token is included in the output.
     pub stop_tokens: Vec<u32>,
+    /// How speculative candidates are accepted (greedy or typical).
     pub mode: AcceptMode,
 }
 
 /// Result and statistics of one Medusa generation.
 #[derive(Debug, Clone)]
 pub struct MedusaOutput {
+    /// Generated token ids, without the prompt.
     pub tokens: Vec<u32>,
+    /// Why generation ended: a stop token or `max_new_tokens`.
     pub finish: FinishReason,
     /// Decoding steps (tree verifications); the prefill is not a step.
     pub steps: usize,
@@ -67,7 +76,9 @@ pub struct MedusaOutput {
     pub accept_lengths: Vec<usize>,
     /// `head_accepts[k]`: steps where head `k + 1`'s candidate was accepted.
     pub head_accepts: Vec<usize>,
+    /// Time to the first emitted tokens: the prompt's prefill plus the first tree step.
     pub prefill: Duration,
+    /// Time of the remaining decoding steps (total time minus `prefill`).
     pub decode: Duration,
 }
 
@@ -130,6 +141,7 @@ impl<'a, B: FlashAttentionBackend> MedusaDecoder<'a, B> {
         })
     }
 
+    /// The tree of candidates verified at each step.
     pub fn tree(&self) -> &MedusaTree {
         &self.tree
     }

@@ -13,10 +13,12 @@ use model::llama::Proj;
 /// zero bias used here exactly the identity.
 #[derive(Module, Debug)]
 pub struct ResBlock<B: Backend> {
+    /// The block's `hidden → hidden` projection `W x + b` (weight `[hidden, hidden]`, with bias).
     pub linear: Proj<B>,
 }
 
 impl<B: LinearBackend> ResBlock<B> {
+    /// Applies the block to `x` (`[..., hidden]`), keeping its shape.
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
         x.clone() + silu(self.linear.forward(x))
     }
@@ -26,7 +28,10 @@ impl<B: LinearBackend> ResBlock<B> {
 /// which case the base model's LM head is applied (the "shared LM head" format).
 #[derive(Module, Debug)]
 pub struct MedusaHead<B: Backend> {
+    /// The head's `L` residual blocks, applied in order to the base model's last hidden state.
     pub blocks: Vec<ResBlock<B>>,
+    /// The head's own vocabulary projection (`[hidden, vocab]`, no bias), or `None` to use the
+    /// base model's LM head.
     pub lm_head: Option<Proj<B>>,
 }
 
@@ -37,7 +42,9 @@ pub struct MedusaConfig {
     pub num_heads: usize,
     /// `L`, residual blocks per head (default 1).
     pub num_layers: usize,
+    /// Hidden size of the base model, the width of each residual block.
     pub hidden_size: usize,
+    /// Vocabulary size of the heads' own projections (0 when they share the base LM head).
     pub vocab_size: usize,
     /// Heads output hidden states and share the base model's LM head.
     pub share_lm_head: bool,
@@ -46,6 +53,7 @@ pub struct MedusaConfig {
 /// The `K` Medusa heads.
 #[derive(Module, Debug)]
 pub struct MedusaHeads<B: Backend> {
+    /// The heads in order: `heads[k - 1]` predicts the token at `t + 1 + k`.
     pub heads: Vec<MedusaHead<B>>,
 }
 
@@ -77,6 +85,8 @@ impl<B: Backend> MedusaHeads<B> {
         Self { heads }
     }
 
+    /// The shape read back from the parameters (`hidden_size` 0 without blocks, `vocab_size` 0
+    /// with a shared LM head). Panics if there are no heads.
     pub fn config(&self) -> MedusaConfig {
         let first = &self.heads[0];
         let [h, _] = first
@@ -93,6 +103,7 @@ impl<B: Backend> MedusaHeads<B> {
         }
     }
 
+    /// `K`, the number of heads, which bounds the depth of a usable tree.
     pub fn num_heads(&self) -> usize {
         self.heads.len()
     }

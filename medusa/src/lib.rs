@@ -1,3 +1,4 @@
+#![warn(missing_docs)]
 //! Medusa (Cai et al. 2024, arXiv 2401.10774) for Burn language models: extra decoding heads
 //! propose several future tokens, a candidate tree is verified in one forward pass with tree
 //! attention, and the longest acceptable path is kept.

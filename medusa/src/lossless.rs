@@ -26,6 +26,7 @@ use crate::{MedusaError, Result};
 /// How far a token sequence is from greedy under one teacher-forced forward.
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct GreedyScore {
+    /// Number of tokens scored (the whole output).
     pub tokens: usize,
     /// Tokens whose logit is below the top logit of their position.
     pub below_top: usize,

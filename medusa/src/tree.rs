@@ -166,11 +166,37 @@ impl MedusaTree {
         Self::new(&choices, num_heads)
     }
 
+    /// The tree to decode trained heads with, and where it came from: `spec` when given (see
+    /// [`Self::from_spec`]; `optimal:N` uses the accuracies saved with the heads), else the
+    /// tree saved with the heads (`cargo run -p train` builds it from the heads' measured
+    /// accuracies), else the published `mc_sim_7b_63`.
+    pub fn for_heads(
+        spec: Option<&str>,
+        num_heads: usize,
+        metadata: &crate::checkpoint::HeadsMetadata,
+    ) -> Result<(Self, String)> {
+        match (spec, &metadata.medusa_choices) {
+            (Some(spec), _) => Ok((
+                Self::from_spec(spec, num_heads, metadata.medusa_accuracy.as_deref())?,
+                spec.to_string(),
+            )),
+            (None, Some(paths)) => Ok((
+                Self::new(paths, num_heads)?,
+                "saved with the heads".to_string(),
+            )),
+            (None, None) => Ok((
+                Self::named_or_json("mc_sim_7b_63", num_heads)?,
+                "mc_sim_7b_63".to_string(),
+            )),
+        }
+    }
+
     /// Number of nodes, root included.
     pub fn len(&self) -> usize {
         self.choices.len() + 1
     }
 
+    /// Always `false`: a tree has at least its root.
     pub fn is_empty(&self) -> bool {
         false
     }
@@ -277,6 +303,27 @@ pub const VICUNA_7B_STAGE2: &str = "[(0,), (0, 0), (1,), (0, 1), (0, 0, 0), (1, 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn for_heads_prefers_the_spec_then_the_saved_tree() {
+        use crate::checkpoint::HeadsMetadata;
+        let saved = HeadsMetadata {
+            medusa_choices: Some(vec![vec![0], vec![1], vec![0, 0]]),
+            medusa_accuracy: Some(vec![vec![0.6, 0.1], vec![0.4, 0.05]]),
+            ..Default::default()
+        };
+        let (tree, from) = MedusaTree::for_heads(None, 2, &saved).unwrap();
+        assert_eq!((tree.len(), from.as_str()), (4, "saved with the heads"));
+        let (tree, from) = MedusaTree::for_heads(Some("chain4"), 4, &saved).unwrap();
+        assert_eq!((tree.len(), from.as_str()), (5, "chain4"));
+        // optimal:N takes the saved accuracies: the two best nodes are head 1's top-1 (0.6) and
+        // head 2's top-1 below it (0.6 · 0.4).
+        let (tree, _) = MedusaTree::for_heads(Some("optimal:2"), 2, &saved).unwrap();
+        assert_eq!(tree.choices, vec![vec![0], vec![0, 0]]);
+        let (tree, from) = MedusaTree::for_heads(None, 4, &HeadsMetadata::default()).unwrap();
+        assert_eq!((tree.len(), from.as_str()), (64, "mc_sim_7b_63"));
+        assert!(MedusaTree::for_heads(Some("optimal:8"), 4, &HeadsMetadata::default()).is_err());
+    }
 
     #[test]
     fn mc_sim_7b_63_buffers() {

@@ -107,6 +107,7 @@ impl<B: Backend> KvCache<B> {
         self.len
     }
 
+    /// Whether no position is valid yet.
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
@@ -116,14 +117,17 @@ impl<B: Backend> KvCache<B> {
         self.max_len
     }
 
+    /// Number of layers, one [`LayerCache`] each.
     pub fn num_layers(&self) -> usize {
         self.layers.len()
     }
 
+    /// The cache of layer `layer`, mutably (panics when out of range).
     pub fn layer_mut(&mut self, layer: usize) -> &mut LayerCache<B> {
         &mut self.layers[layer]
     }
 
+    /// The cache of layer `layer` (panics when out of range).
     pub fn layer(&self, layer: usize) -> &LayerCache<B> {
         &self.layers[layer]
     }

@@ -11,10 +11,15 @@ use crate::error::{Error, Result};
 /// Field names follow Hugging Face's `LlamaConfig`, so a checkpoint's own file deserialises as is.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LlamaConfig {
+    /// Number of tokens: rows of the embedding matrix and width of the logits.
     pub vocab_size: usize,
+    /// Width of the residual stream (the embedding dimension).
     pub hidden_size: usize,
+    /// Width of the MLP's gate and up projections.
     pub intermediate_size: usize,
+    /// Number of decoder blocks.
     pub num_hidden_layers: usize,
+    /// Number of query heads per attention layer.
     pub num_attention_heads: usize,
     /// Defaults to `num_attention_heads` (plain multi-head attention) when absent.
     #[serde(default)]
@@ -22,28 +27,42 @@ pub struct LlamaConfig {
     /// Defaults to `hidden_size / num_attention_heads` when absent.
     #[serde(default)]
     pub head_dim: Option<usize>,
+    /// Epsilon added to the mean square in RMSNorm; 1e-6 when absent.
     #[serde(default = "default_rms_norm_eps")]
     pub rms_norm_eps: f64,
+    /// Base of the rotary frequencies, `θ_i = rope_theta^(-2i / head_dim)`; 10000 when absent.
     #[serde(default = "default_rope_theta")]
     pub rope_theta: f64,
+    /// Frequency scaling for long contexts (`llama3` or `linear`); none when absent.
     #[serde(default)]
     pub rope_scaling: Option<RopeScaling>,
+    /// Context length the model was trained for, in tokens; caps
+    /// [`crate::LoadOptions::max_seq_len`]. 2048 when absent.
     #[serde(default = "default_max_position_embeddings")]
     pub max_position_embeddings: usize,
+    /// Whether the LM head reuses the embedding matrix (no `lm_head.weight`); false when absent.
     #[serde(default)]
     pub tie_word_embeddings: bool,
+    /// Whether the q/k/v/o projections have biases; false when absent.
     #[serde(default)]
     pub attention_bias: bool,
+    /// Whether the gate/up/down projections have biases; false when absent.
     #[serde(default)]
     pub mlp_bias: bool,
+    /// MLP activation; only `"silu"` (the default) is supported.
     #[serde(default = "default_hidden_act")]
     pub hidden_act: String,
+    /// Beginning-of-sequence token id, if the checkpoint names one.
     #[serde(default)]
     pub bos_token_id: Option<u32>,
+    /// End-of-sequence token id(s); read them with [`Self::eos_token_ids`].
     #[serde(default)]
     pub eos_token_id: Option<TokenIds>,
+    /// Architecture tag (`"llama"`); informational, not checked.
     #[serde(default)]
     pub model_type: Option<String>,
+    /// Dtype the checkpoint was saved in (e.g. `"bfloat16"`); informational, the load dtype is
+    /// [`crate::LoadOptions::dtype`].
     #[serde(default)]
     pub torch_dtype: Option<String>,
 }
@@ -52,11 +71,14 @@ pub struct LlamaConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(untagged)]
 pub enum TokenIds {
+    /// A single id.
     One(u32),
+    /// A list of ids.
     Many(Vec<u32>),
 }
 
 impl TokenIds {
+    /// The id(s) as a list.
     pub fn to_vec(&self) -> Vec<u32> {
         match self {
             TokenIds::One(id) => vec![*id],
@@ -72,12 +94,18 @@ pub struct RopeScaling {
     /// `"llama3"`, `"linear"` or `"default"`. Older configs spell the key `type`.
     #[serde(alias = "type")]
     pub rope_type: String,
+    /// Context stretch: `linear` divides every frequency by it, `llama3` the low ones.
     #[serde(default)]
     pub factor: Option<f64>,
+    /// `llama3` only: wavelengths longer than `original_max_position_embeddings / low_freq_factor`
+    /// are fully scaled.
     #[serde(default)]
     pub low_freq_factor: Option<f64>,
+    /// `llama3` only: wavelengths below `original_max_position_embeddings / high_freq_factor`
+    /// are left unscaled.
     #[serde(default)]
     pub high_freq_factor: Option<f64>,
+    /// `llama3` only: the context length, in tokens, the model was pre-trained with.
     #[serde(default)]
     pub original_max_position_embeddings: Option<usize>,
 }
@@ -156,10 +184,12 @@ impl LlamaConfig {
         Ok(())
     }
 
+    /// Number of key/value heads: `num_key_value_heads`, else `num_attention_heads`.
     pub fn num_kv_heads(&self) -> usize {
         self.num_key_value_heads.unwrap_or(self.num_attention_heads)
     }
 
+    /// Dimension of each attention head: `head_dim`, else `hidden_size / num_attention_heads`.
     pub fn head_dim(&self) -> usize {
         self.head_dim
             .unwrap_or(self.hidden_size / self.num_attention_heads)

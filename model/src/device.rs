@@ -6,7 +6,9 @@
 /// The kinds of device the binaries can run on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DeviceKind {
+    /// The CPU.
     Cpu,
+    /// An NVIDIA GPU through CUDA.
     Cuda,
 }
 

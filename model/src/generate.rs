@@ -16,8 +16,12 @@ pub enum Sampling {
     /// Softmax with `temperature`, restricted to the smallest set of tokens whose probability
     /// mass reaches `top_p`, sampled with a seeded RNG.
     TopP {
+        /// Divides the logits before the softmax: below 1 sharpens the distribution, above 1
+        /// flattens it.
         temperature: f32,
+        /// Probability mass of the nucleus, in `(0, 1]`; 1 samples from the whole vocabulary.
         top_p: f32,
+        /// Seed of the sampler's RNG, for reproducible output.
         seed: u64,
     },
 }
@@ -25,7 +29,9 @@ pub enum Sampling {
 /// What to generate.
 #[derive(Debug, Clone)]
 pub struct GenerationConfig {
+    /// Most tokens to generate, a stop token included; 128 by default.
     pub max_new_tokens: usize,
+    /// How tokens are picked; [`Sampling::Greedy`] by default.
     pub sampling: Sampling,
     /// Generation ends after emitting any of these (the EOS/end-of-turn ids).
     pub stop_tokens: Vec<u32>,
@@ -44,7 +50,9 @@ impl Default for GenerationConfig {
 /// Why generation ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FinishReason {
+    /// A stop token was generated.
     Stop,
+    /// `max_new_tokens` tokens were generated.
     Length,
 }
 
@@ -53,6 +61,7 @@ pub enum FinishReason {
 pub struct Generation {
     /// Generated tokens (the stop token included when one ended generation).
     pub tokens: Vec<u32>,
+    /// Why generation ended.
     pub finish: FinishReason,
     /// Time of the prompt's forward pass (time to first token).
     pub prefill: Duration,
@@ -67,6 +76,7 @@ pub struct Sampler {
 }
 
 impl Sampler {
+    /// A sampler following `sampling`, its RNG seeded with `TopP`'s `seed` (0 for greedy).
     pub fn new(sampling: Sampling) -> Self {
         let seed = match sampling {
             Sampling::TopP { seed, .. } => seed,

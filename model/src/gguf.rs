@@ -25,22 +25,36 @@ const GGUF_MAGIC: &[u8; 4] = b"GGUF";
 /// A metadata value.
 #[derive(Debug, Clone, PartialEq)]
 pub enum GgufValue {
+    /// Unsigned 8-bit integer (GGUF value type 0).
     U8(u8),
+    /// Signed 8-bit integer (type 1).
     I8(i8),
+    /// Unsigned 16-bit integer (type 2).
     U16(u16),
+    /// Signed 16-bit integer (type 3).
     I16(i16),
+    /// Unsigned 32-bit integer (type 4).
     U32(u32),
+    /// Signed 32-bit integer (type 5).
     I32(i32),
+    /// Unsigned 64-bit integer (type 10).
     U64(u64),
+    /// Signed 64-bit integer (type 11).
     I64(i64),
+    /// 32-bit float (type 6).
     F32(f32),
+    /// 64-bit float (type 12).
     F64(f64),
+    /// Boolean, one byte (type 7).
     Bool(bool),
+    /// UTF-8 string (type 8).
     String(String),
+    /// Array of values of one type (type 9), e.g. the vocabulary in `tokenizer.ggml.tokens`.
     Array(Vec<GgufValue>),
 }
 
 impl GgufValue {
+    /// The value as a `u64`, if it is a non-negative integer of any width.
     pub fn as_u64(&self) -> Option<u64> {
         match *self {
             GgufValue::U8(v) => Some(v as u64),
@@ -55,6 +69,8 @@ impl GgufValue {
         }
     }
 
+    /// The value as an `f64`, if it is a float or a non-negative integer. An f32 goes through its
+    /// shortest decimal form, so 1e-5 stays 1e-5.
     pub fn as_f64(&self) -> Option<f64> {
         match *self {
             // Through the shortest decimal form, so 1e-5 stored as f32 reads back as 1e-5 (the
@@ -65,6 +81,7 @@ impl GgufValue {
         }
     }
 
+    /// The string, if the value is one.
     pub fn as_str(&self) -> Option<&str> {
         match self {
             GgufValue::String(s) => Some(s),
@@ -72,6 +89,7 @@ impl GgufValue {
         }
     }
 
+    /// The elements, if the value is an array.
     pub fn as_array(&self) -> Option<&[GgufValue]> {
         match self {
             GgufValue::Array(a) => Some(a),
@@ -83,11 +101,17 @@ impl GgufValue {
 /// ggml tensor types this reader can dequantise.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum GgmlType {
+    /// 32-bit float (ggml type 0).
     F32,
+    /// 16-bit IEEE float (ggml type 1).
     F16,
+    /// bfloat16 (ggml type 30).
     BF16,
+    /// Blocks of 32 4-bit values with an f16 scale `d`: `x = d * (q - 8)` (ggml type 2).
     Q4_0,
+    /// Blocks of 32 4-bit values, f16 scale `d` and minimum `m`: `x = d * q + m` (ggml type 3).
     Q4_1,
+    /// Blocks of 32 signed 8-bit values with an f16 scale `d`: `x = d * q` (ggml type 8).
     Q8_0,
 }
 
@@ -119,9 +143,11 @@ impl GgmlType {
 /// One tensor's header.
 #[derive(Debug, Clone)]
 pub struct GgufTensorInfo {
+    /// GGUF tensor name, e.g. `blk.0.attn_q.weight`.
     pub name: String,
     /// Shape in PyTorch order (outermost first), i.e. GGUF's `ne` reversed.
     pub shape: Vec<usize>,
+    /// Raw ggml type id; [`GgmlType`] lists those that can be dequantised.
     pub ggml_type: u32,
     /// Byte offset from the start of the data section.
     pub offset: u64,
@@ -131,7 +157,9 @@ pub struct GgufTensorInfo {
 pub struct GgufFile {
     path: PathBuf,
     mmap: Mmap,
+    /// Header key/value pairs, e.g. `general.architecture` or `llama.context_length`.
     pub metadata: BTreeMap<String, GgufValue>,
+    /// Tensor headers, in file order.
     pub tensors: Vec<GgufTensorInfo>,
     data_start: usize,
 }
@@ -281,6 +309,7 @@ impl GgufFile {
         Ok((metadata, tensors, data_start))
     }
 
+    /// The header of the tensor named `name` (GGUF naming), if present.
     pub fn tensor(&self, name: &str) -> Option<&GgufTensorInfo> {
         self.tensors.iter().find(|t| t.name == name)
     }
@@ -419,7 +448,9 @@ fn hf_name(gguf: &str) -> Option<String> {
 /// What [`convert_to_hf`] produced.
 #[derive(Debug, Clone)]
 pub struct Converted {
+    /// The model config, as written to `config.json`.
     pub config: LlamaConfig,
+    /// Number of tensors written to `model.safetensors`.
     pub num_tensors: usize,
 }
 

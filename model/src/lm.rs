@@ -43,15 +43,18 @@ impl Default for LoadOptions {
 }
 
 impl LoadOptions {
+    /// These options with parameters and activations in `dtype`.
     pub fn with_dtype(self, dtype: DType) -> Self {
         Self { dtype, ..self }
     }
+    /// These options with RoPE tables for `max_seq_len` positions.
     pub fn with_max_seq_len(self, max_seq_len: usize) -> Self {
         Self {
             max_seq_len,
             ..self
         }
     }
+    /// These options with projection fusion on or off.
     pub fn with_fuse_projections(self, fuse_projections: bool) -> Self {
         Self {
             fuse_projections,
@@ -73,7 +76,9 @@ pub struct TreeInput<B: Backend> {
 /// A causal language model ready to run: parameters, config, RoPE tables.
 #[derive(Debug)]
 pub struct Llama<B: Backend> {
+    /// The model's configuration (its `config.json`).
     pub config: LlamaConfig,
+    /// Parameters, as Burn modules named after the checkpoint's tensors.
     pub module: LlamaForCausalLm<B>,
     rope: RopeTables<B>,
     dtype: DType,
@@ -125,10 +130,12 @@ impl<B: FlashAttentionBackend> Llama<B> {
         Self::from_weights(config, weights, options, device)
     }
 
+    /// Dtype of the parameters and activations.
     pub fn dtype(&self) -> DType {
         self.dtype
     }
 
+    /// Device the parameters live on.
     pub fn device(&self) -> &B::Device {
         &self.device
     }

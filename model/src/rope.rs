@@ -67,6 +67,7 @@ pub struct RopeTables<B: Backend> {
 /// The `cos`/`sin` rows of one forward pass, `[q_len, head_dim]`.
 #[derive(Debug, Clone)]
 pub struct RopeRows<B: Backend> {
+    /// `cos` of each position's angles, `[q_len, head_dim]`.
     pub cos: Tensor<B, 2>,
     /// `sin` with `rotate_half`'s sign: `-sin` in the first half of each row.
     pub sin_signed: Tensor<B, 2>,
@@ -75,6 +76,8 @@ pub struct RopeRows<B: Backend> {
 }
 
 impl<B: Backend> RopeTables<B> {
+    /// Tables for positions `0..max_len` from `config`'s `head_dim`, `rope_theta` and
+    /// `rope_scaling`, in `dtype` on `device`.
     pub fn new(config: &LlamaConfig, max_len: usize, dtype: DType, device: &B::Device) -> Self {
         let freqs = inv_freq(config);
         let half = freqs.len();
@@ -103,6 +106,7 @@ impl<B: Backend> RopeTables<B> {
         }
     }
 
+    /// Number of positions the tables cover.
     pub fn max_len(&self) -> usize {
         self.cos.dims()[0]
     }

@@ -30,9 +30,17 @@ pub enum ModelSource {
     /// A llama.cpp GGUF file, converted to a Hugging Face folder in the cache on first use.
     Gguf(PathBuf),
     /// A Hugging Face hub repository, e.g. `meta-llama/Llama-3.2-1B-Instruct`.
-    Hub { repo: String, revision: String },
+    Hub {
+        /// Repository id, e.g. `meta-llama/Llama-3.2-1B-Instruct`.
+        repo: String,
+        /// Branch, tag or commit; `main` unless given as `id@revision`.
+        revision: String,
+    },
     /// Seeded random weights with a preset shape (`llama3-8b`, `llama3.2-1b`, `smollm2-135m`).
-    Random { preset: String },
+    Random {
+        /// Preset name, as accepted by [`LlamaConfig::preset`].
+        preset: String,
+    },
 }
 
 impl ModelSource {

@@ -7,23 +7,29 @@ use crate::error::{Error, Result};
 /// One chat message.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Message {
+    /// Speaker: `system`, `user` or `assistant`.
     pub role: String,
+    /// The message text.
     pub content: String,
 }
 
 impl Message {
+    /// A message with any role.
     pub fn new(role: impl Into<String>, content: impl Into<String>) -> Self {
         Self {
             role: role.into(),
             content: content.into(),
         }
     }
+    /// A system message (instructions for the assistant).
     pub fn system(content: impl Into<String>) -> Self {
         Self::new("system", content)
     }
+    /// A user message.
     pub fn user(content: impl Into<String>) -> Self {
         Self::new("user", content)
     }
+    /// An assistant message (a previous reply).
     pub fn assistant(content: impl Into<String>) -> Self {
         Self::new("assistant", content)
     }
@@ -34,7 +40,11 @@ impl Message {
 pub enum ChatTemplate {
     /// `<|im_start|>{role}\n{content}<|im_end|>\n`; SmolLM2 inserts a default system message
     /// when the conversation has none.
-    ChatMl { default_system: Option<String> },
+    ChatMl {
+        /// System prompt inserted when the conversation starts without one, taken from the
+        /// checkpoint's template.
+        default_system: Option<String>,
+    },
     /// Llama-3 instruct: `<|start_header_id|>{role}<|end_header_id|>\n\n{content}<|eot_id|>`,
     /// after `<|begin_of_text|>`, with contents trimmed.
     Llama3,
@@ -158,15 +168,18 @@ impl Tokenizer {
         Ok(Self { inner, template })
     }
 
+    /// The chat format [`Self::encode_chat`] renders.
     pub fn template(&self) -> &ChatTemplate {
         &self.template
     }
 
+    /// Replaces the chat format, e.g. when the detected one is wrong.
     pub fn with_template(mut self, template: ChatTemplate) -> Self {
         self.template = template;
         self
     }
 
+    /// Vocabulary size, added tokens included.
     pub fn vocab_size(&self) -> usize {
         self.inner.get_vocab_size(true)
     }
@@ -191,10 +204,12 @@ impl Tokenizer {
         self.inner.decode(ids, true).unwrap_or_default()
     }
 
+    /// The id of a token string (e.g. `<|eot_id|>`), if it is in the vocabulary.
     pub fn token_to_id(&self, token: &str) -> Option<u32> {
         self.inner.token_to_id(token)
     }
 
+    /// The token string of `id`, if it is in the vocabulary.
     pub fn id_to_token(&self, id: u32) -> Option<String> {
         self.inner.id_to_token(id)
     }
@@ -228,6 +243,7 @@ pub struct TextStream<'a> {
 }
 
 impl<'a> TextStream<'a> {
+    /// A stream over `tokenizer` with nothing decoded yet.
     pub fn new(tokenizer: &'a Tokenizer) -> Self {
         Self {
             tokenizer,

@@ -272,6 +272,8 @@ pub struct RandomWeights<B: Backend> {
 }
 
 impl<B: Backend> RandomWeights<B> {
+    /// Seeds the backend's RNG on `device` with `seed` (for all later random ops too); parameters
+    /// are created in `dtype`.
     pub fn new(seed: u64, dtype: DType, device: &B::Device) -> Self {
         B::seed(device, seed);
         Self {

@@ -18,7 +18,9 @@ pub const DEFAULT_PROMPTS: &str = "../shared/data/train_prompts.jsonl";
 /// One prompt: an id and the conversation to answer (ending with a user turn).
 #[derive(Debug, Clone, PartialEq)]
 pub struct PromptRecord {
+    /// The record's `id`, or `line-N` (1-based line number) when it has none.
     pub id: String,
+    /// The conversation up to and including its last user turn.
     pub messages: Vec<Message>,
 }
 
@@ -135,6 +137,7 @@ pub fn sample_split<T: Clone>(
 /// A prompt with the base model's response: the unit of training and evaluation.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Example {
+    /// Id of the prompt it answers ([`PromptRecord::id`]).
     pub id: String,
     /// Chat-formatted prompt tokens (ending with the assistant header).
     pub prompt: Vec<u32>,
@@ -148,10 +151,12 @@ impl Example {
         self.prompt.iter().chain(&self.response).copied()
     }
 
+    /// Number of tokens, prompt and response together.
     pub fn len(&self) -> usize {
         self.prompt.len() + self.response.len()
     }
 
+    /// Whether both the prompt and the response are empty.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
@@ -185,6 +190,7 @@ impl ExampleCache {
         Ok(Self { path, entries })
     }
 
+    /// The cache file (`distill-<key>.jsonl`).
     pub fn path(&self) -> &Path {
         &self.path
     }

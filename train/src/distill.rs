@@ -21,6 +21,7 @@ pub struct DistillConfig {
     /// 0 for greedy decoding (argmax); otherwise sampling from the softmax at this temperature
     /// (Gumbel-max on the device, seeded).
     pub temperature: f32,
+    /// Seed of the sampling noise; unused when greedy.
     pub seed: u64,
     /// Sequences generated together.
     pub batch_size: usize,
@@ -49,11 +50,13 @@ impl DistillConfig {
 /// Counts and timing of a distillation pass, for the report.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct DistillStats {
+    /// Prompts answered (cached or generated).
     pub prompts: usize,
     /// Responses found in the cache.
     pub cached: usize,
     /// Responses generated in this run.
     pub generated: usize,
+    /// Generation batches run in this run.
     pub batches: usize,
     /// Forward passes (prefills and steps) of this run.
     pub forward_passes: usize,
@@ -63,6 +66,7 @@ pub struct DistillStats {
     pub stopped: usize,
     /// Response tokens generated in this run.
     pub generated_tokens: usize,
+    /// Wall time of the pass, in seconds (cache lookup and generation).
     pub seconds: f64,
 }
 

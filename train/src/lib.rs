@@ -1,6 +1,7 @@
+#![warn(missing_docs)]
 //! Fitting Medusa heads by self-distillation (Medusa-1: frozen backbone, only the heads learn).
 //!
-//! The pipeline, file by file: [`data`] reads prompts and holds the examples → [`distill`] lets
+//! The pipeline, file by file: [`data`] reads prompts and holds the examples → [`mod@distill`] lets
 //! the base model answer every prompt (batched greedy or sampled generation, cached on disk) →
 //! [`objective`] lays sequences out as per-head targets and defines the Medusa loss and the
 //! top-k accuracy → [`trainer`] runs AdamW (warmup + cosine) on the heads with resumable

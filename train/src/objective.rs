@@ -27,6 +27,7 @@ use crate::data::Example;
 /// them, and pad positions are never selected.
 #[derive(Debug, Clone, PartialEq)]
 pub struct HeadBatch {
+    /// Number of sequences (rows of `tokens`).
     pub batch: usize,
     /// Longest sequence of the batch.
     pub len: usize,
@@ -98,6 +99,7 @@ impl HeadBatch {
         }
     }
 
+    /// Number of selected positions (`rows.len()`), the heads' batch dimension.
     pub fn num_rows(&self) -> usize {
         self.rows.len()
     }

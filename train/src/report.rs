@@ -17,16 +17,23 @@ use crate::{
 /// Where the examples came from.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct DataStats {
+    /// Path of the prompt file (JSONL).
     pub data_file: String,
+    /// Prompts read from the file.
     pub prompts_in_file: usize,
     /// Sampled prompts (before the length filter).
     pub sampled: usize,
     /// Sampled prompts dropped because prompt + response would exceed `max_seq_len`.
     pub too_long: usize,
+    /// Training examples (prompt + response), extra response sets included.
     pub train_examples: usize,
+    /// Held-out examples the accuracies are measured on.
     pub eval_examples: usize,
+    /// Response tokens of the training examples.
     pub train_response_tokens: usize,
+    /// Response tokens of the held-out examples.
     pub eval_response_tokens: usize,
+    /// Longest prompt + response allowed, in tokens (`--max-seq-len`).
     pub max_seq_len: usize,
     /// Response caches, comma-separated: the first response set, then each extra one.
     pub cache_file: String,
@@ -34,13 +41,16 @@ pub struct DataStats {
     /// training prompts where `--cached-only` found some missing), included in
     /// `train_examples`.
     pub extra_examples: Vec<usize>,
+    /// Sampling temperature of the extra response sets (`--extra-temperature`).
     pub extra_temperature: f32,
 }
 
 /// The tree derived from the measured accuracies.
 #[derive(Debug, Clone, Serialize)]
 pub struct TreeSummary {
+    /// Nodes of the tree, root excluded.
     pub nodes: usize,
+    /// The tree's paths (`medusa_choices`), as saved in the heads' `config.json`.
     pub choices: Vec<Vec<usize>>,
     /// Expected tokens per decoding step under the measured accuracies (independence assumed).
     pub expected_tokens_per_step: f64,
@@ -51,29 +61,44 @@ pub struct TreeSummary {
 /// Everything about one training run.
 #[derive(Debug, Clone, Serialize)]
 pub struct Report {
+    /// Base model's display name.
     pub model: String,
+    /// Backend the run used (`CUDA` or `CPU (Flex)`).
     pub device: String,
+    /// Dtype of the frozen backbone (the heads train in f32).
     pub backbone_dtype: String,
+    /// The command line of this invocation.
     pub command: String,
+    /// Training hyper-parameters.
     pub config: TrainConfig,
+    /// How the first response set was generated.
     pub distill: DistillConfig,
+    /// Prompt and example counts.
     pub data: DataStats,
+    /// Self-distillation counts and time, over all response sets.
     pub generation: DistillStats,
-    /// Wall time: generation (this run), training steps, evaluation, and the whole program.
+    /// Seconds spent generating responses in this run (cached responses cost none).
     pub generation_seconds: f64,
+    /// Seconds spent in training steps (evaluation excluded).
     pub train_seconds: f64,
     /// Optimizer steps done (fewer than `config.steps` when the time limit ended training).
     pub steps_done: usize,
+    /// Whether `--max-train-seconds` ended training before the planned steps.
     pub time_limited: bool,
+    /// Seconds spent evaluating on the held-out prompts.
     pub eval_seconds: f64,
     /// This invocation only; with `resumed`, `train_seconds` and `eval_seconds` also count
     /// earlier invocations (they are saved in the checkpoint).
     pub total_seconds: f64,
     /// Whether this invocation continued a checkpoint (`--resume`).
     pub resumed: bool,
+    /// Learning rate and losses of every optimizer step.
     pub history: Vec<StepLog>,
+    /// Held-out evaluations (per-head top-k accuracy and CE), the final one last.
     pub evals: Vec<EvalResult>,
+    /// The tree built from the final accuracies; `None` when nothing was measured.
     pub tree: Option<TreeSummary>,
+    /// Folder the heads and the report were written to (`--out`).
     pub heads_dir: String,
 }
 

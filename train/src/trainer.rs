@@ -44,6 +44,7 @@ pub struct TrainConfig {
     pub lr: f64,
     /// Linear warmup steps, then cosine decay to 0 at `steps`.
     pub warmup_steps: usize,
+    /// AdamW (decoupled) weight decay of the heads' parameters (default 0).
     pub weight_decay: f64,
     /// `λ` of the loss `Σ_k λ^(k−1) CE_k`.
     pub loss_decay: f64,
@@ -130,6 +131,7 @@ pub struct RunControl {
 pub struct StepLog {
     /// 1-based.
     pub step: usize,
+    /// Learning rate used for this step (after warmup/cosine scheduling).
     pub lr: f64,
     /// Weighted Medusa loss, mean over the micro-batches.
     pub loss: f64,
@@ -142,6 +144,7 @@ pub struct StepLog {
 /// Held-out accuracy after some step.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct EvalResult {
+    /// Optimizer steps done when the evaluation ran.
     pub step: usize,
     /// Per offset (index 0 is the base LM head predicting `t + 1`, index `k` Medusa head `k`):
     /// how many targets had rank 0, 1, ..., `TOPK − 1` among the head's logits.
@@ -181,10 +184,13 @@ pub struct TrainState {
     pub step: usize,
     /// Identity of the run (config, data, model); a resume must match it.
     pub fingerprint: String,
+    /// Log of every optimizer step done so far, in order.
     pub history: Vec<StepLog>,
+    /// Held-out evaluations so far (every `eval_every` steps, then the final one).
     pub evals: Vec<EvalResult>,
     /// Wall time spent in training steps (not evaluation), over all sessions of the run.
     pub train_seconds: f64,
+    /// Wall time spent in held-out evaluation, over all sessions of the run.
     pub eval_seconds: f64,
     /// Training ended at `step` before the planned steps because of [`RunControl::time_limit`].
     #[serde(default)]
@@ -197,7 +203,9 @@ pub enum Outcome<B: Backend> {
     Stopped(TrainState),
     /// All steps done; the final evaluation is the last entry of `state.evals`.
     Finished {
+        /// The trained heads (inner backend, no autodiff).
         heads: MedusaHeads<B>,
+        /// The final state, with the run's history and evaluations.
         state: TrainState,
     },
 }

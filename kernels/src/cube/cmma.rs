@@ -1,7 +1,7 @@
 //! Tensor-core (`cmma`) variant of the prefill kernel for f16/bf16.
 //!
 //! Same contract, grid, masking rule, f32 online softmax and split-KV output as
-//! [`super::kernel::attention_kernel`]; only the two products of a tile run on the matrix units
+//! [`fn@super::kernel::attention_kernel`]; only the two products of a tile run on the matrix units
 //! through CubeCL's cooperative-matrix API (`nvcuda::wmma` on CUDA, 16×16×16 fragments, f32
 //! accumulators).
 //!
@@ -33,6 +33,10 @@
 //! every fragment starts at a multiple of 32 bytes (16 rows × a multiple of 16 bytes, plus
 //! 16-element column steps) and every stride is a multiple of 16 bytes. The padding also
 //! staggers rows across banks.
+
+// `#[cube]` generates a launch module, struct and functions for each kernel, without docs and
+// deaf to attributes on the kernel function; the kernel's own doc comment is on its function.
+#![allow(missing_docs)]
 
 use cubecl::{cmma, prelude::*};
 
@@ -156,7 +160,7 @@ pub(crate) fn visible(
 
 /// Tensor-core attention of a block of `16 · warps` rows of one KV head against the keys
 /// `[chunk_start, chunk_end)` of that head. Arguments and grid as
-/// [`super::kernel::attention_kernel`]; `CubeDim = (32, warps)`.
+/// [`fn@super::kernel::attention_kernel`]; `CubeDim = (32, warps)`.
 #[allow(clippy::too_many_arguments)]
 #[cube(launch_unchecked)]
 pub fn attention_cmma_kernel<F: Float, N: Size>(

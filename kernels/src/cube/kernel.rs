@@ -3,6 +3,10 @@
 //!
 //! See [`super`] for the design; [`AttentionConfig`] for what is decided at compile time.
 
+// `#[cube]` generates a launch module, struct and functions for each kernel, without docs and
+// deaf to attributes on the kernel function; the kernel's own doc comment is on its function.
+#![allow(missing_docs)]
+
 use cubecl::prelude::*;
 
 /// Score given to masked-out keys. A finite number rather than `-inf`: WGSL has no infinity
@@ -63,17 +67,26 @@ impl AttentionConfig {
 }
 
 /// Strides, in elements, of the batch, head and row axes of q, k and v (the head dimension is
-/// unit-stride). Scalars rather than tensor metadata: see [`crate::args`].
+/// unit-stride). Scalars rather than tensor metadata: see `crate::args`.
 #[derive(CubeType, CubeLaunch, Clone, Copy)]
 pub struct QkvStrides {
+    /// Elements between two batch entries of q.
     pub q_batch: u32,
+    /// Elements between two heads of q.
     pub q_head: u32,
+    /// Elements between two rows (positions) of q.
     pub q_row: u32,
+    /// Elements between two batch entries of k.
     pub k_batch: u32,
+    /// Elements between two KV heads of k.
     pub k_head: u32,
+    /// Elements between two rows (positions) of k.
     pub k_row: u32,
+    /// Elements between two batch entries of v.
     pub v_batch: u32,
+    /// Elements between two KV heads of v.
     pub v_head: u32,
+    /// Elements between two rows (positions) of v.
     pub v_row: u32,
 }
 

@@ -124,7 +124,7 @@ pub struct Problem {
 impl Problem {
     /// Whether the portable kernel takes its decode configuration unless told otherwise: at
     /// most [`DECODE_MAX_ROWS`] query rows, except where the rows would fill several
-    /// [`MIN_SMALL_GRID_ROWS`]-row prefill blocks while the keys are too few to split at all.
+    /// `MIN_SMALL_GRID_ROWS`-row prefill blocks while the keys are too few to split at all.
     /// The one decode cube per KV head would then walk every key alone where the prefill
     /// plan's small row blocks run side by side (the seed size, one head of 64 queries
     /// and keys: four 16-row blocks took 0.0385 ms on an H100, one 64-row decode block
@@ -456,7 +456,7 @@ fn device_limits<R: CubeRuntime>(
 /// What a register-level tensor-core launch will do; returned by [`plan_mma`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MmaPlan {
-    /// The comptime configuration of [`attention_mma_kernel`].
+    /// The comptime configuration of [`fn@attention_mma_kernel`].
     pub config: MmaAttentionConfig,
     /// Row blocks (grid x).
     pub row_blocks: usize,

@@ -1,7 +1,7 @@
 //! Register-level tensor-core prefill kernel (`mma.sync` m16n8k16) for f16/bf16 on CUDA.
 //!
 //! Same contract, grid, masking rule, f32 online softmax and split-KV output as
-//! [`super::kernel::attention_kernel`]; what differs from the `wmma` kernel ([`super::cmma`])
+//! [`fn@super::kernel::attention_kernel`]; what differs from the `wmma` kernel ([`super::cmma`])
 //! is where the intermediate tiles live. `wmma` fragments have no documented
 //! register layout, so that kernel stores every score tile to shared memory for the softmax and
 //! keeps the output accumulator there too, reloading and storing it for every key tile. With
@@ -24,7 +24,7 @@
 //! Under a KV split (grid z, [`MmaAttentionConfig::partial`]) a cube walks only its chunk of
 //! the keys and writes, straight from the registers, the unnormalised output rows and their
 //! `(m, l)` (the max of the scaled scores and the sum of `exp(s - m)`) in f32 for
-//! [`super::kernel::combine_kernel`], as the other two kernels do.
+//! [`fn@super::kernel::combine_kernel`], as the other two kernels do.
 //!
 //! # Layout
 //! A cube is `warps` planes of 32 units (`CubeDim = (32, warps)`); plane `w` owns `m_tiles`
@@ -40,6 +40,10 @@
 //! `ldmatrix` reads 16-byte rows at 16-byte aligned shared addresses: rows are padded by 8
 //! elements (16 bytes, which also staggers them across banks) and every column offset is a
 //! multiple of 8 elements.
+
+// `#[cube]` generates a launch module, struct and functions for each kernel, without docs and
+// deaf to attributes on the kernel function; the kernel's own doc comment is on its function.
+#![allow(missing_docs)]
 
 use cubecl::{
     cmma::MmaDefinition,
@@ -81,7 +85,7 @@ pub struct MmaAttentionConfig {
     /// An explicit `[q_len, q_len]` mask among the new tokens (overrides `causal`).
     pub tree: bool,
     /// Write unnormalised partial results (KV split: grid z chunks of `chunk_len` keys) for
-    /// [`super::kernel::combine_kernel`] instead of the final output.
+    /// [`fn@super::kernel::combine_kernel`] instead of the final output.
     pub partial: bool,
 }
 
@@ -223,7 +227,7 @@ fn stage_async<F: Float, N: Size>(
 
 /// Tensor-core attention of a block of `16 · m_tiles · warps` rows of one KV head against the
 /// keys `[chunk_start, chunk_end)` of that head (every key it may see unless the launch splits
-/// the KV axis). Arguments and grid as [`super::kernel::attention_kernel`], except that
+/// the KV axis). Arguments and grid as [`fn@super::kernel::attention_kernel`], except that
 /// `part_o` is written as scalars (same `[row][head_dim]` f32 layout); `CubeDim = (32, warps)`.
 #[allow(clippy::too_many_arguments)]
 #[cube(launch_unchecked, fast_math = FastMath::all())]

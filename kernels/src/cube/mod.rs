@@ -3,7 +3,7 @@
 //!
 //! # Design
 //!
-//! **One tiled online-softmax kernel** ([`kernel::attention_kernel`], FlashAttention-2 style).
+//! **One tiled online-softmax kernel** ([`fn@kernel::attention_kernel`], FlashAttention-2 style).
 //! A cube owns a block of `BQ` *rows* of one KV head and walks the keys in tiles of `BK`:
 //! K and V tiles are staged in shared memory, scores go through a `BQ × BK` shared buffer, and
 //! every row keeps a running max `m`, running sum `l` and an output accumulator in registers,
@@ -28,7 +28,7 @@
 //! far too few for a GPU with 100+ multiprocessors when the cache is 8k–32k long. The KV axis is
 //! then cut into `splits` chunks (grid z), chosen so that about four cubes run per multiprocessor
 //! but no chunk is shorter than 256 keys; each cube writes its unnormalised accumulator and
-//! `(m, l)` in f32, and [`kernel::combine_kernel`] merges them with the usual log-sum-exp
+//! `(m, l)` in f32, and [`fn@kernel::combine_kernel`] merges them with the usual log-sum-exp
 //! rescaling. The same split is used by the prefill configuration when its grid is too small.
 //! Rows too many for one small block whose keys are too few to split at all (the seed's 64
 //! queries of one head) take the prefill configuration's small row blocks instead
@@ -56,7 +56,7 @@
 //! (CUDA) or 64 (AMD). Threads per cube ≤ 256.
 //!
 //! **Tensor cores.** For f16/bf16 prefill on CUDA, [`launch::attention`] runs
-//! [`cmma::attention_cmma_kernel`] instead: the same row blocks, masking rule, f32 online
+//! [`fn@cmma::attention_cmma_kernel`] instead: the same row blocks, masking rule, f32 online
 //! softmax and split-KV output, with `Q Kᵀ` and `P V` on the matrix units (16×16×16 `cmma`
 //! fragments, f32 accumulators; see [`cmma`]). It is taken only when the runtime reports that
 //! `cmma` configuration, 32-wide planes and plane shuffles/barriers ([`launch::cmma_supported`]),
@@ -67,7 +67,7 @@
 //! shared-memory maximum.
 //!
 //! **Register-level tensor cores.** Where `head_dim` is a multiple of 32 up to 128 (64, 96,
-//! 128 in practice), [`mma::attention_mma_kernel`] runs instead of the `wmma` one, with the
+//! 128 in practice), [`fn@mma::attention_mma_kernel`] runs instead of the `wmma` one, with the
 //! same KV split as the `wmma` plan (partial rows merged by the same combine kernel):
 //! PTX `mma.sync` through CubeCL's manual MMA, whose register layout is documented, so scores,
 //! softmax and the output accumulator stay in registers (FlashAttention-2), operands come from

@@ -4,9 +4,13 @@
 //! Each mirrors the rounding of the tensor-op reference in [`super::reference`] step by step
 //! (every op of the reference rounds to the activation dtype; statistics are f32), so that the
 //! kernel and the reference agree to the last bit wherever the f32 arithmetic does. Inputs are
-//! flat arrays read through a [`Strided`] layout passed as scalars (see [`crate::args`]), so
+//! flat arrays read through a `Strided` layout passed as scalars (see `crate::args`), so
 //! views (a column range of a fused projection, a slice of a table) need no copy; outputs are
 //! contiguous.
+
+// `#[cube]` generates a launch module, struct and functions for each kernel, without docs and
+// deaf to attributes on the kernel function; the kernel's own doc comment is on its function.
+#![allow(missing_docs)]
 
 use cubecl::prelude::*;
 
@@ -104,10 +108,10 @@ fn inv_rms(partial: f32, cols: usize, eps: f32, #[comptime] threads: usize) -> f
     1.0f32 / f32::sqrt(red[0] / f32::cast_from(cols) + eps)
 }
 
-/// Compile-time shape of the K-split partial sums a kernel finishes ([`split_sum`]).
+/// Compile-time shape of the K-split partial sums a kernel finishes (`split_sum`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct SplitSumConfig {
-    /// K splits of the product. `0` when the product comes finished ([`rope_cache_kernel`],
+    /// K splits of the product. `0` when the product comes finished ([`fn@rope_cache_kernel`],
     /// and the SwiGLU input of `crate::linear::kernel::linear_kernel`); the other kernels
     /// always take partial sums.
     pub splits: usize,
@@ -117,7 +121,7 @@ pub struct SplitSumConfig {
     pub bias: bool,
 }
 
-/// [`rms_norm_kernel`] with a residual add whose addend is a skinny product `y = x·W (+ b)`
+/// [`fn@rms_norm_kernel`] with a residual add whose addend is a skinny product `y = x·W (+ b)`
 /// still held as the f32 partial sums of its K split (`partial[split][row][col]`, `[splits,
 /// rows, cols]`): `y = round(Σ_split partial + bias)`, `h = round(x + y)` (written to `sum`),
 /// then the RMSNorm of `h` -- one pass where the split's reduction and the norm were two.
@@ -213,9 +217,9 @@ pub(crate) fn split_sum<F: Float>(
     F::cast_from(total)
 }
 
-/// One value of a fused q/k/v product for [`rope_cache_kernel`]: with `cfg.splits == 0` the
+/// One value of a fused q/k/v product for [`fn@rope_cache_kernel`]: with `cfg.splits == 0` the
 /// finished product's element (`product`, read through `product_at` at `(row, col)`), else
-/// [`split_sum`] of its K split's partial sums at `at`.
+/// `split_sum` of its K split's partial sums at `at`.
 #[cube]
 #[allow(clippy::too_many_arguments)]
 fn product_value<F: Float>(
@@ -244,9 +248,9 @@ fn product_value<F: Float>(
 ///
 /// The product comes finished (`sums.splits == 0`: `product`, any row layout) or as the f32
 /// partial sums of its K split (`partial[split][row][col]`), which each value adds up as
-/// [`split_sum`] does (the bits of the finished product). The rotation is that of
-/// [`rope_kernel`], so the result is exactly the product, [`rope_kernel`] and
-/// [`cache_write_kernel`] in a row -- one launch where those were three (split) or two.
+/// `split_sum` does (the bits of the finished product). The rotation is that of
+/// [`fn@rope_kernel`], so the result is exactly the product, [`fn@rope_kernel`] and
+/// [`fn@cache_write_kernel`] in a row -- one launch where those were three (split) or two.
 #[allow(clippy::too_many_arguments)]
 #[cube(launch_unchecked)]
 pub fn rope_cache_kernel<F: Float>(
@@ -597,7 +601,7 @@ fn merge_lists(
     }
 }
 
-/// Thread 0 writes the cube's merged list ([`merge_lists`]) as row `row` of `out: [rows, k]`.
+/// Thread 0 writes the cube's merged list (`merge_lists`) as row `row` of `out: [rows, k]`.
 #[cube]
 fn write_indices<I: Int>(out: &mut Array<I>, idxs: &Array<u32>, row: usize, #[comptime] k: usize) {
     if UNIT_POS == 0 {
@@ -612,8 +616,8 @@ fn write_indices<I: Int>(out: &mut Array<I>, idxs: &Array<u32>, row: usize, #[co
 /// layout), best first (equal values: the lower index first), into `out: [rows, k]`, for rows
 /// short enough for one cube. One cube of `threads` per row: each thread keeps the best `k` of
 /// its strided share of the row sorted in registers (insertion), then the threads' lists merge
-/// through shared memory ([`merge_lists`]). Longer rows take [`top_k_segments_kernel`] and
-/// [`top_k_merge_kernel`].
+/// through shared memory (`merge_lists`). Longer rows take [`fn@top_k_segments_kernel`] and
+/// [`fn@top_k_merge_kernel`].
 #[allow(clippy::too_many_arguments)]
 #[cube(launch_unchecked)]
 pub fn top_k_kernel<F: Float, I: Int>(
@@ -645,7 +649,7 @@ pub fn top_k_kernel<F: Float, I: Int>(
 
 /// First pass of top-k over long rows: cube `(segment, row)` finds the best `k` of the
 /// `threads * per_thread` columns of its segment and writes them (value, column; empty slots
-/// as [`EMPTY`]) to `seg_vals`/`seg_idxs` at `[row, segment, 0..k]`. A cube per row alone
+/// as `EMPTY`) to `seg_vals`/`seg_idxs` at `[row, segment, 0..k]`. A cube per row alone
 /// would leave a GPU nearly idle on Medusa's few rows (measured on an H200: 180 µs for 4 rows
 /// of 49152, bound by each thread's chain of loads); each thread here issues its `per_thread`
 /// loads before it compares any of them.
@@ -696,7 +700,7 @@ pub fn top_k_segments_kernel<F: Float>(
 }
 
 /// Second pass of top-k over long rows: one cube per row merges the `candidates` entries
-/// [`top_k_segments_kernel`] left for it (`segments * k`) into the row's best `k` column
+/// [`fn@top_k_segments_kernel`] left for it (`segments * k`) into the row's best `k` column
 /// indices, `out: [rows, k]`.
 #[allow(clippy::too_many_arguments)]
 #[cube(launch_unchecked)]

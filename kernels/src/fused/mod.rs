@@ -5,13 +5,13 @@
 //! At batch 1 a decode step is dispatch-bound, not bandwidth-bound: on an H200, a Llama-3-8B
 //! step kept the host busy enqueueing for 96–97% of its duration (fused or unfused Burn
 //! backend), and one kernel launch cost ~20 µs (measured by the bench's launch probe; ~8 µs
-//! since the kernels take arrays rather than tensor metadata, see [`crate::args`]).
+//! since the kernels take arrays rather than tensor metadata, see `crate::args`).
 //! Written as Burn tensor ops on the plain backend, one RMSNorm is ~9 launches (cast, square,
 //! mean, add, sqrt, recip, mul, cast, mul), RoPE on q and k ~8, SwiGLU ~4, the cache write 2;
 //! here each is one launch, reading its inputs through their strides (a column range of a
 //! fused projection costs no copy). With them the 8B step went from 19–21 to 11 ms.
 //!
-//! Every op rounds exactly where its tensor-op reference ([`reference`]) rounds, so kernels and
+//! Every op rounds exactly where its tensor-op reference ([`mod@reference`]) rounds, so kernels and
 //! reference agree up to f32 summation order (RMSNorm's mean); rows are computed independently,
 //! so a row's result does not depend on how many rows a call has (a Medusa tree step and a
 //! decode step see the same values).
@@ -42,7 +42,7 @@ use burn_cubecl::{
 use crate::LinearBackend;
 
 /// A Burn backend that can run the fused decoder ops. The provided methods are the tensor-op
-/// [`reference`]; CubeCL backends override them with kernels. `D` is the rank of the inputs.
+/// [`mod@reference`]; CubeCL backends override them with kernels. `D` is the rank of the inputs.
 pub trait FusedOpsBackend: LinearBackend {
     /// See [`rms_norm`] and [`add_rms_norm`].
     fn rms_norm<const D: usize>(
@@ -226,7 +226,7 @@ pub fn swiglu<B: FusedOpsBackend, const D: usize>(
 /// A fused gate/up projection and SwiGLU: with `weight = [W_gate | W_up]` (`[in, 2f]`, as
 /// `model` loads gate and up fused) and `bias = [b_gate | b_up]`, returns
 /// `silu(x·W_gate + b_gate) · (x·W_up + b_up)`, `[..., f]`: exactly [`swiglu`] of the two
-/// halves of [`crate::linear`]`(x, weight, bias)`, with the same roundings.
+/// halves of [`fn@crate::linear`]`(x, weight, bias)`, with the same roundings.
 ///
 /// On the plain CubeCL backend (`CubeBackend`), when the skinny product is split along K (as
 /// one-row products of the large projections are), the split's reduction pass applies SwiGLU
@@ -266,7 +266,7 @@ pub fn linear_swiglu<B: FusedOpsBackend, const D: usize>(
 }
 
 /// A projection added to the residual stream, and the RMSNorm after it: with
-/// `y = x · weight (+ bias)` ([`crate::linear`]), returns `h = residual + y` and
+/// `y = x · weight (+ bias)` ([`fn@crate::linear`]), returns `h = residual + y` and
 /// [`rms_norm`]`(h, gamma)` -- exactly [`add_rms_norm`]`(residual, y, gamma, eps)`, with the
 /// same roundings.
 ///
@@ -398,7 +398,7 @@ pub fn mlp_add_rms_norm<B: FusedOpsBackend, const D: usize>(
 }
 
 /// A fused q/k/v projection, RoPE and the KV-cache append: with `y = x · weight (+ bias)`
-/// ([`crate::linear`]) split into `n_heads` query heads, then key and value heads of the
+/// ([`fn@crate::linear`]) split into `n_heads` query heads, then key and value heads of the
 /// caches' `head_dim` (`weight: [k, (n_heads + 2 · n_kv) · head_dim]`), returns the rotated
 /// queries `q: [batch, n_heads, seq, head_dim]` and the caches with the rotated keys and the
 /// values written to rows `start..start + seq` -- exactly [`rope`] of the product's heads

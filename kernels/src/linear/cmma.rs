@@ -1,9 +1,9 @@
 //! Tensor-core (`cmma`) variant of the skinny linear layer, for f16/bf16 products of 9 to 64
 //! rows (a Medusa tree step).
 //!
-//! Same contract as [`super::kernel::linear_kernel`] (`y = x · W (+ b)`, `W: [k, n]` row-major,
+//! Same contract as [`fn@super::kernel::linear_kernel`] (`y = x · W (+ b)`, `W: [k, n]` row-major,
 //! f32 accumulation, the same f32 partial-sum layout for a K split and the same
-//! [`super::kernel::split_reduce_kernel`] to finish it). With `m` rows a product does `2·m`
+//! [`fn@super::kernel::split_reduce_kernel`] to finish it). With `m` rows a product does `2·m`
 //! flops per weight element: at 64 rows that is more than the units' f32 FMAs can issue while
 //! the weights stream at the memory's rate, so the products go to the matrix units through
 //! CubeCL's cooperative-matrix API (`nvcuda::wmma` on CUDA, 16×16×16 fragments).
@@ -27,7 +27,7 @@
 //!
 //! With `swiglu_input` the product's input is SwiGLU of a fused gate/up product, computed as
 //! each unit loads its share of a stage (step 1) with the same rounding as the SwiGLU pass it
-//! replaces ([`crate::linear::kernel::linear_kernel`] does the same for the SIMT kernel).
+//! replaces ([`fn@crate::linear::kernel::linear_kernel`] does the same for the SIMT kernel).
 //!
 //! At the end each accumulator goes through a per-plane 16×16 f32 buffer in shared memory to
 //! global memory (rows past `m` are dropped; with a K split as f32 partial sums, otherwise with
@@ -42,6 +42,10 @@
 //! in multiples of 16 elements (`x` is copied otherwise), so the 16-byte vectors never straddle
 //! a row, a stage or a K split.
 
+// `#[cube]` generates a launch module, struct and functions for each kernel, without docs and
+// deaf to attributes on the kernel function; the kernel's own doc comment is on its function.
+#![allow(missing_docs)]
+
 use cubecl::{cmma, prelude::*};
 
 use crate::fused::kernel::{SplitSumConfig, silu_mul, split_sum};
@@ -51,7 +55,7 @@ pub(crate) use crate::cube::cmma::{FRAG, PLANE};
 /// Byte alignment of every shared array (wmma needs 32).
 const SHARED_ALIGN: usize = 128;
 
-/// Compile-time shape of one launch of [`linear_cmma_kernel`]. Chosen on the host by
+/// Compile-time shape of one launch of [`fn@linear_cmma_kernel`]. Chosen on the host by
 /// [`super::launch::plan_cmma`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct LinearCmmaConfig {
@@ -73,7 +77,7 @@ pub struct LinearCmmaConfig {
     pub partial: bool,
     /// The input is SwiGLU of a fused gate/up product `g | u` (`2k` columns): finished
     /// (`splits == 0`, read from `x`) or as its K split's f32 partial sums (`x_partial`), see
-    /// [`linear_cmma_kernel`].
+    /// [`fn@linear_cmma_kernel`].
     pub swiglu_input: Option<SplitSumConfig>,
 }
 

@@ -3,11 +3,15 @@
 //!
 //! See [`super`] for the design; [`LinearConfig`] for what is decided at compile time.
 
+// `#[cube]` generates a launch module, struct and functions for each kernel, without docs and
+// deaf to attributes on the kernel function; the kernel's own doc comment is on its function.
+#![allow(missing_docs)]
+
 use cubecl::prelude::*;
 
 use crate::fused::kernel::{SplitSumConfig, silu_mul, split_sum};
 
-/// Compile-time shape of one launch of [`linear_kernel`]. Chosen on the host by
+/// Compile-time shape of one launch of [`fn@linear_kernel`]. Chosen on the host by
 /// [`super::launch::plan`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct LinearConfig {
@@ -31,10 +35,10 @@ pub struct LinearConfig {
     pub block_k: usize,
     /// Add a bias (only when the kernel writes the final output).
     pub bias: bool,
-    /// Write f32 partial sums for [`split_reduce_kernel`] instead of the output (K split).
+    /// Write f32 partial sums for [`fn@split_reduce_kernel`] instead of the output (K split).
     pub partial: bool,
     /// `x` is SwiGLU of a fused gate/up product, computed while staging (see
-    /// [`linear_kernel`]): `None` for a plain `x`; `splits == 0` when that product is finished
+    /// [`fn@linear_kernel`]): `None` for a plain `x`; `splits == 0` when that product is finished
     /// (`x` holds it, `[m, 2k]`), else the shape of its K split's partial sums.
     pub swiglu_input: Option<SplitSumConfig>,
 }
@@ -75,7 +79,7 @@ impl LinearConfig {
     }
 }
 
-/// Compile-time shape of one launch of [`split_reduce_kernel`].
+/// Compile-time shape of one launch of [`fn@split_reduce_kernel`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct ReduceConfig {
     /// Output vectors per cube.
@@ -87,7 +91,7 @@ pub struct ReduceConfig {
     /// Add a bias.
     pub bias: bool,
     /// Finish with SwiGLU over the two column halves (a fused gate/up projection): see
-    /// [`split_reduce_kernel`].
+    /// [`fn@split_reduce_kernel`].
     pub swiglu: bool,
 }
 
@@ -104,12 +108,12 @@ pub struct ReduceConfig {
 /// vectors of a row); `x` is staged per tile of `BK` rows in shared memory as f32, laid out
 /// `[k][row]` so a plane reads one broadcast address. Accumulation is f32.
 ///
-/// With `cfg.partial` the f32 sums go to `partial[split][r][col]` and [`split_reduce_kernel`]
+/// With `cfg.partial` the f32 sums go to `partial[split][r][col]` and [`fn@split_reduce_kernel`]
 /// finishes; otherwise the bias is added and the result cast to `F`.
 ///
 /// With `cfg.swiglu_input` the product's input is SwiGLU of a fused gate/up product `g | u`
 /// (`2k` columns), computed as the tile is staged: `x[r, c] = silu(g[r, c]) · u[r, c + k]`
-/// rounded as [`crate::fused::kernel::swiglu_kernel`] rounds, from the finished product (in
+/// rounded as [`fn@crate::fused::kernel::swiglu_kernel`] rounds, from the finished product (in
 /// `x`, read through its strides) or from its K split's partial sums (`x_partial`,
 /// `[splits][m][2k]`, plus `x_bias`, added in the order of that split's own reduction pass):
 /// the same bits as SwiGLU's launch, which this saves (a down projection's cubes each stage
@@ -315,7 +319,7 @@ pub fn linear_kernel<F: Float, N: Size>(
 /// With `cfg.swiglu` the `n_vec` columns of a row are a gate half and an up half of `half`
 /// vectors each (a fused gate/up projection), `total = m * half`, and the output is SwiGLU of
 /// the two sums, rounded as the separate passes round: each sum to `F` (what the product
-/// would have written), then `silu(g) · u` as [`crate::fused::kernel::swiglu_kernel`]
+/// would have written), then `silu(g) · u` as [`fn@crate::fused::kernel::swiglu_kernel`]
 /// computes it, so the result is the same to the bit and the SwiGLU launch is saved. The
 /// shared buffer of the split-lane sums doubles then: at most 32 KiB (512 threads of 8-wide f32
 /// vectors, within CUDA's 48 KiB), 16 KiB with wgpu's 4-wide vectors.

@@ -15,7 +15,7 @@ use crate::args::{array_arg, unused_arg};
 use crate::cube::launch::{cmma_supported, tensor_cores_enabled};
 use crate::fused::kernel::SplitSumConfig;
 
-/// Most rows of `x` the kernel takes (a 64-node Medusa tree). [`crate::linear`] sends larger
+/// Most rows of `x` the kernel takes (a 64-node Medusa tree). [`fn@crate::linear`] sends larger
 /// products to Burn's matmul.
 pub const MAX_M: usize = 64;
 /// Rows of `x` per thread at most (`RM`): `RM * V` f32 accumulators live in registers.
@@ -109,8 +109,11 @@ pub struct LinearTuning {
 /// A skinny product `[m, k] x [k, n]` as the planner sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LinearProblem {
+    /// Rows of `x` (tokens: 1 for a decode step, the tree's nodes for a Medusa step).
     pub m: usize,
+    /// Columns of `x`, rows of `w` (the reduction).
     pub k: usize,
+    /// Columns of `w` (the output features).
     pub n: usize,
     /// Bytes per element of `x` and `w`.
     pub elem_size: usize,
@@ -123,11 +126,11 @@ pub struct LinearProblem {
 /// What a launch will do; returned by [`plan`] for inspection in tests and benchmarks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LinearPlan {
-    /// Comptime configuration of [`linear_kernel`].
+    /// Comptime configuration of [`fn@linear_kernel`].
     pub config: LinearConfig,
     /// Column tiles (grid x).
     pub col_tiles: usize,
-    /// K splits (grid y); more than one adds the [`split_reduce_kernel`] pass.
+    /// K splits (grid y); more than one adds the [`fn@split_reduce_kernel`] pass.
     pub splits: usize,
     /// Weight rows per split (a multiple of `config.k_step()`).
     pub k_chunk: usize,
@@ -150,7 +153,7 @@ impl LinearPlan {
 ///
 /// - the `m` rows are cut into `RG = ceil(m / 8)` groups of `RM = ceil(m / RG)` rows;
 /// - cubes have 512 threads when the accumulators are small (`RM * V <= 16`: one row in bf16,
-///   up to four in f32), else 256 (within the device's limit; see [`WIDE_THREADS`]);
+///   up to four in f32), else 256 (within the device's limit; see `WIDE_THREADS`);
 /// - `TX` lanes (32, or 16 with 512-thread cubes; narrowed to 16 or 8 when the grid would be
 ///   too small) cover consecutive column vectors; the remaining threads split K (`KG`, a power
 ///   of two);
@@ -511,7 +514,7 @@ pub(crate) fn product<R: CubeRuntime>(
 }
 
 /// Launches the SIMT product `swiglu(gate_up) · w (+ bias)`, SwiGLU computed as the kernel
-/// stages its input ([`linear_kernel`]): `gate_up` is a fused gate/up projection's product
+/// stages its input ([`fn@linear_kernel`]): `gate_up` is a fused gate/up projection's product
 /// (`[m, 2k]`, finished or left as its K split's partial sums), `w` is `[k, n]`. The same bits
 /// as [`finish`]ing `gate_up` with SwiGLU, then [`product`]; one launch fewer. A K split of
 /// this product is left unfinished.
@@ -913,11 +916,11 @@ fn reduce_config(splits: usize, threads: usize, bias: bool) -> ReduceConfig {
 /// What a tensor-core launch will do; returned by [`plan_cmma`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LinearCmmaPlan {
-    /// Comptime configuration of [`linear_cmma_kernel`].
+    /// Comptime configuration of [`fn@linear_cmma_kernel`].
     pub config: LinearCmmaConfig,
     /// Column tiles (grid x).
     pub col_tiles: usize,
-    /// K splits (grid y); more than one adds the [`split_reduce_kernel`] pass.
+    /// K splits (grid y); more than one adds the [`fn@split_reduce_kernel`] pass.
     pub splits: usize,
     /// Weight rows per split (a multiple of 16).
     pub k_chunk: usize,
@@ -942,9 +945,9 @@ impl LinearCmmaPlan {
 /// - K split across cubes as in [`plan`]: towards `cubes_per_sm` (default 4) cubes per
 ///   multiprocessor, with the f32 partials costing at most a quarter of the weight bytes and
 ///   each split at least one stage;
-/// - small products (weights under [`CMMA_SMALL_WEIGHT_BYTES`], e.g. SmolLM2's) are
+/// - small products (weights under `CMMA_SMALL_WEIGHT_BYTES`, e.g. SmolLM2's) are
 ///   latency-bound: 2 planes per cube, and the partials' cap gives way to splits of at least
-///   [`CMMA_SMALL_MIN_CHUNK`] K rows.
+///   `CMMA_SMALL_MIN_CHUNK` K rows.
 pub fn plan_cmma(
     p: &LinearProblem,
     multiprocessors: usize,
@@ -1097,7 +1100,7 @@ pub(crate) fn product_on<R: CubeRuntime>(
 
 /// Whether the tensor-core kernel should compute SwiGLU of a gate/up product while loading
 /// its input for `w` (an input of `m` rows in `dtype`, see [`cmma_usable_input`]): only for
-/// small products (weights under [`CMMA_SMALL_WEIGHT_BYTES`]). Every column tile of the grid
+/// small products (weights under `CMMA_SMALL_WEIGHT_BYTES`). Every column tile of the grid
 /// computes the whole `[m, k]` activation again, reading the gate/up product (or each of its
 /// K split's partial sums) per element: cheap beside a launch for SmolLM2's down projection
 /// (18 tiles of 1536 × 64), not for Llama-3-8B's (64 tiles of 14336 × 64 activations, each
@@ -1144,7 +1147,7 @@ pub(crate) fn product_cmma<R: CubeRuntime>(
 }
 
 /// [`product_cmma`] of an [`Input`]: with SwiGLU of a gate/up product, computed as the kernel
-/// loads its stages ([`linear_cmma_kernel`]'s `swiglu_input`).
+/// loads its stages ([`fn@linear_cmma_kernel`]'s `swiglu_input`).
 fn product_cmma_of<R: CubeRuntime>(
     input: Input<R>,
     w: CubeTensor<R>,

@@ -5,7 +5,7 @@
 //! it is bound by streaming `W` from memory once. The entry point is [`linear`] (same contract
 //! as `burn::tensor::module::linear`), which flattens the leading dimensions of `x` into `m`
 //! rows and runs [`LinearBackend::linear_skinny`] for `1 <= m <= 64` ([`MAX_M`]), Burn's
-//! `linear` otherwise. On CubeCL backends the SIMT kernel ([`kernel::linear_kernel`]) takes
+//! `linear` otherwise. On CubeCL backends the SIMT kernel ([`fn@kernel::linear_kernel`]) takes
 //! `m <= linear_max_m(dtype)` (64 rows for f32, 8 for f16/bf16 by default: see
 //! [`HALF_MAX_M`]); more f16/bf16 rows go to the tensor-core kernel ([`cmma`], CUDA) where the
 //! device and shapes allow it, else to Burn's `linear`.
@@ -16,7 +16,7 @@
 //! - `Fusion<B>` registers a custom fusion operation that runs its inner backend's kernel;
 //! - the CPU backends (`flex`, `ndarray`) and `Autodiff<B>` use Burn's `linear`.
 //!
-//! # Kernel design ([`kernel::linear_kernel`])
+//! # Kernel design ([`fn@kernel::linear_kernel`])
 //!
 //! **Coalesced weight stream.** A cube owns a tile of `TX · V` output columns. Each thread
 //! reads `V` consecutive columns of a weight row with one vector load (`V = 16 bytes / element`,
@@ -33,7 +33,7 @@
 //! `KG · U` rows) and are summed through shared memory at the end. When the column tiles alone
 //! cannot fill the device (1×4096 @ 4096×4096 has only 32 tiles of 128 columns), K is also split
 //! across cubes (grid y) so that about 2 cubes run per SM: each split writes f32 partial sums
-//! and [`kernel::split_reduce_kernel`] adds them, the bias, and casts. On an H100/H200 (132 SMs)
+//! and [`fn@kernel::split_reduce_kernel`] adds them, the bias, and casts. On an H100/H200 (132 SMs)
 //! the Llama-3-8B decode shapes become 48×6 cubes (q/k/v, 4096→6144), 32×8 (o), 224×2 (gate/up,
 //! 4096→28672) and 32×8 (down, 14336→4096, 1792 rows each); the partial sums add under 2% to
 //! the weight traffic. When even that leaves the device half idle (many rows through a small
