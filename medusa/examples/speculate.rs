@@ -14,10 +14,10 @@
 //!
 //! On a CPU Medusa is slower than plain decoding: the work there is arithmetic (on a GPU a
 //! batch-1 step waits on kernel launches and weight streaming instead), a tree step's grows
-//! with its nodes, and SmolLM2's four head projections (49152 × 576 each) add about as much
-//! as the model's own forward. On 2 cores, 32 tokens: 21 tokens/s plain, 2.8 with the 64-node
-//! tree, 6.1 with `--tree chain4`. The speedups are measured on a GPU: `cargo run --release -p
-//! bench`.
+//! with its nodes, and SmolLM2's four head projections (49152 × 576 each) cost about as much as
+//! one plain decode step. Untrained heads, `--max-new-tokens 32`, 2 cores: 21 tokens/s plain,
+//! 2.8 with the 64-node tree, 6.1 with `--tree chain4`. The speedups are measured on a GPU:
+//! `cargo run --release -p bench`.
 
 use std::{path::PathBuf, time::Instant};
 
@@ -47,7 +47,8 @@ struct Args {
     #[arg(long, default_value_t = 64)]
     max_new_tokens: usize,
     /// Candidate tree: a published one (`mc_sim_7b_63`), paths as JSON, or `optimal:N` from the
-    /// accuracies saved with trained heads. Default: the tree saved with the heads.
+    /// accuracies saved with trained heads. Default: the tree saved with the heads, else
+    /// `mc_sim_7b_63`.
     #[arg(long)]
     tree: Option<String>,
 }
@@ -138,7 +139,7 @@ fn main() -> Result<()> {
         .enumerate()
         .map(|(k, r)| format!("head {}: {r:.2}", k + 1))
         .collect();
-    println!("accepted per step: {}", rates.join(", "));
+    println!("head acceptance rates: {}", rates.join(", "));
     if out.tokens != plain.tokens {
         bail!("greedy Medusa differs from plain greedy decoding in f32");
     }

@@ -6,7 +6,8 @@ pub enum MedusaError {
     /// A tree spec that cannot be built or does not fit the heads (bad path, bad JSON, too deep).
     #[error("invalid Medusa tree: {0}")]
     Tree(String),
-    /// A head checkpoint that cannot be read, written, or does not fit the base model.
+    /// A head checkpoint that cannot be written, has a malformed config or tensor names, or does
+    /// not fit the base model (its safetensors errors come as [`MedusaError::Model`]).
     #[error("Medusa checkpoint {path}: {message}")]
     Checkpoint {
         /// The checkpoint file or directory concerned.
@@ -14,7 +15,8 @@ pub enum MedusaError {
         /// What is wrong with it (unexpected tensor, size unlike the base model's, bad config).
         message: String,
     },
-    /// An error of the base model (loading, forward pass, cache).
+    /// An error from the `model` crate: loading, forward pass, cache, or reading the heads'
+    /// safetensors.
     #[error(transparent)]
     Model(#[from] model::Error),
     /// The lossless (greedy) check could not run, e.g. on an empty prompt.

@@ -44,7 +44,8 @@ pub struct MedusaConfig {
     pub num_layers: usize,
     /// Hidden size of the base model, the width of each residual block.
     pub hidden_size: usize,
-    /// Vocabulary size of the heads' own projections (0 when they share the base LM head).
+    /// Vocabulary size of the base model. [`MedusaHeads::init`] takes the projection from the
+    /// base LM head; [`MedusaHeads::config`] reports 0 for heads that share it.
     pub vocab_size: usize,
     /// Heads output hidden states and share the base model's LM head.
     pub share_lm_head: bool,

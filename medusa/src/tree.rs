@@ -169,7 +169,7 @@ impl MedusaTree {
     /// The tree to decode trained heads with, and where it came from: `spec` when given (see
     /// [`Self::from_spec`]; `optimal:N` uses the accuracies saved with the heads), else the
     /// tree saved with the heads (`cargo run -p train` builds it from the heads' measured
-    /// accuracies), else the published `mc_sim_7b_63`.
+    /// accuracies), else the published `mc_sim_7b_63` (which needs at least 4 heads).
     pub fn for_heads(
         spec: Option<&str>,
         num_heads: usize,

@@ -33,14 +33,16 @@ pub struct LlamaConfig {
     /// Base of the rotary frequencies, `θ_i = rope_theta^(-2i / head_dim)`; 10000 when absent.
     #[serde(default = "default_rope_theta")]
     pub rope_theta: f64,
-    /// Frequency scaling for long contexts (`llama3` or `linear`); none when absent.
+    /// Frequency scaling for long contexts (`llama3` or `linear`; `default` is none); none when
+    /// absent.
     #[serde(default)]
     pub rope_scaling: Option<RopeScaling>,
     /// Context length the model was trained for, in tokens; caps
     /// [`crate::LoadOptions::max_seq_len`]. 2048 when absent.
     #[serde(default = "default_max_position_embeddings")]
     pub max_position_embeddings: usize,
-    /// Whether the LM head reuses the embedding matrix (no `lm_head.weight`); false when absent.
+    /// Whether the LM head reuses the embedding matrix (any `lm_head.weight` is ignored); false
+    /// when absent.
     #[serde(default)]
     pub tie_word_embeddings: bool,
     /// Whether the q/k/v/o projections have biases; false when absent.
@@ -94,7 +96,8 @@ pub struct RopeScaling {
     /// `"llama3"`, `"linear"` or `"default"`. Older configs spell the key `type`.
     #[serde(alias = "type")]
     pub rope_type: String,
-    /// Context stretch: `linear` divides every frequency by it, `llama3` the low ones.
+    /// Context stretch: `linear` divides every frequency by it, `llama3` the low ones fully and
+    /// the medium ones partly.
     #[serde(default)]
     pub factor: Option<f64>,
     /// `llama3` only: wavelengths longer than `original_max_position_embeddings / low_freq_factor`

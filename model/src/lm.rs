@@ -47,7 +47,8 @@ impl LoadOptions {
     pub fn with_dtype(self, dtype: DType) -> Self {
         Self { dtype, ..self }
     }
-    /// These options with RoPE tables for `max_seq_len` positions.
+    /// These options with RoPE tables for `max_seq_len` positions (capped at the config's
+    /// `max_position_embeddings`).
     pub fn with_max_seq_len(self, max_seq_len: usize) -> Self {
         Self {
             max_seq_len,
@@ -78,7 +79,8 @@ pub struct TreeInput<B: Backend> {
 pub struct Llama<B: Backend> {
     /// The model's configuration (its `config.json`).
     pub config: LlamaConfig,
-    /// Parameters, as Burn modules named after the checkpoint's tensors.
+    /// Parameters, laid out like the checkpoint's (projections transposed to `[in, out]`; q/k/v
+    /// and gate/up fused unless [`LoadOptions::fuse_projections`] is off).
     pub module: LlamaForCausalLm<B>,
     rope: RopeTables<B>,
     dtype: DType,

@@ -175,6 +175,73 @@ struct Args {
     distill_cache: Option<PathBuf>,
 }
 
+impl Args {
+    /// Rejects settings that would fail late (after the model loads and responses are generated)
+    /// or train something other than what was asked, naming the flag.
+    fn validate(&self) -> Result<()> {
+        let at_least_one = [
+            ("--heads", self.heads),
+            ("--batch", self.batch),
+            ("--grad-accum", self.grad_accum),
+            ("--response-tokens", self.response_tokens),
+            ("--tree-nodes", self.tree_nodes),
+        ];
+        for (flag, value) in at_least_one {
+            if value == 0 {
+                bail!("{flag} must be at least 1");
+            }
+        }
+        if self.epochs.is_none() && self.steps == 0 {
+            bail!("--steps must be at least 1 (or pass --epochs)");
+        }
+        let positive = [
+            ("--epochs", self.epochs),
+            ("--lr", Some(self.lr)),
+            ("--loss-decay", Some(self.loss_decay)),
+            ("--max-train-seconds", self.max_train_seconds),
+        ];
+        for (flag, value) in positive {
+            if value.is_some_and(|v| !(v.is_finite() && v > 0.0)) {
+                bail!("{flag} must be a finite number above 0");
+            }
+        }
+        let fractions = [
+            ("--warmup-ratio", self.warmup_ratio),
+            ("--weight-decay", self.weight_decay),
+        ];
+        for (flag, value) in fractions {
+            if !(0.0..=1.0).contains(&value) {
+                bail!("{flag} must be between 0 and 1, got {value}");
+            }
+        }
+        if !(0.0..1.0).contains(&self.eval_fraction) {
+            bail!(
+                "--eval-fraction must be at least 0 and below 1, got {}",
+                self.eval_fraction
+            );
+        }
+        if !(self.temperature.is_finite() && self.temperature >= 0.0) {
+            bail!("--temperature must be a finite number >= 0 (0 = greedy)");
+        }
+        if self.extra_responses > 0
+            && !(self.extra_temperature.is_finite() && self.extra_temperature > 0.0)
+        {
+            bail!(
+                "--extra-temperature must be above 0 (greedy extra responses would repeat the first)"
+            );
+        }
+        if self.share_lm_head && self.lm_head_lr_scale != 1.0 {
+            bail!(
+                "--lm-head-lr-scale needs heads with their own projections (not --share-lm-head)"
+            );
+        }
+        if !(self.lm_head_lr_scale.is_finite() && self.lm_head_lr_scale >= 0.0) {
+            bail!("--lm-head-lr-scale must be a finite number >= 0");
+        }
+        Ok(())
+    }
+}
+
 #[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
 enum BackendArg {
     Auto,
@@ -229,22 +296,7 @@ fn run<B: FlashAttentionBackend>(
     let start = Instant::now();
     let command = std::env::args().collect::<Vec<_>>().join(" ");
     let cuda = device_name == "CUDA";
-    if args.heads == 0 || args.batch == 0 || args.grad_accum == 0 {
-        bail!("--heads, --batch and --grad-accum must be at least 1");
-    }
-    if args.extra_responses > 0
-        && (args.extra_temperature.is_nan() || args.extra_temperature <= 0.0)
-    {
-        bail!(
-            "--extra-temperature must be above 0 (greedy extra responses would repeat the first)"
-        );
-    }
-    if args.share_lm_head && args.lm_head_lr_scale != 1.0 {
-        bail!("--lm-head-lr-scale needs heads with their own projections (not --share-lm-head)");
-    }
-    if !(args.lm_head_lr_scale.is_finite() && args.lm_head_lr_scale >= 0.0) {
-        bail!("--lm-head-lr-scale must be a finite number >= 0");
-    }
+    args.validate()?;
 
     // Model and tokenizer.
     let source = ModelSource::parse(&args.model);
@@ -675,4 +727,45 @@ fn usage(model: &str, out: &Path) -> String {
         "cargo run --release -p bench -- e2e{model} --medusa-heads {}",
         out.display()
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check(flags: &[&str]) -> Result<()> {
+        let mut argv = vec!["train"];
+        argv.extend_from_slice(flags);
+        Args::try_parse_from(argv)?.validate()
+    }
+
+    #[test]
+    fn bad_settings_name_their_flag() {
+        assert!(check(&[]).is_ok());
+        assert!(check(&["--epochs", "2.5", "--steps", "0"]).is_ok());
+        for (flags, flag) in [
+            (&["--heads", "0"][..], "--heads"),
+            (&["--tree-nodes", "0"], "--tree-nodes"),
+            (&["--response-tokens", "0"], "--response-tokens"),
+            (&["--steps", "0"], "--steps"),
+            (&["--epochs", "0"], "--epochs"),
+            (&["--lr=-1e-3"], "--lr"),
+            (&["--lr", "NaN"], "--lr"),
+            (&["--max-train-seconds", "0"], "--max-train-seconds"),
+            (&["--warmup-ratio", "2"], "--warmup-ratio"),
+            (&["--eval-fraction", "1"], "--eval-fraction"),
+            (&["--temperature=-1"], "--temperature"),
+            (
+                &["--extra-responses", "1", "--extra-temperature", "0"],
+                "--extra-temperature",
+            ),
+            (
+                &["--share-lm-head", "--lm-head-lr-scale", "2"],
+                "--lm-head-lr-scale",
+            ),
+        ] {
+            let message = check(flags).expect_err(&format!("{flags:?}")).to_string();
+            assert!(message.contains(flag), "{flags:?}: {message}");
+        }
+    }
 }

@@ -131,7 +131,8 @@ pub struct RunControl {
 pub struct StepLog {
     /// 1-based.
     pub step: usize,
-    /// Learning rate used for this step (after warmup/cosine scheduling).
+    /// Scheduled learning rate of this step (warmup + cosine); the heads' vocabulary projections
+    /// step with `lr × lm_head_lr_scale`.
     pub lr: f64,
     /// Weighted Medusa loss, mean over the micro-batches.
     pub loss: f64,
