@@ -105,6 +105,29 @@ struct Args {
     out: PathBuf,
 }
 
+impl Args {
+    /// Rejects counts that would make an empty or meaningless run, naming the flag.
+    fn validate(&self) -> Result<()> {
+        let at_least_one = [
+            ("--max-new-tokens", self.max_new_tokens),
+            ("--prompt-max-tokens", Some(self.prompt_max_tokens)),
+            ("--trials", self.trials),
+            ("--samples", Some(self.samples)),
+            ("--per-category", self.per_category),
+            ("--heads", Some(self.heads)),
+        ];
+        for (flag, value) in at_least_one {
+            if value == Some(0) {
+                bail!("{flag} must be at least 1");
+            }
+        }
+        if !(self.tie_ulps.is_finite() && self.tie_ulps >= 0.0) {
+            bail!("--tie-ulps must be a finite number >= 0");
+        }
+        Ok(())
+    }
+}
+
 #[derive(Subcommand, Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 enum Command {
     /// Kernel, end-to-end and (on CUDA) 8B-scale timing.
@@ -146,6 +169,7 @@ enum DtypeArg {
 
 fn main() -> Result<()> {
     let args = Args::parse();
+    args.validate()?;
     let backend = match args.backend {
         BackendArg::Auto => match model::device::detect() {
             // Measured on an H200: one kernel launch cost 18 µs through the plain backend (8 µs
@@ -157,6 +181,10 @@ fn main() -> Result<()> {
         },
         b => b,
     };
+    if matches!(backend, BackendArg::Cuda | BackendArg::CudaUnfused) {
+        model::device::cuda_ready()
+            .map_err(|e| anyhow::anyhow!("CUDA: {e} (--backend cpu runs on the CPU)"))?;
+    }
     #[cfg(not(feature = "cuda"))]
     if matches!(
         args.command,
@@ -478,4 +506,31 @@ fn run_e2e<B: FlashAttentionBackend>(
     )?;
     bar.finish_with_message("e2e: done");
     Ok(summarize(&results))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bad_counts_name_their_flag() {
+        let check = |flags: &[&str]| {
+            let mut argv = vec!["bench"];
+            argv.extend_from_slice(flags);
+            Args::try_parse_from(argv).unwrap().validate()
+        };
+        assert!(check(&["e2e"]).is_ok());
+        for (flags, flag) in [
+            (&["e2e", "--max-new-tokens", "0"][..], "--max-new-tokens"),
+            (&["e2e", "--prompt-max-tokens", "0"], "--prompt-max-tokens"),
+            (&["e2e", "--per-category", "0"], "--per-category"),
+            (&["e2e", "--trials", "0"], "--trials"),
+            (&["kernel", "--samples", "0"], "--samples"),
+            (&["e2e", "--heads", "0"], "--heads"),
+            (&["e2e", "--tie-ulps=-1"], "--tie-ulps"),
+        ] {
+            let message = check(flags).expect_err(&format!("{flags:?}")).to_string();
+            assert!(message.contains(flag), "{flags:?}: {message}");
+        }
+    }
 }

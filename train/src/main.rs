@@ -279,6 +279,8 @@ fn main() -> Result<()> {
 
 #[cfg(feature = "cuda")]
 fn run_cuda(args: &Args, dtype: DType) -> Result<()> {
+    model::device::cuda_ready()
+        .map_err(|e| anyhow::anyhow!("CUDA: {e} (--backend cpu trains on the CPU)"))?;
     run::<burn::backend::Cuda>(args, dtype, "CUDA", &Default::default())
 }
 
