@@ -165,6 +165,15 @@ pub fn load<B: Backend>(
     } else {
         (path.to_path_buf(), None)
     };
+    if !weights_path.is_file() {
+        return Err(ckpt_err(
+            path,
+            format!(
+                "no heads there: expected a folder holding {WEIGHTS_FILE} (as `cargo run -p \
+                 train` writes) or a .safetensors file"
+            ),
+        ));
+    }
     let metadata = match config_path.filter(|p| p.is_file()) {
         Some(p) => {
             let text = std::fs::read_to_string(&p).map_err(|source| MedusaError::Io {

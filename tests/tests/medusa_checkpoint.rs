@@ -90,3 +90,19 @@ fn mismatched_base_model_is_an_error() {
         "{e}"
     );
 }
+
+#[test]
+fn missing_heads_name_the_path() {
+    let device = Default::default();
+    let empty = temp_dir("no-heads");
+    for path in [empty.clone(), empty.join("absent.safetensors")] {
+        let e = checkpoint::load::<Cpu>(&path, 8, 16, DType::F32, &device)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains(&path.display().to_string()) && e.contains(checkpoint::WEIGHTS_FILE),
+            "{e}"
+        );
+    }
+    std::fs::remove_dir_all(&empty).ok();
+}
