@@ -11,6 +11,36 @@
 //!
 //! Heads are stored in the published Medusa v1 layout ([`checkpoint`]); [`lossless`] checks that
 //! greedy outputs are the base model's greedy choices, within the dtype's rounding.
+//!
+//! ```no_run
+//! use burn::{backend::Flex, tensor::DType};
+//! use medusa::{AcceptMode, DecodeConfig, MedusaDecoder, MedusaTree, checkpoint};
+//! use model::{Llama, LoadOptions, Message, ModelSource, Tokenizer};
+//!
+//! let device = Default::default();
+//! let dir = ModelSource::parse("default").resolve()?;
+//! let model = Llama::<Flex>::load(&dir, &LoadOptions::default(), &device)?;
+//! let tokenizer = Tokenizer::from_dir(&dir)?;
+//! // Heads written by `cargo run -p train`, with the tree built from their accuracies.
+//! let (heads, saved) = checkpoint::load::<Flex>(
+//!     "medusa-heads".as_ref(),
+//!     model.config.hidden_size,
+//!     model.config.vocab_size,
+//!     DType::F32,
+//!     &device,
+//! )?;
+//! let (tree, _) = MedusaTree::for_heads(None, heads.num_heads(), &saved)?;
+//! let decoder = MedusaDecoder::new(&model, &heads, tree)?;
+//! let prompt = tokenizer.encode_chat(&[Message::user("Name three prime numbers.")])?;
+//! let config = DecodeConfig {
+//!     max_new_tokens: 128,
+//!     stop_tokens: tokenizer.stop_tokens(),
+//!     mode: AcceptMode::Greedy,
+//! };
+//! let out = decoder.generate(&prompt, &config, |_| {})?;
+//! println!("{} ({:.2} tokens per step)", tokenizer.decode(&out.tokens), out.mean_accepted_length());
+//! # Ok::<(), medusa::MedusaError>(())
+//! ```
 
 pub mod accept;
 pub mod checkpoint;
