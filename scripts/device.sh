@@ -65,24 +65,32 @@ limit() { timeout -k 5 "${LIMIT:-560}" "$@"; }
 # CubeCL keeps compiled PTX and autotune results on disk when cubecl.toml (searched from the
 # working directory up) names a cache; the folder travels back as $OUT/cubecl-cache.tgz and, put
 # into .device/ and carried, spares the next machine the minutes of first-use compilation.
-# The cache is stamped with the kernel sources it was compiled from (see the seventeenth
-# session's note above): a carried cache of other sources is left unpacked; one without a stamp
-# (older than the stamp) is used with a warning.
+# The cache is stamped with the `#[cube]` sources it was compiled from (see the seventeenth
+# session's note above): a carried cache of other sources is left unpacked, and a warm machine's
+# cache of other sources is emptied; one without a stamp (older than the stamp) is used with a
+# warning and stays unstamped.
 cache=/root/cubecl-cache
 mkdir -p $cache
-stamp=$(find kernels/src -type f -name '*.rs' | sort | xargs cat | sha256sum | cut -c1-16)
-if [ -z "$(ls -A $cache)" ] && [ -e .device/cubecl-cache.tgz ]; then
-  carried=$(tar xzf .device/cubecl-cache.tgz -O ./kernels.stamp 2>/dev/null)
-  if [ -z "$carried" ]; then
-    echo "warning: the carried CubeCL cache has no kernel stamp; using it" >&2
+stamp=$( (find kernels/src -type f -name '*.rs'; echo bench/src/launch.rs) | LC_ALL=C sort | xargs -r cat | sha256sum | cut -c1-16)
+if [ -e $cache/kernels.stamp ] && [ "$(cat $cache/kernels.stamp)" != "$stamp" ]; then
+  echo "the CubeCL cache on this machine was compiled from other kernel sources: emptied" >&2
+  find "${cache:?}" -mindepth 1 -delete
+fi
+if [ -z "$(ls -A $cache)" ]; then
+  carried=""
+  [ -e .device/cubecl-cache.tgz ] && carried=$(tar xzf .device/cubecl-cache.tgz -O ./kernels.stamp 2>/dev/null)
+  if [ ! -e .device/cubecl-cache.tgz ]; then
+    echo "$stamp" > $cache/kernels.stamp
+  elif [ -z "$carried" ]; then
+    echo "warning: the carried CubeCL cache has no kernel stamp; using it (unstamped)" >&2
     tar xzf .device/cubecl-cache.tgz -C $cache
   elif [ "$carried" = "$stamp" ]; then
     tar xzf .device/cubecl-cache.tgz -C $cache
   else
     echo "the carried CubeCL cache was compiled from other kernel sources ($carried, now $stamp): not used" >&2
+    echo "$stamp" > $cache/kernels.stamp
   fi
 fi
-echo "$stamp" > $cache/kernels.stamp
 # PROFILE=minimal|basic|medium|full also logs every kernel launch (with device time from
 # "basic" on) to $OUT/cubecl-profile.log: launches per decode step, and kernel time against
 # wall time. Keep such runs short (e.g. `bench e2e --model random:llama3-8b --max-new-tokens 4`).

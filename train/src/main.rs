@@ -197,7 +197,6 @@ impl Args {
         let positive = [
             ("--epochs", self.epochs),
             ("--lr", Some(self.lr)),
-            ("--loss-decay", Some(self.loss_decay)),
             ("--max-train-seconds", self.max_train_seconds),
         ];
         for (flag, value) in positive {
@@ -205,13 +204,20 @@ impl Args {
                 bail!("{flag} must be a finite number above 0");
             }
         }
-        let fractions = [
-            ("--warmup-ratio", self.warmup_ratio),
+        if !(0.0..=1.0).contains(&self.warmup_ratio) {
+            bail!(
+                "--warmup-ratio must be between 0 and 1, got {}",
+                self.warmup_ratio
+            );
+        }
+        // --loss-decay 0 is meaningful: only head 1 trains (0^0 = 1).
+        let at_least_zero = [
             ("--weight-decay", self.weight_decay),
+            ("--loss-decay", self.loss_decay),
         ];
-        for (flag, value) in fractions {
-            if !(0.0..=1.0).contains(&value) {
-                bail!("{flag} must be between 0 and 1, got {value}");
+        for (flag, value) in at_least_zero {
+            if !(value.is_finite() && value >= 0.0) {
+                bail!("{flag} must be a finite number >= 0, got {value}");
             }
         }
         if !(0.0..1.0).contains(&self.eval_fraction) {
@@ -259,6 +265,7 @@ enum DtypeArg {
 
 fn main() -> Result<()> {
     let args = Args::parse();
+    args.validate()?;
     let kind = match args.backend {
         BackendArg::Auto => model::device::detect(),
         BackendArg::Cpu => DeviceKind::Cpu,
@@ -298,7 +305,6 @@ fn run<B: FlashAttentionBackend>(
     let start = Instant::now();
     let command = std::env::args().collect::<Vec<_>>().join(" ");
     let cuda = device_name == "CUDA";
-    args.validate()?;
 
     // Model and tokenizer.
     let source = ModelSource::parse(&args.model);
@@ -745,6 +751,17 @@ mod tests {
     fn bad_settings_name_their_flag() {
         assert!(check(&[]).is_ok());
         assert!(check(&["--epochs", "2.5", "--steps", "0"]).is_ok());
+        assert!(
+            check(&[
+                "--loss-decay",
+                "0",
+                "--weight-decay",
+                "2",
+                "--eval-fraction",
+                "0"
+            ])
+            .is_ok()
+        );
         for (flags, flag) in [
             (&["--heads", "0"][..], "--heads"),
             (&["--tree-nodes", "0"], "--tree-nodes"),
@@ -755,6 +772,8 @@ mod tests {
             (&["--lr", "NaN"], "--lr"),
             (&["--max-train-seconds", "0"], "--max-train-seconds"),
             (&["--warmup-ratio", "2"], "--warmup-ratio"),
+            (&["--weight-decay=-0.1"], "--weight-decay"),
+            (&["--loss-decay", "inf"], "--loss-decay"),
             (&["--eval-fraction", "1"], "--eval-fraction"),
             (&["--temperature=-1"], "--temperature"),
             (
