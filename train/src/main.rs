@@ -382,6 +382,7 @@ fn run<B: FlashAttentionBackend>(
     let mut cache = ExampleCache::open(&cache_dir, &key)?;
     if args.cached_only {
         let before = eval_prompts.len() + train_prompts.len();
+        let had_eval = !eval_prompts.is_empty();
         eval_prompts.retain(|(id, p)| cache.get(id, p).is_some());
         train_prompts.retain(|(id, p)| cache.get(id, p).is_some());
         println!(
@@ -389,7 +390,8 @@ fn run<B: FlashAttentionBackend>(
             eval_prompts.len() + train_prompts.len(),
             eval_prompts.len()
         );
-        if train_prompts.is_empty() || eval_prompts.is_empty() {
+        // --eval-fraction 0 holds nothing out: only a held-out set emptied by the cache counts.
+        if train_prompts.is_empty() || (had_eval && eval_prompts.is_empty()) {
             bail!(
                 "--cached-only: the cache {} lacks responses for the training or the held-out \
                  prompts; generate them first (without --cached-only)",
