@@ -77,17 +77,18 @@ if [ -e $cache/kernels.stamp ] && [ "$(cat $cache/kernels.stamp)" != "$stamp" ];
   find "${cache:?}" -mindepth 1 -delete
 fi
 if [ -z "$(ls -A $cache)" ]; then
-  carried=""
-  [ -e .device/cubecl-cache.tgz ] && carried=$(tar xzf .device/cubecl-cache.tgz -O ./kernels.stamp 2>/dev/null)
-  if [ ! -e .device/cubecl-cache.tgz ]; then
-    echo "$stamp" > $cache/kernels.stamp
-  elif [ -z "$carried" ]; then
-    echo "warning: the carried CubeCL cache has no kernel stamp; using it (unstamped)" >&2
-    tar xzf .device/cubecl-cache.tgz -C $cache
-  elif [ "$carried" = "$stamp" ]; then
-    tar xzf .device/cubecl-cache.tgz -C $cache
+  if [ -e .device/cubecl-cache.tgz ]; then
+    carried=$(tar xzf .device/cubecl-cache.tgz -O ./kernels.stamp 2>/dev/null)
+    if [ -z "$carried" ]; then
+      echo "warning: the carried CubeCL cache has no kernel stamp; using it (unstamped)" >&2
+      tar xzf .device/cubecl-cache.tgz -C $cache
+    elif [ "$carried" = "$stamp" ]; then
+      tar xzf .device/cubecl-cache.tgz -C $cache
+    else
+      echo "the carried CubeCL cache was compiled from other kernel sources ($carried, now $stamp): not used" >&2
+      echo "$stamp" > $cache/kernels.stamp
+    fi
   else
-    echo "the carried CubeCL cache was compiled from other kernel sources ($carried, now $stamp): not used" >&2
     echo "$stamp" > $cache/kernels.stamp
   fi
 fi

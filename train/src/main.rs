@@ -214,6 +214,7 @@ impl Args {
         let at_least_zero = [
             ("--weight-decay", self.weight_decay),
             ("--loss-decay", self.loss_decay),
+            ("--lm-head-lr-scale", self.lm_head_lr_scale),
         ];
         for (flag, value) in at_least_zero {
             if !(value.is_finite() && value >= 0.0) {
@@ -240,9 +241,6 @@ impl Args {
             bail!(
                 "--lm-head-lr-scale needs heads with their own projections (not --share-lm-head)"
             );
-        }
-        if !(self.lm_head_lr_scale.is_finite() && self.lm_head_lr_scale >= 0.0) {
-            bail!("--lm-head-lr-scale must be a finite number >= 0");
         }
         Ok(())
     }
