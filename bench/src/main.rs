@@ -124,6 +124,11 @@ impl Args {
         if !(self.tie_ulps.is_finite() && self.tie_ulps >= 0.0) {
             bail!("--tie-ulps must be a finite number >= 0");
         }
+        // The 8B-scale timing runs after the end-to-end section: a misspelt preset would
+        // otherwise fail only after minutes of decoding.
+        if self.scale != "none" {
+            model::LlamaConfig::preset(&self.scale).context("--scale")?;
+        }
         Ok(())
     }
 }
@@ -528,6 +533,7 @@ mod tests {
             (&["kernel", "--samples", "0"], "--samples"),
             (&["e2e", "--heads", "0"], "--heads"),
             (&["e2e", "--tie-ulps=-1"], "--tie-ulps"),
+            (&["--scale", "llama3-9b"], "--scale"),
         ] {
             let message = check(flags).expect_err(&format!("{flags:?}")).to_string();
             assert!(message.contains(flag), "{flags:?}: {message}");

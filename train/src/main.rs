@@ -185,11 +185,20 @@ impl Args {
             ("--grad-accum", self.grad_accum),
             ("--response-tokens", self.response_tokens),
             ("--tree-nodes", self.tree_nodes),
+            ("--prompts", self.prompts),
         ];
         for (flag, value) in at_least_one {
             if value == 0 {
                 bail!("{flag} must be at least 1");
             }
+        }
+        // A prompt needs at least one token beside its response.
+        if self.max_seq_len <= self.response_tokens {
+            bail!(
+                "--max-seq-len ({}) must exceed --response-tokens ({})",
+                self.max_seq_len,
+                self.response_tokens
+            );
         }
         if self.epochs.is_none() && self.steps == 0 {
             bail!("--steps must be at least 1 (or pass --epochs)");
@@ -765,6 +774,12 @@ mod tests {
         for (flags, flag) in [
             (&["--heads", "0"][..], "--heads"),
             (&["--tree-nodes", "0"], "--tree-nodes"),
+            (&["--prompts", "0"], "--prompts"),
+            (&["--max-seq-len", "0"], "--max-seq-len"),
+            (
+                &["--max-seq-len", "64", "--response-tokens", "64"],
+                "--max-seq-len",
+            ),
             (&["--response-tokens", "0"], "--response-tokens"),
             (&["--steps", "0"], "--steps"),
             (&["--epochs", "0"], "--epochs"),
