@@ -78,6 +78,8 @@ struct Case {
     kv_cap: usize,
     head_dim: usize,
     mask: Mask,
+    /// `None`: the default `1 / sqrt(head_dim)`.
+    scale: Option<f32>,
     seed: u64,
 }
 
@@ -92,6 +94,7 @@ impl Case {
             kv_cap: kv_len,
             head_dim,
             mask: Mask::None,
+            scale: None,
             seed: (heads * 31 + kv_heads * 7 + q_len * 1_000 + kv_len * 13 + head_dim) as u64,
         }
     }
@@ -107,6 +110,10 @@ impl Case {
         self.mask = Mask::Causal;
         self
     }
+    fn scale(mut self, scale: f32) -> Self {
+        self.scale = Some(scale);
+        self
+    }
     fn tree(mut self, rows: Vec<bool>) -> Self {
         self.mask = Mask::Tree(rows);
         self
@@ -118,8 +125,12 @@ impl Case {
         [self.batch, self.kv_heads, self.kv_cap, self.head_dim]
     }
     fn options(&self) -> FlashAttentionOptions {
-        FlashAttentionOptions::new(self.head_dim, self.kv_len)
-            .with_causal(matches!(self.mask, Mask::Causal))
+        let options = FlashAttentionOptions::new(self.head_dim, self.kv_len)
+            .with_causal(matches!(self.mask, Mask::Causal));
+        match self.scale {
+            Some(scale) => options.with_scale(scale),
+            None => options,
+        }
     }
 }
 
@@ -174,7 +185,7 @@ fn visible(case: &Case, i: usize, j: usize) -> bool {
 fn reference(case: &Case, x: &Inputs) -> Vec<f64> {
     let (d, ql, cap) = (case.head_dim, case.q_len, case.kv_cap);
     let group = case.heads / case.kv_heads;
-    let scale = 1.0 / (d as f64).sqrt();
+    let scale = case.scale.map_or(1.0 / (d as f64).sqrt(), f64::from);
     let mut out = vec![0.0f64; case.q_shape().iter().product()];
     let mut scores = vec![0.0f64; case.kv_len];
     for b in 0..case.batch {
@@ -620,6 +631,25 @@ fn bf16_inputs() {
         &Case::new(2, 2, 64, 64 + 200, 64).tree(ancestor_tree(64, 2)),
         DType::BF16,
     );
+}
+
+/// Scales other than `1 / sqrt(head_dim)`: larger and smaller positive ones, a tiny, a zero and
+/// a negative one, causal and tree-masked, through whichever kernel the backend picks (on
+/// CUDA the tensor-core ones for f16/bf16, elsewhere the SIMT kernel).
+#[test]
+fn custom_scales() {
+    let dtypes = [DType::F32, DType::BF16, DType::F16];
+    for dtype in dtypes.into_iter().filter(|&d| supports(d)) {
+        for scale in [0.5f32, 0.01, 1e-9, 0.0, -0.125] {
+            check(&Case::new(2, 1, 200, 200, 64).causal().scale(scale), dtype);
+            check(
+                &Case::new(2, 2, 64, 64 + 100, 128)
+                    .tree(ancestor_tree(64, 5))
+                    .scale(scale),
+                dtype,
+            );
+        }
+    }
 }
 
 /// Prefill shapes for f16 and bf16 that take the tensor-core kernels on CUDA (rows above the
