@@ -76,9 +76,9 @@ struct Args {
     /// Number of untrained heads when no trained heads are given.
     #[arg(long, global = true, default_value_t = 4)]
     heads: usize,
-    /// Tree: mc_sim_7b_63, vicuna_7b_stage2, chain4, JSON paths, or optimal:N (the best N-node
-    /// tree for the accuracies saved with trained heads). Default: the tree saved with the
-    /// heads, else mc_sim_7b_63.
+    /// Tree: mc_sim_7b_63, vicuna_7b_stage2, chain4, paths as JSON or a file holding them, or
+    /// optimal:N (the best N-node tree for the accuracies saved with trained heads). Default:
+    /// the tree saved with the heads, else mc_sim_7b_63.
     #[arg(long, global = true)]
     tree: Option<String>,
     /// JSONL prompts (`turns` or `prompt` fields). Default: the embedded Spec-Bench set.

@@ -46,9 +46,9 @@ struct Args {
     prompt: String,
     #[arg(long, default_value_t = 64)]
     max_new_tokens: usize,
-    /// Candidate tree: a published one (`mc_sim_7b_63`), paths as JSON, or `optimal:N` from the
-    /// accuracies saved with trained heads. Default: the tree saved with the heads, else
-    /// `mc_sim_7b_63`.
+    /// Candidate tree: a published one (`mc_sim_7b_63`), paths as JSON or a file holding them,
+    /// or `optimal:N` from the accuracies saved with trained heads. Default: the tree saved with
+    /// the heads, else `mc_sim_7b_63`.
     #[arg(long)]
     tree: Option<String>,
 }

@@ -4,6 +4,8 @@
 //! then the 1st candidate of head 2 after it". The root (node 0) is the base model's own next
 //! token. Buffers follow `generate_medusa_buffers` of the reference implementation.
 
+use std::path::Path;
+
 use crate::error::{MedusaError, Result};
 
 /// Top-k candidates taken from each head (the reference implementation's `TOPK`): every index
@@ -117,14 +119,16 @@ impl MedusaTree {
         })
     }
 
-    /// A published tree by name (`mc_sim_7b_63`, `vicuna_7b_stage2`, `chain4`), or paths as
-    /// JSON (`[[0], [0, 0], [1]]`).
+    /// A published tree by name (`mc_sim_7b_63`, `vicuna_7b_stage2`, `chain4`), paths as
+    /// JSON (`[[0], [0, 0], [1]]`, or Python tuples as the Medusa repository writes them), or
+    /// the path of a file holding such paths.
     pub fn named_or_json(spec: &str, num_heads: usize) -> Result<Self> {
         let choices = match spec {
             "mc_sim_7b_63" => parse_choices(MC_SIM_7B_63)?,
             "vicuna_7b_stage2" => parse_choices(VICUNA_7B_STAGE2)?,
             "chain4" => vec![vec![0], vec![0, 0], vec![0, 0, 0], vec![0, 0, 0, 0]],
-            json => parse_choices(json)?,
+            json if json.trim_start().starts_with('[') => parse_choices(json)?,
+            path => read_choices(Path::new(path))?,
         };
         Self::new(&choices, num_heads)
     }
@@ -218,8 +222,27 @@ impl MedusaTree {
 
 /// Parses `[[0], [0, 0], ...]` (JSON, or Python tuples `[(0,), (0, 0)]`).
 pub fn parse_choices(text: &str) -> Result<Vec<Vec<usize>>> {
-    let json = text.replace('(', "[").replace(')', "]").replace(",]", "]");
-    serde_json::from_str(&json).map_err(|e| MedusaError::Tree(format!("bad tree {text:?}: {e}")))
+    parse_paths(text).map_err(|e| MedusaError::Tree(format!("bad tree {text:?}: {e}")))
+}
+
+fn parse_paths(text: &str) -> serde_json::Result<Vec<Vec<usize>>> {
+    serde_json::from_str(&text.replace('(', "[").replace(')', "]").replace(",]", "]"))
+}
+
+/// The paths in the file at `path` (as [`parse_choices`] reads them). A spec that names no
+/// file is reported as an unknown tree: it is more often a misspelt name than a lost file.
+fn read_choices(path: &Path) -> Result<Vec<Vec<usize>>> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        MedusaError::Tree(if e.kind() == std::io::ErrorKind::NotFound {
+            format!(
+                "unknown tree {path:?}: not a published tree (mc_sim_7b_63, vicuna_7b_stage2, \
+                 chain4), paths as JSON (`[[0], [0, 0]]`) or a file"
+            )
+        } else {
+            format!("tree file {}: {e}", path.display())
+        })
+    })?;
+    parse_paths(&text).map_err(|e| MedusaError::Tree(format!("tree file {}: {e}", path.display())))
 }
 
 /// The paper's "optimized tree construction" (§3.3.1): grows a tree greedily from the root,
@@ -465,6 +488,34 @@ mod tests {
         // An absurd budget is bounded by the candidates there are, not allocated up front.
         let all = MedusaTree::from_spec("optimal:18446744073709551615", 1, Some(&acc)).unwrap();
         assert_eq!(all.len(), 4);
+    }
+
+    #[test]
+    fn trees_from_files() {
+        let dir = std::env::temp_dir().join(format!("medusa-tree-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        // JSON, and the Python tuples of the Medusa repository's `medusa_choices.py`.
+        let json = dir.join("tree.json");
+        std::fs::write(&json, "[[0], [1], [0, 0]]\n").unwrap();
+        let python = dir.join("tree.py.txt");
+        std::fs::write(&python, "[(0,), (1,), (0, 0)]").unwrap();
+        for file in [&json, &python] {
+            let tree = MedusaTree::named_or_json(file.to_str().unwrap(), 2).unwrap();
+            assert_eq!(tree.choices, vec![vec![0], vec![1], vec![0, 0]]);
+        }
+        let broken = dir.join("broken.json");
+        std::fs::write(&broken, "[[0], [1").unwrap();
+        let missing = dir.join("missing.json");
+        for (spec, needle) in [
+            (broken.to_str().unwrap(), "tree file"),
+            (missing.to_str().unwrap(), "unknown tree"),
+            ("mc_sim_7b_64", "unknown tree"),
+            ("[[0], [1", "bad tree"),
+        ] {
+            let e = MedusaTree::named_or_json(spec, 2).unwrap_err().to_string();
+            assert!(e.contains(needle), "{spec}: {e}");
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
